@@ -1,0 +1,161 @@
+"""cir-bench command line: thin, it parses, builds a config and calls pipeline functions."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from cir_bench.config import ConfigError, RunConfig, load_config
+
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError, KeyError)
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML run config (see README); flags below override it")
+    p.add_argument("--dataset", help="dataset name (default synthart); `cir-bench list datasets`")
+    p.add_argument("--root", help="folder of a dataset on disk")
+    p.add_argument("--preset", help="SynthArt preset: tiny, small, default")
+    p.add_argument("--seed", type=int, help="seed of every random choice (default 0)")
+    p.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:N")
+    p.add_argument("--cache-dir", help="cache of datasets/checkpoints/embeddings (default ~/.cache/cir-bench)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def build_config(args: argparse.Namespace) -> RunConfig:
+    overrides = list(args.set)
+    if args.dataset:
+        overrides.append(f"dataset.name={args.dataset}")
+        if args.dataset != "synthart" and not args.preset:
+            overrides.append("dataset.options={}")
+    if args.root:
+        overrides.append(f"dataset.root={args.root}")
+    if args.preset:
+        overrides.append(f"dataset.options.preset={args.preset}")
+    for flag, key in (("seed", "seed"), ("device", "device"), ("cache_dir", "cache_dir")):
+        value = getattr(args, flag)
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if getattr(args, "out", None):
+        overrides.append(f"out={args.out}")
+    if getattr(args, "methods", None):
+        overrides.append(f"eval.methods=[{args.methods}]")
+    return load_config(args.config, overrides)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from cir_bench.pipeline import run
+    from cir_bench.results import format_metrics_table
+
+    cfg = build_config(args)
+    t0 = time.perf_counter()
+    out = run(cfg, progress=not args.no_progress)
+    print()
+    print(format_metrics_table(out, ["n_queries", f"precision_at_{cfg.eval.k}", f"map_at_{cfg.eval.k}_paper",
+                                     f"ap_at_{cfg.eval.k}_R", f"mts_at_{cfg.eval.k}", f"context_at_{cfg.eval.k}",
+                                     f"twin_hit_at_{cfg.eval.k}", "ms_per_query"]))
+    print(f"\nwrote {out}/ (results.parquet, metrics.csv, items.parquet, manifest.json) "
+          f"in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cir_bench.device import pick_device
+    from cir_bench.pipeline import load_dataset, train_or_load
+
+    cfg = build_config(args)
+    dataset = load_dataset(cfg)
+    trained = train_or_load(cfg, dataset, pick_device(cfg.device), progress=not args.no_progress)
+    print(json.dumps({"checkpoint": str(trained.checkpoint), "reused": trained.reused,
+                      "final": trained.history[-1] if trained.history else {}}, indent=2))
+    return 0
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from cir_bench.device import pick_device
+    from cir_bench.pipeline import embed, load_dataset, train_or_load
+
+    cfg = build_config(args)
+    device = pick_device(cfg.device)
+    dataset = load_dataset(cfg)
+    trained = train_or_load(cfg, dataset, device, progress=not args.no_progress)
+    store, hit = embed(cfg, dataset, trained, device)
+    print(json.dumps({"fingerprint": store.fingerprint, "reused": hit, "shape": list(store.z.shape)}))
+    return 0
+
+
+def cmd_queries(args: argparse.Namespace) -> int:
+    from cir_bench.pipeline import load_dataset, make_queries
+
+    cfg = build_config(args)
+    dataset = load_dataset(cfg)
+    queries, path = make_queries(cfg, dataset)
+    frame = queries.to_frame(dataset)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        frame.to_parquet(args.out, index=False)
+    print(f"{len(queries)} queries on {'+'.join(queries.properties)} (cached at {path})")
+    print(frame.head(10).to_string(index=False))
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from cir_bench.data import DATASETS
+    from cir_bench.methods import METHODS
+    from cir_bench.metrics import METRICS
+    from cir_bench.models import BACKBONES
+
+    registries = {"datasets": DATASETS, "backbones": BACKBONES, "methods": METHODS, "metrics": METRICS}
+    for kind in [args.kind] if args.kind else list(registries):
+        print(f"{kind}: {', '.join(registries[kind].names())}")
+    return 0
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cir-bench", description="Conditional image retrieval benchmark")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("run", help="the whole pipeline: data, train, embed, queries, search, score, write")
+    _add_config_args(p)
+    p.add_argument("--out", help="run directory (default runs/<timestamp>-<dataset>)")
+    p.add_argument("--methods", help="comma-separated search methods (default random,knn)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("train", help="train encoder + heads (or reuse the cached checkpoint)")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("embed", help="extract (or reuse) the embedding store")
+    _add_config_args(p)
+    p.set_defaults(func=cmd_embed)
+
+    p = sub.add_parser("queries", help="build (or reuse) the conditional query set")
+    _add_config_args(p)
+    p.add_argument("--out", help="also write the query set to this parquet file")
+    p.set_defaults(func=cmd_queries)
+
+    p = sub.add_parser("list", help="list registered datasets, backbones, methods, metrics")
+    p.add_argument("kind", nargs="?", choices=["datasets", "backbones", "methods", "metrics"])
+    p.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except USER_ERRORS as err:
+        if args.debug:
+            raise
+        print(f"cir-bench: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

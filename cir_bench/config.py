@@ -1,0 +1,175 @@
+"""Run configuration: dataclasses loadable from YAML, with ``key.sub=value`` CLI overrides.
+
+Every random choice in a run takes its seed from here (``RunConfig.seed`` unless a section
+sets its own), so a config file plus the package versions reproduce a run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration file or override names an unknown key or holds a bad value."""
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "synthart"
+    root: str | None = None  # folder of a dataset on disk (real datasets)
+    options: dict[str, Any] = field(default_factory=lambda: {"preset": "default"})
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "small_cnn"
+    pretrained: bool = False
+    weights: str | None = None  # explicit path to backbone weights (pretrained=True)
+    embed_dim: int = 128
+    finetune: bool = True  # False: backbone frozen (eval mode, no gradients)
+    input_size: int | None = None  # None: the dataset's native size, else the backbone's
+    head_hidden: list[int] = field(default_factory=lambda: [256, 128])
+    encoder_dropout: float = 0.1
+    head_dropout: float = 0.4
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 12
+    batch_size: int = 64
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    lr_step: int = 8  # StepLR step size in epochs (paper: 30 of 100)
+    lr_gamma: float = 0.1
+    val_fraction: float = 0.1  # held out of the train split for the val accuracy
+    property_weights: dict[str, float] = field(default_factory=dict)  # w_i of Eq 1; default 1
+    augment: bool = False
+    num_workers: int = 0
+
+
+@dataclass
+class QueryConfig:
+    properties: list[str] = field(default_factory=lambda: ["style"])
+    n_queries: int = 200
+    min_relevant: int = 10
+    query_split: str = "test"
+    database_split: str = "test"  # the paper retrieves from the test split
+    seed: int | None = None  # None: the run seed
+
+
+@dataclass
+class EvalConfig:
+    k: int = 10
+    self_match: str = "exclude"  # or "keep" (authors' code)
+    methods: list[str] = field(default_factory=lambda: ["random", "knn"])
+    search_batch: int = 1024
+
+
+@dataclass
+class RunConfig:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    queries: QueryConfig = field(default_factory=QueryConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    device: str = "auto"
+    out: str | None = None
+    cache_dir: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Check a scalar against its declared type; numeric strings such as ``3e-3`` (which
+    YAML 1.1 reads as text) become numbers."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) in (Union, getattr(__import__("types"), "UnionType", Union)):
+        if value is None and type(None) in args:
+            return None
+        hint = next(a for a in args if a is not type(None))
+    if hint is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"config key '{where}' expects a number, got {value!r}") from None
+    if hint is int and not isinstance(value, bool):
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+        raise ConfigError(f"config key '{where}' expects an integer, got {value!r}")
+    if hint is bool and not isinstance(value, bool):
+        raise ConfigError(f"config key '{where}' expects true or false, got {value!r}")
+    if hint is str and value is not None and not isinstance(value, str):
+        return str(value)
+    origin = typing.get_origin(hint)
+    if origin is list and not isinstance(value, list):
+        raise ConfigError(f"config key '{where}' expects a list, got {value!r}")
+    if origin is dict and not isinstance(value, dict):
+        raise ConfigError(f"config key '{where}' expects a mapping, got {value!r}")
+    return value
+
+
+def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(
+                f"unknown config key '{where + '.' if where else ''}{key}'; known: {', '.join(fields)}"
+            )
+        default = getattr(cls(), key)
+        if dataclasses.is_dataclass(default):
+            kwargs[key] = _from_dict(type(default), value, f"{where}.{key}" if where else key)
+        else:
+            kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict[str, Any]) -> RunConfig:
+    return _from_dict(RunConfig, data, "")
+
+
+def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override '{dotted}': '{key}' is not a section")
+    node[keys[-1]] = value
+
+
+def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
+    """Apply ``a.b=value`` overrides; values are parsed as YAML (``3``, ``true``, ``[a, b]``)."""
+    data = cfg.to_dict()
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+        key, raw = item.split("=", 1)
+        _set_path(data, key.strip(), yaml.safe_load(raw))
+    return config_from_dict(data)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    cfg = RunConfig()
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
+        cfg = config_from_dict(data)
+    return apply_overrides(cfg, overrides or [])

@@ -1,0 +1,117 @@
+"""Conditional query sets: (query item, {property: target class}) pairs.
+
+Rules (paper, Datasets section): queries come from the query split, class-balanced over
+the query's own label (each class equally likely, the image uniform within it); each
+conditioned property gets a class drawn uniformly among the classes other than the
+query's own; a pair is kept only when at least ``min_relevant`` database items (the query
+itself excluded) satisfy every condition. Seeded; pairs are unique.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from cir_bench.data.base import Dataset
+
+
+@dataclass
+class QuerySet:
+    """Queries as item positions plus class ids per conditioned property (Q x M)."""
+
+    properties: list[str]
+    positions: np.ndarray  # (Q,) item positions in the dataset
+    conditions: np.ndarray  # (Q, M) class ids, column m = properties[m]
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def to_frame(self, dataset: Dataset) -> pd.DataFrame:
+        rows = []
+        for q, pos in enumerate(self.positions):
+            row = {"query_id": dataset.items[pos].id}
+            for m, name in enumerate(self.properties):
+                row[f"cond_{name}"] = dataset.property(name).classes[self.conditions[q, m]]
+            rows.append(row)
+        return pd.DataFrame(rows)
+
+    def conditions_json(self, dataset: Dataset, q: int) -> str:
+        return json.dumps({n: dataset.property(n).classes[self.conditions[q, m]]
+                           for m, n in enumerate(self.properties)}, sort_keys=True)
+
+    @classmethod
+    def from_frame(cls, frame: pd.DataFrame, dataset: Dataset) -> "QuerySet":
+        props = [c[len("cond_"):] for c in frame.columns if c.startswith("cond_")]
+        positions = np.array([dataset.index_of(i) for i in frame["query_id"]], dtype=np.int64)
+        cond = np.array([[dataset.property(p).index(v) for p, v in zip(props, row)]
+                         for row in frame[[f"cond_{p}" for p in props]].itertuples(index=False)],
+                        dtype=np.int64).reshape(len(frame), len(props))
+        return cls(props, positions, cond)
+
+    def save(self, path: Path, dataset: Dataset) -> None:
+        self.to_frame(dataset).to_parquet(path, index=False)
+
+    @classmethod
+    def load(cls, path: Path, dataset: Dataset) -> "QuerySet":
+        return cls.from_frame(pd.read_parquet(path), dataset)
+
+
+def relevant_mask(dataset: Dataset, properties: Sequence[str], conditions: np.ndarray) -> np.ndarray:
+    """(Q, N) bool: item matches every condition of the query (ground-truth labels)."""
+    mask = np.ones((conditions.shape[0], len(dataset)), dtype=bool)
+    for m, name in enumerate(properties):
+        mask &= dataset.labels(name)[None, :] == conditions[:, m][:, None]
+    return mask
+
+
+def build_query_set(dataset: Dataset, properties: Sequence[str], n_queries: int, seed: int,
+                    min_relevant: int = 10, query_split: str = "test", database_split: str = "test",
+                    max_attempts_factor: int = 50) -> QuerySet:
+    props = [dataset.property(p).name for p in properties]  # validates the names
+    if not props:
+        raise ValueError("a query set needs at least one conditioned property")
+    rng = np.random.default_rng([seed, 11])
+    pool = dataset.split_indices(query_split)
+    in_db = np.zeros(len(dataset), dtype=bool)
+    in_db[dataset.split_indices(database_split)] = True
+    labels = np.stack([dataset.labels(p) for p in props], axis=1)  # (N, M)
+    # class-balanced over the query's own label (the joint label for several properties)
+    own = [tuple(r) for r in labels[pool]]
+    classes = sorted(set(own))
+    by_class = {c: pool[[o == c for o in own]] for c in classes}
+    n_classes = [dataset.property(p).num_classes for p in props]
+    if any(n < 2 for n in n_classes):
+        raise ValueError("every conditioned property needs at least 2 classes")
+
+    chosen: list[tuple[int, tuple[int, ...]]] = []
+    seen: set[tuple[int, tuple[int, ...]]] = set()
+    attempts = 0
+    while len(chosen) < n_queries and attempts < n_queries * max_attempts_factor:
+        attempts += 1
+        cls = classes[rng.integers(len(classes))]
+        pos = int(rng.choice(by_class[cls]))
+        cond = []
+        for m, n in enumerate(n_classes):
+            c = int(rng.integers(n - 1))
+            cond.append(c + (c >= labels[pos, m]))  # uniform over the other classes
+        cond_t = tuple(cond)
+        if (pos, cond_t) in seen:
+            continue
+        match = in_db & np.all(labels == np.array(cond_t)[None, :], axis=1)
+        match[pos] = False
+        if match.sum() < min_relevant:
+            continue
+        seen.add((pos, cond_t))
+        chosen.append((pos, cond_t))
+    if len(chosen) < n_queries:
+        raise ValueError(
+            f"could only build {len(chosen)} of {n_queries} queries on {props} with >= {min_relevant} "
+            f"relevant items in split '{database_split}'; lower queries.n_queries or queries.min_relevant"
+        )
+    positions = np.array([c[0] for c in chosen], dtype=np.int64)
+    conditions = np.array([c[1] for c in chosen], dtype=np.int64).reshape(len(chosen), len(props))
+    return QuerySet(props, positions, conditions)

@@ -1,0 +1,20 @@
+"""Search-method registry: name -> factory(**params) -> SearchMethod."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from cir_bench.methods.base import Ranking, SearchContext, SearchMethod
+from cir_bench.methods.knn import KNNSearch
+from cir_bench.methods.random_search import RandomSearch
+from cir_bench.registry import Registry
+
+METHODS: Registry[Callable[..., SearchMethod]] = Registry("search method")
+METHODS.register("random")(RandomSearch)
+METHODS.register("knn")(KNNSearch)
+
+
+def get_method(name: str, **params: Any) -> SearchMethod:
+    return METHODS.get(name)(**params)
+
+
+__all__ = ["METHODS", "get_method", "Ranking", "SearchContext", "SearchMethod"]

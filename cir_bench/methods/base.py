@@ -1,0 +1,59 @@
+"""The search-method seam: (queries, their embeddings, conditions) -> ranked ids and scores.
+
+Every method, embedding-based or image+text, returns a ``Ranking`` over the same
+database, so all of them go through the same scoring code.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from cir_bench.data.base import Dataset
+from cir_bench.data.queries import QuerySet
+from cir_bench.store import CosineIndex, EmbeddingStore
+
+
+@dataclass
+class SearchContext:
+    """What a method may use: the dataset (raw images, for image+text methods), the
+    embedding store, the database index, the trained model (heads), device and seed."""
+
+    dataset: Dataset
+    store: EmbeddingStore
+    index: CosineIndex
+    database: np.ndarray  # item positions of the retrieval database (sorted)
+    device: torch.device
+    seed: int
+    self_match: str = "exclude"
+    model: torch.nn.Module | None = None
+
+    def query_embeddings(self, queries: QuerySet) -> torch.Tensor:
+        return self.store.z[torch.as_tensor(queries.positions)]
+
+    def exclude(self, queries: QuerySet) -> np.ndarray | None:
+        return queries.positions if self.self_match == "exclude" else None
+
+
+@dataclass
+class Ranking:
+    positions: np.ndarray  # (Q, k) item positions, best first
+    scores: np.ndarray  # (Q, k)
+    extras: dict[str, np.ndarray] = field(default_factory=dict)  # per-query diagnostics
+
+
+class SearchMethod(ABC):
+    """A registered search method. ``needs_images``: it reads raw query images."""
+
+    name: str = "method"
+    needs_images: bool = False
+
+    @abstractmethod
+    def search(self, ctx: SearchContext, queries: QuerySet, k: int) -> Ranking: ...
+
+    def params(self) -> dict[str, Any]:
+        """The settings that define this method's output (stored in the manifest)."""
+        return {}

@@ -1,0 +1,69 @@
+"""Result files: the interface between computing and reporting.
+
+- ``results.parquet``: one row per (method, query): query id, conditions, ranked item ids,
+  scores, plus the per-query metric values;
+- ``metrics.csv``: one row per method, one column per metric (micro means) and ms/query;
+- ``items.parquet``: one row per dataset item (id, split, labels, tags), so every metric
+  can be recomputed from these files alone;
+- ``queries.parquet``: the query set;
+- ``manifest.json``: config, seed, policies, package versions, git revision, dataset
+  fingerprint, device, checkpoint and embedding identities, training history.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+RESULT_FILES = ("results.parquet", "metrics.csv", "items.parquet", "manifest.json")
+PACKAGES = ("cir-bench", "torch", "torchvision", "numpy", "pandas", "pyarrow", "scikit-learn", "pillow", "ray",
+            "seaborn")
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def git_revision(path: Path | None = None) -> dict[str, Any]:
+    """HEAD of the checkout holding the code, and whether it has uncommitted changes."""
+    where = path or Path(__file__).resolve().parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10)
+        if rev.returncode != 0:
+            return {"revision": None}
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+                               capture_output=True, text=True, timeout=10)
+        return {"revision": rev.stdout.strip(), "dirty": bool(dirty.stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return {"revision": None}
+
+
+def write_run(out: Path, results: pd.DataFrame, metrics: pd.DataFrame, items: pd.DataFrame,
+              manifest: dict[str, Any]) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    results.to_parquet(out / "results.parquet", index=False)
+    metrics.to_csv(out / "metrics.csv", index=False)
+    items.to_parquet(out / "items.parquet", index=False)
+    manifest = {**manifest, "packages": package_versions(), "git": git_revision(),
+                "command": sys.argv, "files": list(RESULT_FILES)}
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+
+
+def format_metrics_table(run_dir: Path, columns: list[str] | None = None) -> str:
+    """The terminal table, read back from ``metrics.csv`` (never from in-memory numbers)."""
+    df = pd.read_csv(Path(run_dir) / "metrics.csv")
+    if columns:
+        df = df[[c for c in ["method", *columns] if c in df.columns]]
+    return df.to_string(index=False, float_format=lambda v: f"{v:.4f}")

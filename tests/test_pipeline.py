@@ -1,0 +1,112 @@
+"""End to end on SynthArt tiny: files, cache reuse, metrics recomputed from the files."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cir_bench import pipeline
+from cir_bench.cli import main
+from cir_bench.config import load_config
+from cir_bench.results import RESULT_FILES
+
+from .conftest import tiny_overrides
+
+
+def test_training_reports_per_property_accuracy(tiny_trained):
+    final = tiny_trained.history[-1]
+    for prop in ("style", "shape", "color"):
+        assert 0.0 <= final[f"train_acc_{prop}"] <= 1.0 and 0.0 <= final[f"val_acc_{prop}"] <= 1.0
+    assert len(tiny_trained.history) == 2
+
+
+def test_run_writes_files_and_second_run_reuses_cache(cache_dir, tmp_path, tiny_trained, monkeypatch, capsys):
+    out1 = tmp_path / "run1"
+    assert main(["run", "--no-progress", *sum((["--set", o] for o in tiny_overrides(cache_dir, out1)), [])]) == 0
+    printed = capsys.readouterr().out
+    assert "precision_at_10" in printed and "knn" in printed and "random" in printed
+    for name in RESULT_FILES:
+        assert (out1 / name).exists()
+    manifest = json.loads((out1 / "manifest.json").read_text())
+    assert manifest["checkpoint"]["reused"] is True  # the session fixture trained this config
+    assert manifest["seed"] == 0 and manifest["dataset"]["fingerprint"]
+    assert manifest["packages"]["torch"] and "revision" in manifest["git"]
+    assert manifest["policies"]["self_match"] == "exclude"
+
+    # second run: no training, no extraction
+    def boom(*a, **k):
+        raise AssertionError("should have been served from the cache")
+
+    monkeypatch.setattr(pipeline, "train_model", boom)
+    monkeypatch.setattr(pipeline, "extract_embeddings", boom)
+    out2 = pipeline.run(load_config(None, tiny_overrides(cache_dir, tmp_path / "run2")), progress=False,
+                        log=lambda *_: None)
+    m2 = json.loads((out2 / "manifest.json").read_text())
+    assert m2["checkpoint"]["reused"] and m2["embeddings"]["reused"]
+    a = pd.read_csv(out1 / "metrics.csv")
+    b = pd.read_csv(out2 / "metrics.csv")
+    pd.testing.assert_frame_equal(a.drop(columns="ms_per_query"), b.drop(columns="ms_per_query"))
+
+
+def test_metrics_recomputable_from_files_alone(cache_dir, tmp_path):
+    out = pipeline.run(load_config(None, tiny_overrides(cache_dir, tmp_path / "r")), progress=False,
+                       log=lambda *_: None)
+    items = pd.read_parquet(out / "items.parquet").set_index("id")
+    results = pd.read_parquet(out / "results.parquet")
+    metrics = pd.read_csv(out / "metrics.csv").set_index("method")
+    assert set(results["method"]) == {"random", "knn"}
+    assert len(results) == 2 * 40
+    for method, rows in results.groupby("method"):
+        prec, mts = [], []
+        for row in rows.itertuples():
+            cond = json.loads(row.conditions)
+            ranked = list(row.ranked_ids)[:10]
+            assert row.query_id not in ranked  # self-match excluded
+            assert all(items.loc[r, "split"] == "test" for r in ranked)
+            prec.append(np.mean([all(items.loc[r, p] == v for p, v in cond.items()) for r in ranked]))
+            tq = set(items.loc[row.query_id, "tags"])
+            mts.append(np.mean([len(tq & set(items.loc[r, "tags"])) / len(tq | set(items.loc[r, "tags"]))
+                                for r in ranked]))
+        assert metrics.loc[method, "precision_at_10"] == pytest.approx(np.mean(prec))
+        assert metrics.loc[method, "map_at_10_paper"] == pytest.approx(np.mean(prec))
+        assert metrics.loc[method, "mts_at_10"] == pytest.approx(np.mean(mts))
+    for col in ("ap_at_10_R", "ap_at_10_minRk", "ap_at_10_hits", "hit_at_10", "recall_at_10", "context_at_10",
+                "twin_hit_at_10", "n_twin_queries", "ms_per_query"):
+        assert col in metrics.columns
+    # knn keeps context far better than chance; random has about the class prior
+    assert metrics.loc["knn", "context_at_10"] > metrics.loc["random", "context_at_10"]
+
+
+def test_random_method_is_seeded(cache_dir, tmp_path):
+    cfg = load_config(None, tiny_overrides(cache_dir, tmp_path / "a") + ["eval.methods=[random]"])
+    a = pd.read_parquet(pipeline.run(cfg, progress=False, log=lambda *_: None) / "results.parquet")
+    cfg.out = str(tmp_path / "b")
+    b = pd.read_parquet(pipeline.run(cfg, progress=False, log=lambda *_: None) / "results.parquet")
+    assert a["ranked_ids"].map(list).tolist() == b["ranked_ids"].map(list).tolist()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dataset", "imagenet42"], "unknown dataset 'imagenet42'; available: synthart"),
+        (["--set", "model.backbone=resnet9000"], "unknown backbone 'resnet9000'"),
+        (["--methods", "teleport"], "unknown search method 'teleport'"),
+        (["--set", "train.epoch=3"], "unknown config key 'train.epoch'"),
+        (["--set", "model.pretrained=true", "--set", "model.backbone=resnet50"], "resnet50-0676ba61.pth"),
+    ],
+)
+def test_cli_errors_are_clear(cache_dir, tmp_path, monkeypatch, capsys, args, message):
+    monkeypatch.setenv("CIR_BENCH_WEIGHTS", str(tmp_path))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    base = sum((["--set", o] for o in tiny_overrides(cache_dir, tmp_path / "o")), [])
+    code = main(["run", "--no-progress", *base, *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+
+
+def test_list_command(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "synthart" in out and "small_cnn" in out and "knn" in out and "precision_at_k" in out

@@ -1,0 +1,47 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cir_bench.data.base import UnknownLabelError
+from cir_bench.data.queries import QuerySet, build_query_set, relevant_mask
+
+
+def test_query_rules(tiny):
+    qs = build_query_set(tiny, ["style"], 60, seed=3, min_relevant=10)
+    assert len(qs) == 60 and qs.properties == ["style"]
+    test_idx = set(tiny.split_indices("test").tolist())
+    own = tiny.labels("style")[qs.positions]
+    assert set(qs.positions.tolist()) <= test_idx  # queries from the test split
+    assert np.all(qs.conditions[:, 0] != own)  # condition differs from the query's own label
+    rel = relevant_mask(tiny, qs.properties, qs.conditions)
+    in_db = np.zeros(len(tiny), bool)
+    in_db[list(test_idx)] = True
+    rel &= in_db
+    rel[np.arange(len(qs)), qs.positions] = False
+    assert rel.sum(axis=1).min() >= 10
+    pairs = list(zip(qs.positions.tolist(), qs.conditions[:, 0].tolist()))
+    assert len(set(pairs)) == len(pairs)
+    again = build_query_set(tiny, ["style"], 60, seed=3, min_relevant=10)
+    assert np.array_equal(again.positions, qs.positions) and np.array_equal(again.conditions, qs.conditions)
+    # every own-style class is drawn (class balance over the query's label)
+    assert len(set(own.tolist())) == 6
+
+
+def test_multi_condition_and_roundtrip(tiny, tmp_path):
+    qs = build_query_set(tiny, ["style", "color"], 10, seed=0, min_relevant=1, database_split="all")
+    assert qs.conditions.shape == (10, 2)
+    path = tmp_path / "q.parquet"
+    qs.save(path, tiny)
+    back = QuerySet.load(path, tiny)
+    assert back.properties == ["style", "color"]
+    assert np.array_equal(back.positions, qs.positions) and np.array_equal(back.conditions, qs.conditions)
+
+
+def test_query_errors(tiny):
+    with pytest.raises(UnknownLabelError, match="unknown property 'genre'"):
+        build_query_set(tiny, ["genre"], 5, seed=0)
+    with pytest.raises(ValueError, match="could only build"):
+        build_query_set(tiny, ["style"], 5, seed=0, min_relevant=10_000)
+    with pytest.raises(UnknownLabelError, match="unknown label 'Rococo'"):
+        tiny.property("style").index("Rococo")

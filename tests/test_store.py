@@ -1,0 +1,79 @@
+"""Exact cosine top-k search against a brute-force numpy reference, ties and self-match."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cir_bench.store import CosineIndex, EmbeddingStore, load_or_extract
+
+
+def brute_force(z: np.ndarray, db: np.ndarray, q: np.ndarray, k: int, exclude=None):
+    zn = z / np.linalg.norm(z, axis=1, keepdims=True)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    out = []
+    for i in range(len(q)):
+        sims = [(float(zn[p] @ qn[i]), p) for p in db if exclude is None or p != exclude[i]]
+        sims.sort(key=lambda t: (-round(t[0], 5), t[1]))  # score desc, then position asc
+        out.append([p for _, p in sims[:k]])
+    return np.array(out)
+
+
+@pytest.mark.parametrize("chunk", [3, 1024])
+def test_topk_matches_numpy(chunk):
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(300, 16)).astype(np.float32)
+    db = np.sort(rng.choice(300, 120, replace=False))
+    q = rng.normal(size=(25, 16)).astype(np.float32)
+    index = CosineIndex(torch.from_numpy(z), db, chunk=chunk)
+    pos, scores = index.search(torch.from_numpy(q), 10)
+    np.testing.assert_array_equal(pos.numpy(), brute_force(z, db, q, 10))
+    assert bool((scores[:, :-1] >= scores[:, 1:]).all())
+    zn = z / np.linalg.norm(z, axis=1, keepdims=True)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    np.testing.assert_allclose(scores.numpy(), np.einsum("qd,qkd->qk", qn, zn[pos.numpy()]), atol=1e-5)
+
+
+def test_ties_break_by_id_and_self_match_is_excluded():
+    # 40 identical vectors: every score ties, so the order must be the position order
+    z = torch.ones(40, 4)
+    db = np.arange(0, 40, 2)
+    index = CosineIndex(z, db)
+    pos, _ = index.search(torch.ones(2, 4), 5)
+    assert pos.tolist() == [[0, 2, 4, 6, 8]] * 2
+    pos, _ = index.search(torch.ones(2, 4), 5, exclude=np.array([0, 4]))
+    assert pos.tolist() == [[2, 4, 6, 8, 10], [0, 2, 6, 8, 10]]
+    # ties that spill past the top-k window: 30 ties, window is k + 16
+    z = torch.cat([torch.ones(30, 4), -torch.ones(10, 4)])
+    index = CosineIndex(z, np.arange(40))
+    pos, _ = index.search(torch.ones(1, 4), 3, exclude=np.array([1]))
+    assert pos.tolist() == [[0, 2, 3]]
+
+
+def test_self_match_exclusion_against_numpy():
+    rng = np.random.default_rng(1)
+    z = rng.normal(size=(80, 8)).astype(np.float32)
+    db = np.arange(80)
+    q_pos = rng.choice(80, 10, replace=False)
+    index = CosineIndex(torch.from_numpy(z), db)
+    pos, _ = index.search(torch.from_numpy(z[q_pos]), 7, exclude=q_pos)
+    np.testing.assert_array_equal(pos.numpy(), brute_force(z, db, z[q_pos], 7, exclude=q_pos))
+    assert not any(q in row for q, row in zip(q_pos, pos.tolist()))
+    kept, _ = index.search(torch.from_numpy(z[q_pos]), 1)
+    assert kept[:, 0].tolist() == q_pos.tolist()  # self-match "keep": the query is its own top hit
+
+
+def test_store_cache_roundtrip(tmp_path):
+    calls = []
+
+    def extract():
+        calls.append(1)
+        return torch.randn(5, 3)
+
+    ids = [f"i{i}" for i in range(5)]
+    a, hit_a = load_or_extract(tmp_path, "fp1", extract, ids)
+    b, hit_b = load_or_extract(tmp_path, "fp1", extract, ids)
+    assert (hit_a, hit_b) == (False, True) and len(calls) == 1
+    assert torch.equal(a.z, b.z) and isinstance(b, EmbeddingStore)
+    load_or_extract(tmp_path, "fp2", extract, ids)
+    assert len(calls) == 2
