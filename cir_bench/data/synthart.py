@@ -71,7 +71,7 @@ class SynthArtParams:
 PRESETS: dict[str, SynthArtParams] = {
     "tiny": SynthArtParams(n_scenes=60, image_size=64, test_fraction=0.5),
     "small": SynthArtParams(n_scenes=200, image_size=96),
-    "default": SynthArtParams(n_scenes=400, image_size=128),
+    "default": SynthArtParams(n_scenes=800, image_size=128),
 }
 
 
