@@ -42,11 +42,11 @@ class ModelConfig:
 class TrainConfig:
     # defaults sized for the SynthArt demo on 2 CPU cores; the paper trains 100 epochs
     # with StepLR(30, 0.1) and weight decay 1e-4 (tune_configs carry that recipe)
-    epochs: int = 30
+    epochs: int = 40
     batch_size: int = 64
     lr: float = 3e-3
     weight_decay: float = 1e-5
-    lr_step: int = 20  # StepLR step size in epochs
+    lr_step: int = 30  # StepLR step size in epochs
     lr_gamma: float = 0.1
     val_fraction: float = 0.1  # held out of the train split for the val accuracy
     property_weights: dict[str, float] = field(default_factory=dict)  # w_i of Eq 1; default 1
@@ -56,20 +56,44 @@ class TrainConfig:
 
 @dataclass
 class QueryConfig:
-    properties: list[str] = field(default_factory=lambda: ["style"])
+    # one query set per entry: single-condition style, and style+shape like WikiArt-multi
+    sets: list[list[str]] = field(default_factory=lambda: [["style"], ["style", "shape"]])
     n_queries: int = 200
     min_relevant: int = 10
+    min_jaccard: float | None = None  # the paper's tag filter (J >= 0.1), off as in the authors' code
     query_split: str = "test"
     database_split: str = "test"  # the paper retrieves from the test split
     seed: int | None = None  # None: the run seed
+
+
+def _default_methods() -> list[Any]:
+    return ["random", "knn", "filtered_knn", "oracle_filtered_knn", {"method": "backward", "lam": 0.0},
+            "backward", "student"]
 
 
 @dataclass
 class EvalConfig:
     k: int = 10
     self_match: str = "exclude"  # or "keep" (authors' code)
-    methods: list[str] = field(default_factory=lambda: ["random", "knn"])
+    # a name, or {method: NAME, label: ..., **params}; "backward" takes its settings from
+    # the `search` section, entries may override any of them
+    methods: list[Any] = field(default_factory=_default_methods)
+    lambdas: list[float] | None = None  # --lambda: add one Backward Search entry per value
     search_batch: int = 1024
+
+
+@dataclass
+class SearchConfig:
+    """Backward Search settings (methods/backward.py); also the student's teacher."""
+
+    preset: str = "paper"
+    lam: float = 0.05
+    overrides: dict[str, Any] = field(default_factory=dict)  # any BackwardSearchConfig field
+
+
+@dataclass
+class StudentSection:
+    overrides: dict[str, Any] = field(default_factory=dict)  # any StudentConfig field
 
 
 @dataclass
@@ -79,6 +103,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     queries: QueryConfig = field(default_factory=QueryConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    student: StudentSection = field(default_factory=StudentSection)
     seed: int = 0
     device: str = "auto"
     out: str | None = None

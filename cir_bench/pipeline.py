@@ -27,8 +27,11 @@ from cir_bench.data.base import Dataset
 from cir_bench.data.queries import QuerySet, build_query_set
 from cir_bench.data.transforms import build_transform, describe_transform
 from cir_bench.device import pick_device
-from cir_bench.methods import SearchContext, get_method
-from cir_bench.metrics import build_eval_inputs, evaluate, find_twins, summarize
+from cir_bench.distill import distill_student
+from cir_bench.methods import METHODS, SearchContext, get_method
+from cir_bench.methods.backward import BackwardSearch
+from cir_bench.methods.student import Student, StudentConfig
+from cir_bench.metrics import build_eval_inputs, evaluate, find_twins, retrieved_similarity_at_k, summarize
 from cir_bench.models import BACKBONES, load_checkpoint, save_checkpoint
 from cir_bench.models.model import ConditionalRetrievalModel
 from cir_bench.results import write_run
@@ -100,15 +103,17 @@ def embed(cfg: RunConfig, dataset: Dataset, trained: TrainedModel, device: torch
     )
 
 
-def make_queries(cfg: RunConfig, dataset: Dataset) -> tuple[QuerySet, Path]:
-    """Build the query set once per (dataset, query config, seed) and reuse the saved file."""
+def make_queries(cfg: RunConfig, dataset: Dataset, properties: list[str]) -> tuple[QuerySet, Path]:
+    """Build the query set once per (dataset, properties, query config, seed); reuse the file."""
     q = cfg.queries
     seed = cfg.seed if q.seed is None else q.seed
-    key = _hash({"dataset": dataset.fingerprint(), "queries": dataclasses.asdict(q), "seed": seed})
-    path = cache_dir_for(cfg) / "queries" / f"{dataset.name}-{'+'.join(q.properties)}-{key}.parquet"
+    settings = {k: v for k, v in dataclasses.asdict(q).items() if k != "sets"}
+    key = _hash({"dataset": dataset.fingerprint(), "properties": properties, "queries": settings, "seed": seed})
+    path = cache_dir_for(cfg) / "queries" / f"{dataset.name}-{'+'.join(properties)}-{key}.parquet"
     if path.exists():
         return QuerySet.load(path, dataset), path
-    qs = build_query_set(dataset, q.properties, q.n_queries, seed, q.min_relevant, q.query_split, q.database_split)
+    qs = build_query_set(dataset, properties, q.n_queries, seed, q.min_relevant, q.query_split, q.database_split,
+                         min_jaccard=q.min_jaccard)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     qs.save(tmp, dataset)
@@ -121,17 +126,92 @@ def default_out_dir(cfg: RunConfig) -> Path:
     return Path("runs") / f"{stamp}-{cfg.dataset.name}"
 
 
+@dataclass(frozen=True)
+class MethodSpec:
+    """One entry of the method list: a unique label, the registry name, its parameters."""
+
+    label: str
+    name: str
+    params: dict[str, Any]
+
+
+def _fmt(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def method_specs(cfg: RunConfig) -> list[MethodSpec]:
+    entries: list[Any] = list(cfg.eval.methods)
+    for lam in cfg.eval.lambdas or []:
+        entries.append({"method": "backward", "lam": float(lam)})
+    specs: list[MethodSpec] = []
+    for entry in entries:
+        if isinstance(entry, str):
+            name, label, params = entry, None, {}
+        elif isinstance(entry, dict) and "method" in entry:
+            params = dict(entry)
+            name, label = params.pop("method"), params.pop("label", None)
+        else:
+            raise ValueError(f"eval.methods entry {entry!r} is neither a name nor a mapping with 'method'")
+        METHODS.get(name)  # unknown names fail here, before any work
+        if name == "backward":
+            params = {"preset": cfg.search.preset, "lam": float(cfg.search.lam), **cfg.search.overrides, **params}
+            label = label or f"backward[lam={_fmt(params['lam'])}]"
+        specs.append(MethodSpec(label or name, name, params))
+    seen: set[str] = set()
+    unique = []
+    for spec in specs:  # --lambda may repeat a lambda already listed
+        if spec.label not in seen:
+            seen.add(spec.label)
+            unique.append(spec)
+    return unique
+
+
+def teacher(cfg: RunConfig) -> BackwardSearch:
+    return BackwardSearch(cfg.search.preset, lam=float(cfg.search.lam), **cfg.search.overrides)
+
+
+def teacher_label(cfg: RunConfig) -> str:
+    return f"backward[lam={_fmt(float(cfg.search.lam))}]"
+
+
+def distil_or_load(cfg: RunConfig, dataset: Dataset, trained: TrainedModel, store: EmbeddingStore,
+                   properties: list[str], device: torch.device, progress: bool = True) -> tuple[Student, dict]:
+    """The student for one property set, cached by (checkpoint, store, teacher, config, seed)."""
+    student_cfg = StudentConfig(**{**cfg.student.overrides,
+                                   **({"hidden": tuple(cfg.student.overrides["hidden"])}
+                                      if "hidden" in cfg.student.overrides else {})})
+    key = _hash({"checkpoint": file_sha256(trained.checkpoint), "store": store.fingerprint, "props": properties,
+                 "teacher": teacher(cfg).params(), "student": dataclasses.asdict(student_cfg), "seed": cfg.seed})
+    path = cache_dir_for(cfg) / "students" / f"{key}.pt"
+    if path.exists():
+        student = Student.load(path, device)
+        return student, {"path": str(path), "reused": True}
+    train_idx = torch.as_tensor(dataset.split_indices("train"))
+    t0 = time.perf_counter()
+    student, history = distill_student(
+        trained.model.heads, store.z[train_idx], properties,
+        [dataset.property(p).num_classes for p in properties], teacher(cfg), student_cfg, cfg.seed, device,
+        progress=progress)
+    seconds = time.perf_counter() - t0
+    student.save(path, {"history": history, "seconds": seconds})
+    return student, {"path": str(path), "reused": False, "seconds": seconds, "final_mse": history[-1]["mse"]}
+
+
 def run(cfg: RunConfig, progress: bool = True, log=print) -> Path:
     """The whole pipeline; returns the run directory holding the result files."""
     t_start = time.perf_counter()
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
     out = Path(cfg.out) if cfg.out else default_out_dir(cfg)
+    specs = method_specs(cfg)
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
     dataset = load_dataset(cfg)
     timings["dataset_s"] = time.perf_counter() - t0
+    for props in cfg.queries.sets:
+        for p in props:
+            dataset.property(p)  # unknown property: fail before training
     log(f"dataset {dataset.name}: {len(dataset)} items, properties "
         + ", ".join(f"{p.name}({p.num_classes})" for p in dataset.properties) + f"; device {device}")
 
@@ -142,44 +222,71 @@ def run(cfg: RunConfig, progress: bool = True, log=print) -> Path:
     log(("reused checkpoint " if trained.reused else "trained ") + str(trained.checkpoint))
     if final:
         log("accuracy " + ", ".join(f"{k}={v:.3f}" for k, v in final.items() if "acc" in k))
+    trained.model.eval()
+    for p in trained.model.parameters():
+        p.requires_grad_(False)
 
     t0 = time.perf_counter()
     store, hit = embed(cfg, dataset, trained, device)
     timings["embed_s"] = time.perf_counter() - t0
     log(("reused" if hit else "extracted") + f" embeddings {store.fingerprint} ({tuple(store.z.shape)})")
 
-    queries, query_file = make_queries(cfg, dataset)
     database = dataset.split_indices(cfg.queries.database_split)
     index = CosineIndex(store.z, database, device, chunk=cfg.eval.search_batch)
     ctx = SearchContext(dataset, store, index, database, device, cfg.seed, cfg.eval.self_match, trained.model)
-    twins = find_twins(dataset, queries, database)
-    log(f"{len(queries)} queries on {'+'.join(queries.properties)}, database {len(database)} items "
-        f"(split '{cfg.queries.database_split}'), self-match {cfg.eval.self_match}")
-
-    result_frames, metric_rows, method_params = [], [], {}
-    qframe = queries.to_frame(dataset)
     ids = np.array([it.id for it in dataset.items])
-    for name in cfg.eval.methods:
-        method = get_method(name)
-        t0 = time.perf_counter()
-        ranking = method.search(ctx, queries, cfg.eval.k)
-        elapsed = time.perf_counter() - t0
-        inputs = build_eval_inputs(dataset, queries, ranking.positions, database, cfg.eval.self_match, twins)
-        per_query = evaluate(inputs, ks=(cfg.eval.k,))
-        summary = {"method": name, "n_queries": len(queries), **summarize(per_query),
-                   "ms_per_query": 1000.0 * elapsed / max(len(queries), 1)}
-        metric_rows.append(summary)
-        method_params[name] = method.params()
-        frame = qframe.copy()
-        frame.insert(0, "method", name)
-        frame["conditions"] = [queries.conditions_json(dataset, q) for q in range(len(queries))]
-        frame["ranked_ids"] = [ids[row].tolist() for row in ranking.positions]
-        frame["scores"] = [row.astype(float).tolist() for row in ranking.scores]
-        for key, values in ranking.extras.items():
-            frame[key] = values
-        for col in per_query.columns:
-            frame[f"metric_{col}"] = per_query[col].to_numpy()
-        result_frames.append(frame)
+    result_frames, metric_rows, query_info, student_info = [], [], {}, {}
+    for props in cfg.queries.sets:
+        set_name = "+".join(props)
+        queries, query_file = make_queries(cfg, dataset, list(props))
+        query_info[set_name] = {"file": str(query_file), "n": len(queries)}
+        twins = find_twins(dataset, queries, database)
+        log(f"query set {set_name}: {len(queries)} queries, database {len(database)} items "
+            f"(split '{cfg.queries.database_split}'), self-match {cfg.eval.self_match}")
+        if any(s.name == "student" for s in specs):
+            t0 = time.perf_counter()
+            student, info = distil_or_load(cfg, dataset, trained, store, list(props), device, progress)
+            ctx.cache.setdefault("students", {})[tuple(props)] = student
+            student_info[set_name] = {**info, "teacher": teacher_label(cfg)}
+            timings[f"distil_{set_name}_s"] = time.perf_counter() - t0
+        qframe = queries.to_frame(dataset)
+        conditions = [queries.conditions_json(dataset, q) for q in range(len(queries))]
+        rankings = {}
+        for spec in specs:
+            method = get_method(spec.name, **spec.params)
+            t0 = time.perf_counter()
+            ranking = method.search(ctx, queries, cfg.eval.k)
+            elapsed = time.perf_counter() - t0
+            rankings[spec.label] = ranking
+            inputs = build_eval_inputs(dataset, queries, ranking.positions, database, cfg.eval.self_match, twins)
+            per_query = evaluate(inputs, ks=(cfg.eval.k,))
+            summary: dict[str, Any] = {"query_set": set_name, "method": spec.label, "name": spec.name,
+                                       "n_queries": len(queries), **summarize(per_query)}
+            if "iterations" in ranking.extras:
+                it = ranking.extras["iterations"].astype(float)
+                summary.update(mean_iterations=float(it.mean()), std_iterations=float(it.std()),
+                               satisfied_rate=float(ranking.extras["satisfied"].mean()))
+            if spec.name == "student" and teacher_label(cfg) in rankings:
+                sim = retrieved_similarity_at_k(rankings[teacher_label(cfg)].positions, ranking.positions,
+                                                cfg.eval.k)
+                per_query[f"retrieved_similarity_at_{cfg.eval.k}"] = sim
+                summary[f"retrieved_similarity_at_{cfg.eval.k}"] = float(sim.mean())
+            summary["ms_per_query"] = 1000.0 * elapsed / max(len(queries), 1)
+            summary["params"] = json.dumps(spec.params, sort_keys=True)
+            metric_rows.append(summary)
+            frame = qframe.copy()
+            frame.insert(0, "method", spec.label)
+            frame.insert(0, "query_set", set_name)
+            frame["conditions"] = conditions
+            frame["ranked_ids"] = [ids[row].tolist() for row in ranking.positions]
+            frame["scores"] = [row.astype(float).tolist() for row in ranking.scores]
+            for key, values in ranking.extras.items():
+                frame[key] = values
+            for col in per_query.columns:
+                frame[f"metric_{col}"] = per_query[col].to_numpy()
+            result_frames.append(frame)
+            log(f"  {spec.label:<24} precision@{cfg.eval.k}={summary[f'precision_at_{cfg.eval.k}']:.3f} "
+                f"({summary['ms_per_query']:.2f} ms/query)")
 
     items = dataset.to_frame()
     manifest = {
@@ -196,8 +303,9 @@ def run(cfg: RunConfig, progress: bool = True, log=print) -> Path:
                        "reused": trained.reused, "train_seconds": trained.seconds},
         "training_history": trained.history,
         "embeddings": {"fingerprint": store.fingerprint, "reused": hit, "dim": int(store.z.shape[1])},
-        "queries": {"file": str(query_file), "n": len(queries), "properties": queries.properties},
-        "methods": method_params,
+        "queries": query_info,
+        "methods": {s.label: {"name": s.name, "params": s.params} for s in specs},
+        "students": student_info,
         "timings": {**timings, "total_s": time.perf_counter() - t_start},
     }
     write_run(out, pd.concat(result_frames, ignore_index=True), pd.DataFrame(metric_rows), items, manifest)

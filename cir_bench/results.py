@@ -66,4 +66,6 @@ def format_metrics_table(run_dir: Path, columns: list[str] | None = None) -> str
     df = pd.read_csv(Path(run_dir) / "metrics.csv")
     if columns:
         df = df[[c for c in ["method", *columns] if c in df.columns]]
+        df = df.rename(columns=lambda c: c.replace("_at_", "@").replace("retrieved_similarity", "retr_sim")
+                       .replace("mean_iterations", "iters").replace("ms_per_query", "ms/q"))
     return df.to_string(index=False, float_format=lambda v: f"{v:.4f}")

@@ -130,13 +130,13 @@ class CosineIndex:
                 ex = ex_local[start:start + self.chunk]
                 rows = torch.nonzero(ex >= 0).flatten()
                 sim[rows, ex[rows]] = float("-inf")
-            idx, score = _topk_stable(sim, k)
+            idx, score = topk_stable(sim, k)
             out_pos.append(self.positions[idx])
             out_score.append(score)
         return torch.cat(out_pos).cpu(), torch.cat(out_score).cpu()
 
 
-def _topk_stable(sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def topk_stable(sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k by score descending, ties by column ascending (deterministic on any device)."""
     n = sim.shape[1]
     window = min(n, k + 16)

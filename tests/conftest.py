@@ -31,6 +31,9 @@ def tiny_overrides(cache_dir: Path, out: Path | None = None) -> list[str]:
         "train.epochs=2",
         "train.batch_size=32",
         "queries.n_queries=40",
+        "queries.sets=[[style], [style, shape]]",
+        "queries.min_relevant=2",  # tiny has ~2 test items per (style, shape) pair
+        "student.overrides={epochs: 3}",
         "device=cpu",
     ]
     if out is not None:

@@ -56,9 +56,12 @@ def test_metrics_recomputable_from_files_alone(cache_dir, tmp_path):
     items = pd.read_parquet(out / "items.parquet").set_index("id")
     results = pd.read_parquet(out / "results.parquet")
     metrics = pd.read_csv(out / "metrics.csv").set_index("method")
-    assert set(results["method"]) == {"random", "knn"}
-    assert len(results) == 2 * 40
-    for method, rows in results.groupby("method"):
+    methods = {"random", "knn", "filtered_knn", "oracle_filtered_knn", "backward[lam=0]", "backward[lam=0.05]",
+               "student"}
+    assert set(results["method"]) == methods and set(results["query_set"]) == {"style", "style+shape"}
+    assert len(results) == len(methods) * 40 * 2
+    metrics = metrics.reset_index().set_index(["query_set", "method"])
+    for (qset, method), rows in results.groupby(["query_set", "method"]):
         prec, mts = [], []
         for row in rows.itertuples():
             cond = json.loads(row.conditions)
@@ -69,18 +72,22 @@ def test_metrics_recomputable_from_files_alone(cache_dir, tmp_path):
             tq = set(items.loc[row.query_id, "tags"])
             mts.append(np.mean([len(tq & set(items.loc[r, "tags"])) / len(tq | set(items.loc[r, "tags"]))
                                 for r in ranked]))
-        assert metrics.loc[method, "precision_at_10"] == pytest.approx(np.mean(prec))
-        assert metrics.loc[method, "map_at_10_paper"] == pytest.approx(np.mean(prec))
-        assert metrics.loc[method, "mts_at_10"] == pytest.approx(np.mean(mts))
+        assert metrics.loc[(qset, method), "precision_at_10"] == pytest.approx(np.mean(prec))
+        assert metrics.loc[(qset, method), "map_at_10_paper"] == pytest.approx(np.mean(prec))
+        assert metrics.loc[(qset, method), "mts_at_10"] == pytest.approx(np.mean(mts))
     for col in ("ap_at_10_R", "ap_at_10_minRk", "ap_at_10_hits", "hit_at_10", "recall_at_10", "context_at_10",
                 "twin_hit_at_10", "n_twin_queries", "ms_per_query"):
         assert col in metrics.columns
-    # knn keeps context far better than chance; random has about the class prior
-    assert metrics.loc["knn", "context_at_10"] > metrics.loc["random", "context_at_10"]
+    # knn keeps context far better than chance; the oracle filter is exact
+    assert metrics.loc[("style", "knn"), "context_at_10"] > metrics.loc[("style", "random"), "context_at_10"]
+    assert metrics.loc[("style", "oracle_filtered_knn"), "precision_at_10"] == 1.0
+    assert metrics.loc[("style", "backward[lam=0]"), "mean_iterations"] >= 0
+    assert 0 <= metrics.loc[("style", "student"), "retrieved_similarity_at_10"] <= 1
 
 
 def test_random_method_is_seeded(cache_dir, tmp_path):
-    cfg = load_config(None, tiny_overrides(cache_dir, tmp_path / "a") + ["eval.methods=[random]"])
+    cfg = load_config(None, tiny_overrides(cache_dir, tmp_path / "a") + ["eval.methods=[random]",
+                                                                        "queries.sets=[[style]]"])
     a = pd.read_parquet(pipeline.run(cfg, progress=False, log=lambda *_: None) / "results.parquet")
     cfg.out = str(tmp_path / "b")
     b = pd.read_parquet(pipeline.run(cfg, progress=False, log=lambda *_: None) / "results.parquet")

@@ -98,3 +98,20 @@ def test_registry_builds_synthart_and_caches(cache_dir, tiny):
     again = get_dataset("synthart", None, {"preset": "tiny"}, cache_dir)
     assert again.fingerprint() == tiny.fingerprint()
     assert np.array_equal(np.asarray(again.load_image(5)), np.asarray(tiny.load_image(5)))
+
+
+def test_corrupt_image_bytes_raise_a_clear_error():
+    import io
+
+    from PIL import Image
+
+    from cir_bench.data.base import BadImageError, decode_image
+
+    with pytest.raises(BadImageError, match="cannot decode image item-7"):
+        decode_image(b"\xff\xd8 not a jpeg", "item-7")
+    buf = io.BytesIO()
+    Image.new("L", (4, 4), 128).save(buf, format="PNG")  # grayscale -> RGB
+    assert decode_image(buf.getvalue(), "gray").mode == "RGB"
+    buf = io.BytesIO()
+    Image.new("CMYK", (4, 4)).save(buf, format="JPEG")
+    assert decode_image(buf.getvalue(), "cmyk").mode == "RGB"

@@ -35,7 +35,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from cir_bench.data.base import Dataset, Item, Property, decode_image
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 STYLES = ("flat", "outline", "hatched", "dotted", "gradient", "mosaic")
 SHAPES = ("circle", "square", "triangle", "star", "hexagon", "cross", "ring", "diamond")
@@ -266,8 +266,8 @@ def _stripes(size: int, period: float, direction: int, offset: float = 0.0) -> n
 def _dots(flat: np.ndarray, rng: np.random.Generator, paper: np.ndarray) -> np.ndarray:
     """Pointillist re-rendering: jittered disks coloured from the flat render."""
     size = flat.shape[0]
-    g = max(3, size // 30)
-    r = max(1, int(round(g * 0.65)))
+    g = max(3, size // 24)
+    r = max(1, int(round(g * 0.42)))
     n = size // g + 1
     gy, gx = np.mgrid[0:n, 0:n]
     cy = np.clip((gy * g + g / 2 + rng.uniform(-g / 3, g / 3, size=gy.shape)).astype(int), 0, size - 1)
@@ -319,11 +319,14 @@ def render(scene: dict[str, Any], variant: dict[str, Any], size: int, seed: int,
             paper = np.array([0.93, 0.91, 0.86], np.float32) * rng.uniform(0.9, 1.0)
             img = _dots(img, rng, paper)
         elif style == "mosaic":
-            block = max(3, size // 21)
-            small = Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).resize(
-                (size // block, size // block), Image.BOX
-            )
-            img = np.asarray(small.resize((size, size), Image.NEAREST), dtype=np.float32) / 255.0
+            block = max(4, size // 16)
+            n = size // block
+            small = np.asarray(Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)).resize(
+                (n, n), Image.BOX), dtype=np.float32) / 255.0
+            # every tile gets its own brightness: the tiling shows even on smooth regions
+            small = small * rng.uniform(0.88, 1.12, size=(n, n, 1))
+            img = np.asarray(Image.fromarray((np.clip(small, 0, 1) * 255).astype(np.uint8)).resize(
+                (size, size), Image.NEAREST), dtype=np.float32) / 255.0
     elif style == "outline":
         img = bg * 0.9 + 0.1
         k = max(3, (size // 32) | 1)
@@ -339,13 +342,19 @@ def render(scene: dict[str, Any], variant: dict[str, Any], size: int, seed: int,
             fill = col * stripes + (col * 0.35 + 0.65) * (1 - stripes)
             img = img * (1 - alpha[..., None]) + fill * alpha[..., None]
     elif style == "gradient":
+        # shaded volumes under one light from the top left: a soft drop shadow behind each
+        # object, a highlight-to-rim ramp across it, and a light falloff over the canvas
         yy = np.linspace(0, 1, size, dtype=np.float32)[:, None, None]
         img = bg * (0.8 + 0.35 * (1 - yy))
         y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
         for alpha, col, (cx, cy), r in objects:
+            shift = max(1, int(round(0.3 * r * size)))
+            shadow = np.zeros_like(alpha)
+            shadow[shift:, shift:] = alpha[:-shift, :-shift]
+            img = img * (1 - 0.45 * shadow[..., None])
             lx, ly = cx - 0.5 * r, cy - 0.5 * r
             dist = np.hypot(x - lx, y - ly) / (2 * r)
-            shade = np.clip(1.25 - 0.9 * dist, 0.3, 1.3)[..., None]
+            shade = np.clip(1.4 - 1.1 * dist, 0.25, 1.4)[..., None]
             img = img * (1 - alpha[..., None]) + np.clip(col * shade, 0, 1) * alpha[..., None]
     else:
         raise ValueError(style)

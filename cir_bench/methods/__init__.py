@@ -3,14 +3,21 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from cir_bench.methods.backward import BackwardSearch
 from cir_bench.methods.base import Ranking, SearchContext, SearchMethod
+from cir_bench.methods.filtered_knn import FilteredKNN, OracleFilteredKNN
 from cir_bench.methods.knn import KNNSearch
 from cir_bench.methods.random_search import RandomSearch
+from cir_bench.methods.student import StudentSearch
 from cir_bench.registry import Registry
 
 METHODS: Registry[Callable[..., SearchMethod]] = Registry("search method")
 METHODS.register("random")(RandomSearch)
 METHODS.register("knn")(KNNSearch)
+METHODS.register("backward")(BackwardSearch)
+METHODS.register("filtered_knn")(FilteredKNN)
+METHODS.register("oracle_filtered_knn")(OracleFilteredKNN)
+METHODS.register("student")(StudentSearch)
 
 
 def get_method(name: str, **params: Any) -> SearchMethod:

@@ -30,6 +30,7 @@ class SearchContext:
     seed: int
     self_match: str = "exclude"
     model: torch.nn.Module | None = None
+    cache: dict[str, Any] = field(default_factory=dict)  # per-run memo (e.g. predicted labels)
 
     def query_embeddings(self, queries: QuerySet) -> torch.Tensor:
         return self.store.z[torch.as_tensor(queries.positions)]

@@ -105,6 +105,9 @@ def load_backbone_state(name: str, module: nn.Module, state: dict) -> None:
 
 
 # ----------------------------------------------------------------------- small CNN
+STEM_STRIDE = 2
+
+
 class SmallCNN(nn.Module):
     """A small conv net (stem + 4 stride-2 stages, 256-d output) for the demo and tests.
 
@@ -119,7 +122,7 @@ class SmallCNN(nn.Module):
                     nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
         chans = [width, width * 2, width * 4, width * 8]
-        layers = block(3, width * 3 // 4, 2)
+        layers = block(3, width * 3 // 4, STEM_STRIDE)
         cin = width * 3 // 4
         for i, cout in enumerate(chans):
             layers += block(cin, cout, 2)
@@ -127,15 +130,17 @@ class SmallCNN(nn.Module):
                 layers += block(cout, cout, 1)
             cin = cout
         self.features = nn.Sequential(*layers)
-        self.pool = nn.AdaptiveAvgPool2d(1)
-        self.out_dim = chans[-1]
+        # average and max pooling side by side: the labelled object covers a small part of
+        # the canvas, and the average alone dilutes it with background
+        self.out_dim = 2 * chans[-1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.features(x)).flatten(1)
+        f = self.features(x)
+        return torch.cat([f.mean(dim=(2, 3)), f.amax(dim=(2, 3))], dim=1)
 
 
 BACKBONES.register("small_cnn")(
-    BackboneSpec("small_cnn", 256, 128, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), lambda: SmallCNN(32))
+    BackboneSpec("small_cnn", 512, 128, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), lambda: SmallCNN(32))
 )
 
 

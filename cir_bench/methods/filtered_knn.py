@@ -1,0 +1,67 @@
+"""Filtered kNN: keep the database items whose labels match every condition, rank them
+by cosine similarity to z0.
+
+``filtered_knn`` reads the labels the trained heads *predict* for each database item
+(computed once per store), a baseline none of the papers report; ``oracle_filtered_knn``
+reads the ground-truth labels and is an upper reference, not a method a user could run on
+unlabelled data.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from cir_bench.data.queries import QuerySet
+from cir_bench.methods.base import Ranking, SearchContext, SearchMethod
+from cir_bench.store import topk_stable
+
+BONUS = 3.0
+
+
+class FilteredKNN(SearchMethod):
+    name = "filtered_knn"
+    oracle = False
+
+    def _labels(self, ctx: SearchContext, prop: str) -> np.ndarray:
+        """Label of ``prop`` for every database item (row order of ``ctx.database``)."""
+        if self.oracle:
+            return ctx.dataset.labels(prop)[ctx.database]
+        if ctx.model is None:
+            raise ValueError("filtered_knn needs the trained classifier heads (ctx.model)")
+        cache = ctx.cache.setdefault("predicted_labels", {})
+        if prop not in cache:
+            head = ctx.model.heads[prop].eval()
+            z = ctx.store.z[torch.as_tensor(ctx.database)].to(ctx.device)
+            with torch.no_grad():
+                cache[prop] = torch.cat([head(c).argmax(1) for c in z.split(4096)]).cpu().numpy()
+        return cache[prop]
+
+    def search(self, ctx: SearchContext, queries: QuerySet, k: int) -> Ranking:
+        """Matching items first by cosine, then (only if fewer than k match) the rest by cosine."""
+        labels = torch.as_tensor(np.stack([self._labels(ctx, p) for p in queries.properties], axis=1),
+                                 device=ctx.device)  # (N_db, M)
+        cond = torch.as_tensor(queries.conditions, device=ctx.device)
+        q = torch.nn.functional.normalize(ctx.query_embeddings(queries).to(ctx.device).float(), dim=1)
+        exclude = ctx.exclude(queries)
+        ex_local = torch.as_tensor(ctx.index.local(exclude), device=ctx.device) if exclude is not None else None
+        out_pos, out_score = [], []
+        for start in range(0, len(queries), ctx.index.chunk):
+            sl = slice(start, start + ctx.index.chunk)
+            sim = q[sl] @ ctx.index.z.T
+            match = (labels[None, :, :] == cond[sl, None, :]).all(dim=2)
+            ranked = sim + BONUS * match  # cosine is in [-1, 1]: every match outranks every miss
+            if ex_local is not None:
+                ex = ex_local[sl]
+                rows = torch.nonzero(ex >= 0).flatten()
+                ranked[rows, ex[rows]] = float("-inf")
+            idx, _ = topk_stable(ranked, min(k, ranked.shape[1] - (exclude is not None)))
+            out_pos.append(ctx.index.positions[idx].cpu())
+            out_score.append(torch.gather(sim, 1, idx).cpu())
+        return Ranking(torch.cat(out_pos).numpy(), torch.cat(out_score).numpy())
+
+
+class OracleFilteredKNN(FilteredKNN):
+    """Upper reference: filters with ground-truth labels."""
+
+    name = "oracle_filtered_knn"
+    oracle = True

@@ -1,0 +1,111 @@
+"""Backward Search: stopping rules, per-query freezing, batching, multi-condition, errors."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cir_bench.data.base import UnknownLabelError
+from cir_bench.data.queries import QuerySet
+from cir_bench.methods import SearchContext, get_method
+from cir_bench.methods.backward import BackwardSearch
+from cir_bench.pipeline import embed
+from cir_bench.store import CosineIndex
+
+
+@pytest.fixture(scope="module")
+def setup(tiny, tiny_config, tiny_trained):
+    store, _ = embed(tiny_config, tiny, tiny_trained, torch.device("cpu"))
+    model = tiny_trained.model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return tiny, store, model
+
+
+def _pred(model, z, prop):
+    with torch.no_grad():
+        return model.heads[prop](z).argmax(1)
+
+
+def test_satisfied_condition_stops_at_once_and_others_freeze_individually(setup):
+    ds, store, model = setup
+    z0 = store.z[:8]
+    own = _pred(model, z0, "style")
+    other = (own + 1) % 6
+    cond = torch.cat([own[:4], other[4:]])[:, None]
+    bs = BackwardSearch(lam=0.0, stopping="satisfied", max_iter=50)
+    r = bs.invert(model.heads, z0, ["style"], cond)
+    assert r.iterations[:4].tolist() == [0, 0, 0, 0]
+    assert torch.equal(r.z[:4], z0[:4])  # untouched, bit for bit
+    assert bool((r.iterations[4:] > 0).all()) and bool(r.satisfied.all())
+    # a frozen query's result equals the same query run alone
+    for i in range(4, 8):
+        alone = bs.invert(model.heads, z0[i:i + 1], ["style"], cond[i:i + 1])
+        assert alone.iterations.item() == r.iterations[i].item()
+        assert torch.allclose(alone.z[0], r.z[i], atol=1e-5)
+
+
+def test_multi_condition_satisfies_every_head(setup):
+    ds, store, model = setup
+    z0 = store.z[:16]
+    cond = torch.stack([(_pred(model, z0, "style") + 2) % 6, (_pred(model, z0, "shape") + 3) % 8], dim=1)
+    r = BackwardSearch(lam=0.0, max_iter=200).invert(model.heads, z0, ["style", "shape"], cond)
+    assert bool(r.satisfied.all())
+    assert torch.equal(_pred(model, r.z, "style"), cond[:, 0])
+    assert torch.equal(_pred(model, r.z, "shape"), cond[:, 1])
+
+
+@pytest.mark.parametrize("stopping", ["none", "plateau", "authors-code"])
+def test_batched_equals_per_query(setup, stopping):
+    ds, store, model = setup
+    z0 = store.z[:12]
+    cond = ((_pred(model, z0, "style") + 1) % 6)[:, None]
+    preset = "authors-code" if stopping == "authors-code" else "paper"
+    bs = BackwardSearch(preset=preset, lam=0.5, stopping=stopping, max_iter=40)
+    batch = bs.invert(model.heads, z0, ["style"], cond)
+    index = CosineIndex(store.z, np.arange(len(ds)))
+    top_batch, _ = index.search(batch.z, 10)
+    for i in range(12):
+        alone = bs.invert(model.heads, z0[i:i + 1], ["style"], cond[i:i + 1])
+        assert alone.iterations.item() == batch.iterations[i].item()
+        top_alone, _ = index.search(alone.z, 10)
+        assert top_alone[0].tolist() == top_batch[i].tolist()
+
+
+def _ctx(ds, store, model):
+    db = ds.split_indices("test")
+    return SearchContext(ds, store, CosineIndex(store.z, db), db, torch.device("cpu"), 0, "exclude", model)
+
+
+def test_zero_iterations_is_knn_and_overlap_grows_with_lambda(setup):
+    ds, store, model = setup
+    test = ds.split_indices("test")
+    cond = ((ds.labels("style")[test] + 1) % 6)[:, None]
+    qs = QuerySet(["style"], test, cond)
+    ctx = _ctx(ds, store, model)
+    knn = get_method("knn").search(ctx, qs, 10).positions
+    zero = BackwardSearch(max_iter=0).search(ctx, qs, 10)
+    assert np.array_equal(zero.positions, knn) and (zero.extras["iterations"] == 0).all()
+    overlaps = []
+    for lam in (0.0, 0.02, 1.0, 100.0):
+        r = BackwardSearch(lam=lam, stopping="plateau", max_iter=60).search(ctx, qs, 10)
+        overlaps.append(np.mean([len(set(a) & set(b)) / 10 for a, b in zip(r.positions, knn)]))
+    assert overlaps == sorted(overlaps), overlaps
+    assert overlaps[-1] == 1.0  # a huge lambda keeps z0: the best iterate is the start
+    assert overlaps[-1] > overlaps[0]
+
+
+def test_invalid_conditions_raise_clear_errors(setup):
+    ds, store, model = setup
+    bs = BackwardSearch()
+    z0 = store.z[:2]
+    with pytest.raises(UnknownLabelError, match="unknown property 'genre'"):
+        bs.invert(model.heads, z0, ["genre"], torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(UnknownLabelError, match="out of range for 'style'"):
+        bs.invert(model.heads, z0, ["style"], torch.full((2, 1), 6))
+    with pytest.raises(ValueError, match="size 5, the heads expect"):
+        bs.invert(model.heads, torch.zeros(2, 5), ["style"], torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(ValueError, match="unknown Backward Search preset"):
+        BackwardSearch(preset="fast")
+    with pytest.raises(ValueError, match="regularizer must be"):
+        BackwardSearch(regularizer="l3")
