@@ -49,7 +49,7 @@ def test_multi_condition_satisfies_every_head(setup):
     ds, store, model = setup
     z0 = store.z[:16]
     cond = torch.stack([(_pred(model, z0, "style") + 2) % 6, (_pred(model, z0, "shape") + 3) % 8], dim=1)
-    r = BackwardSearch(lam=0.0, max_iter=200).invert(model.heads, z0, ["style", "shape"], cond)
+    r = BackwardSearch(lam=0.0, stopping="satisfied", max_iter=200).invert(model.heads, z0, ["style", "shape"], cond)
     assert bool(r.satisfied.all())
     assert torch.equal(_pred(model, r.z, "style"), cond[:, 0])
     assert torch.equal(_pred(model, r.z, "shape"), cond[:, 1])
@@ -109,3 +109,59 @@ def test_invalid_conditions_raise_clear_errors(setup):
         BackwardSearch(preset="fast")
     with pytest.raises(ValueError, match="regularizer must be"):
         BackwardSearch(regularizer="l3")
+
+
+def test_authors_code_preset_reproduces_the_public_code(setup):
+    ds, store, model = setup
+    z0 = store.z[:6]
+    cond = _pred(model, z0, "style")[:, None]  # already satisfied: the code still steps once
+    r = BackwardSearch(preset="authors-code", lam=1.1).invert(model.heads, z0, ["style"], cond)
+    assert bool((r.z != z0).any(dim=1).all())  # the saved vector is post-step: never z0
+    assert r.iterations.tolist() == [100] * 6  # the code never breaks out of its loop
+    bs = BackwardSearch(preset="authors-code")
+    assert bs.config.reduction == "mean" and bs.config.average_conditions
+
+
+def test_student_roundtrip_and_search(setup, tmp_path):
+    from cir_bench.distill import distill_student
+    from cir_bench.methods.student import Student, StudentConfig, StudentSearch
+
+    ds, store, model = setup
+    train = torch.as_tensor(ds.split_indices("train"))
+    student, history = distill_student(model.heads, store.z[train], ["style"], [6], BackwardSearch(lam=0.0),
+                                       StudentConfig(epochs=3), seed=0, device=torch.device("cpu"))
+    assert len(history) == 3 and history[-1]["mse"] < history[0]["mse"]
+    path = student.save(tmp_path / "s.pt", {"note": 1})
+    back = Student.load(path)
+    z0, cond = store.z[:5], torch.tensor([[0], [1], [2], [3], [4]])
+    with torch.no_grad():
+        assert torch.allclose(student(z0, cond), back(z0, cond))
+    ctx = _ctx(ds, store, model)
+    test = ds.split_indices("test")[:10]
+    qs = QuerySet(["style"], test, ((ds.labels("style")[test] + 1) % 6)[:, None])
+    r = StudentSearch(back).search(ctx, qs, 10)
+    assert r.positions.shape == (10, 10)
+    with pytest.raises(ValueError, match="distilled for"):
+        StudentSearch(back).search(ctx, QuerySet(["shape"], test, np.zeros((10, 1), dtype=np.int64)), 10)
+
+
+def test_filtered_knn_keeps_matching_items_first(setup):
+    ds, store, model = setup
+    ctx = _ctx(ds, store, model)
+    test = ds.split_indices("test")
+    qs = QuerySet(["style"], test[:15], ((ds.labels("style")[test[:15]] + 2) % 6)[:, None])
+    oracle = get_method("oracle_filtered_knn").search(ctx, qs, 10)
+    labels = ds.labels("style")
+    for q in range(len(qs)):
+        n_match = int((labels[ctx.database] == qs.conditions[q, 0]).sum())
+        top = oracle.positions[q]
+        assert qs.positions[q] not in top
+        matched = labels[top] == qs.conditions[q, 0]
+        assert matched[: min(10, n_match)].all()  # every match comes before any miss
+    filtered = get_method("filtered_knn").search(ctx, qs, 10)
+    with torch.no_grad():
+        pred = model.heads["style"](store.z[torch.as_tensor(filtered.positions.ravel())]).argmax(1)
+    pred = pred.numpy().reshape(filtered.positions.shape)
+    n_pred = [(ctx.cache["predicted_labels"]["style"] == c).sum() for c in qs.conditions[:, 0]]
+    for q in range(len(qs)):
+        assert (pred[q][: max(0, min(10, n_pred[q] - 1))] == qs.conditions[q, 0]).all()

@@ -56,7 +56,7 @@ def test_metrics_recomputable_from_files_alone(cache_dir, tmp_path):
     items = pd.read_parquet(out / "items.parquet").set_index("id")
     results = pd.read_parquet(out / "results.parquet")
     metrics = pd.read_csv(out / "metrics.csv").set_index("method")
-    methods = {"random", "knn", "filtered_knn", "oracle_filtered_knn", "backward[lam=0]", "backward[lam=0.05]",
+    methods = {"random", "knn", "filtered_knn", "oracle_filtered_knn", "backward[lam=0]", "backward[lam=0.005]",
                "student"}
     assert set(results["method"]) == methods and set(results["query_set"]) == {"style", "style+shape"}
     assert len(results) == len(methods) * 40 * 2

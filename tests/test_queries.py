@@ -45,3 +45,15 @@ def test_query_errors(tiny):
         build_query_set(tiny, ["style"], 5, seed=0, min_relevant=10_000)
     with pytest.raises(UnknownLabelError, match="unknown label 'Rococo'"):
         tiny.property("style").index("Rococo")
+
+
+def test_jaccard_filter_counts_only_related_items(tiny):
+    loose = build_query_set(tiny, ["style"], 20, seed=1, min_relevant=2)
+    strict = build_query_set(tiny, ["style"], 20, seed=1, min_relevant=2, min_jaccard=0.3)
+    tags = [it.tags for it in tiny.items]
+    test = tiny.split_indices("test")
+    for pos, cond in zip(strict.positions, strict.conditions[:, 0]):
+        related = [j for j in test if j != pos and tiny.labels("style")[j] == cond
+                   and len(tags[pos] & tags[j]) / len(tags[pos] | tags[j]) >= 0.3]
+        assert len(related) >= 2
+    assert not np.array_equal(loose.positions, strict.positions)

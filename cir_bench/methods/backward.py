@@ -13,9 +13,12 @@ element-wise for that reason: ``torch.optim.Adam`` would keep moving a frozen ro
 momentum.
 
 Presets:
-- ``paper``: L1 summed over dimensions, CE weights 1, stop when every conditioned head's
-  argmax equals its condition ("until the model phi accurately produces the conditioning
-  label"), at most 100 Adam steps with lr 0.2.
+- ``paper``: L1 summed over dimensions (Eq 4's norm), CE weights 1, Adam lr 0.2, at most
+  100 steps, early stopping on the per-query loss (patience 10) returning the best iterate.
+  The paper says "until the model phi accurately produces the conditioning label" and
+  "early stopping"; stopping at the first step whose argmax equals the condition
+  (``stopping="satisfied"``, offered) leaves z on the decision boundary: on SynthArt
+  default it gave precision@10 0.59 against 0.88 for the loss plateau at lambda 0.
 - ``authors-code``: the public code's batched ``InverseMapping.batch_compute``
   (reference-notes §2.3-2.4): L1 *mean* over dimensions, CE averaged over conditions, total
   loss monitored, the vector saved is the post-step one of the best pre-step loss, a query
@@ -48,6 +51,9 @@ class BackwardSearchConfig:
     condition_weights: Mapping[str, float] = field(default_factory=dict)  # w_m, default 1
     average_conditions: bool = False  # True: CE averaged over conditions (authors' code)
     stopping: str = "satisfied"  # satisfied | plateau | none | authors-code
+    # "satisfied" also asks softmax(phi_m(z))[c_m] >= confidence for every condition; 0 =
+    # argmax alone, which stops right on the decision boundary
+    confidence: float = 0.0
     patience: int = 10
     min_delta: float = 0.0
     batch_size: int = 1024  # queries per chunk: bounds memory
@@ -63,10 +69,12 @@ class BackwardSearchConfig:
             raise ValueError(f"stopping must be one of {STOPPING_RULES}, got '{self.stopping}'")
         if self.lam < 0 or self.max_iter < 0 or self.lr <= 0:
             raise ValueError("lam and max_iter must be >= 0 and lr > 0")
+        if not 0.0 <= self.confidence < 1.0:
+            raise ValueError(f"confidence must be in [0, 1), got {self.confidence}")
 
 
 PRESETS: dict[str, BackwardSearchConfig] = {
-    "paper": BackwardSearchConfig(),
+    "paper": BackwardSearchConfig(stopping="plateau"),
     "authors-code": BackwardSearchConfig(reduction="mean", average_conditions=True, stopping="authors-code",
                                          patience=10),
 }
@@ -116,8 +124,11 @@ class BackwardSearch(SearchMethod):
         for m, prop in enumerate(properties):
             logits = heads[prop](z)
             w = float(cfg.condition_weights.get(prop, 1.0))
-            ce = ce + w * F.cross_entropy(logits, conditions[:, m], reduction="none")
+            ce_m = F.cross_entropy(logits, conditions[:, m], reduction="none")
+            ce = ce + w * ce_m
             satisfied &= logits.argmax(dim=1) == conditions[:, m]
+            if cfg.confidence > 0:
+                satisfied &= torch.exp(-ce_m.detach()) >= cfg.confidence  # p(c_m | z)
         if cfg.average_conditions:
             ce = ce / len(properties)
         diff = z - z0

@@ -1,0 +1,116 @@
+"""Backward Search speed and agreement, measured side by side in one run; prints JSON.
+
+- batched Backward Search vs a per-query loop on the same queries: speed ratio and the
+  fraction of identical top-10 lists;
+- student vs batched teacher vs per-query teacher: ms per query and ratios;
+- iterations per query (mean, std) per query set (the paper's Table 5 analogue).
+
+Uses the same cached model, embeddings and student as ``cir-bench run`` with the same
+flags (it trains them first if the cache is cold).
+
+    .venv/bin/python benchmarks/backward_search.py [--n-queries 1000] [--set key=value ...]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from cir_bench.config import load_config
+from cir_bench.data.queries import build_query_set
+from cir_bench.device import pick_device
+from cir_bench.pipeline import distil_or_load, embed, load_dataset, teacher, train_or_load
+from cir_bench.store import CosineIndex
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config")
+    ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--n-queries", type=int, default=1000)
+    ap.add_argument("--loop-queries", type=int, default=None,
+                    help="per-query loop on only the first N queries (default: all)")
+    args = ap.parse_args()
+    cfg = load_config(args.config, args.set)
+    device = pick_device(cfg.device)
+    dataset = load_dataset(cfg)
+    trained = train_or_load(cfg, dataset, device, progress=False)
+    trained.model.eval()
+    for p in trained.model.parameters():
+        p.requires_grad_(False)
+    store, _ = embed(cfg, dataset, trained, device)
+    database = dataset.split_indices(cfg.queries.database_split)
+    index = CosineIndex(store.z, database, device)
+    bs = teacher(cfg)
+    heads = trained.model.heads
+    out: dict = {"device": str(device), "torch_threads": torch.get_num_threads(), "teacher": bs.params(),
+                 "query_sets": {}}
+    for props in cfg.queries.sets:
+        name = "+".join(props)
+        qs = build_query_set(dataset, props, args.n_queries, cfg.seed, cfg.queries.min_relevant,
+                             cfg.queries.query_split, cfg.queries.database_split)
+        z0 = store.z[torch.as_tensor(qs.positions)].to(device)
+        cond = torch.as_tensor(qs.conditions, device=device)
+        exclude = qs.positions
+
+        def sync() -> None:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+
+        bs.invert(heads, z0[:8], props, cond[:8])  # warm-up
+        sync()
+        t0 = time.perf_counter()
+        batched = bs.invert(heads, z0, props, cond)
+        sync()
+        t_batched = time.perf_counter() - t0
+        top_batched, _ = index.search(batched.z, 10, exclude=exclude)
+
+        n_loop = min(args.loop_queries or len(qs), len(qs))
+        loop_z, loop_it = [], []
+        t0 = time.perf_counter()
+        for i in range(n_loop):
+            r = bs.invert(heads, z0[i:i + 1], props, cond[i:i + 1])
+            loop_z.append(r.z)
+            loop_it.append(int(r.iterations[0]))
+        sync()
+        t_loop = time.perf_counter() - t0
+        top_loop, _ = index.search(torch.cat(loop_z), 10, exclude=exclude[:n_loop])
+        same = (top_loop == top_batched[:n_loop]).all(dim=1).float().mean().item()
+
+        student, _ = distil_or_load(cfg, dataset, trained, store, list(props), device, progress=False)
+        with torch.no_grad():
+            student(z0[:8], cond[:8])
+            sync()
+            t0 = time.perf_counter()
+            z_student = student(z0, cond)
+            sync()
+            t_student = time.perf_counter() - t0
+        top_student, _ = index.search(z_student, 10, exclude=exclude)
+        retrieved_sim = np.mean([len(set(a) & set(b)) / len(set(a) | set(b))
+                                 for a, b in zip(top_student.tolist(), top_batched.tolist())])
+
+        ms_batched = 1000 * t_batched / len(qs)
+        ms_loop = 1000 * t_loop / n_loop
+        ms_student = 1000 * t_student / len(qs)
+        it = batched.iterations.float().cpu().numpy()
+        out["query_sets"][name] = {
+            "n_queries": len(qs),
+            "n_loop_queries": n_loop,
+            "ms_per_query": {"student": ms_student, "teacher_batched": ms_batched, "teacher_per_query": ms_loop},
+            "speedup_batched_vs_per_query": ms_loop / ms_batched,
+            "speedup_student_vs_batched_teacher": ms_batched / ms_student,
+            "speedup_student_vs_per_query_teacher": ms_loop / ms_student,
+            "identical_top10_batched_vs_per_query": same,
+            "iterations_equal_batched_vs_per_query": bool(np.array_equal(it[:n_loop], np.array(loop_it))),
+            "iterations": {"mean": float(it.mean()), "std": float(it.std()), "max": float(it.max())},
+            "satisfied_rate": float(batched.satisfied.float().mean()),
+            "retrieved_similarity_at_10_student_vs_teacher": float(retrieved_sim),
+        }
+    print(json.dumps(out, indent=2))
+
+
+if __name__ == "__main__":
+    main()
