@@ -139,60 +139,78 @@ class BackwardSearch(SearchMethod):
     def _invert_chunk(self, heads, z0, properties, conditions) -> InversionResult:
         cfg = self.config
         b1, b2, eps = 0.9, 0.999, 1e-8
+        n = z0.shape[0]
+        dev = z0.device
         z0 = z0.detach().float()
-        z = z0.clone()
-        m1 = torch.zeros_like(z)
-        m2 = torch.zeros_like(z)
-        steps = torch.zeros(z.shape[0], device=z.device)  # per-query Adam step count
-        active = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
-        best_loss = torch.full((z.shape[0],), float("inf"), device=z.device)
-        best_z = z.clone()
-        counter = torch.zeros(z.shape[0], device=z.device)
-        # Checking "all frozen?" reads a value back to the host; on CUDA do it every 10
+        # Full-size state; the loop works on the rows still active ("working set") and
+        # writes them back when it shrinks the set, so frozen queries cost nothing.
+        full = {
+            "z0": z0, "cond": conditions, "z": z0.clone(), "m1": torch.zeros_like(z0), "m2": torch.zeros_like(z0),
+            "steps": torch.zeros(n, device=dev), "active": torch.ones(n, dtype=torch.bool, device=dev),
+            "best_loss": torch.full((n,), float("inf"), device=dev), "best_z": z0.clone(),
+            "counter": torch.zeros(n, device=dev),
+        }
+        rows = torch.arange(n, device=dev)
+        w = dict(full)  # working set = everything at first
+        freezes = cfg.stopping in ("satisfied", "plateau")
+        # Looking at the active mask reads a value back to the host; on CUDA do it every 10
         # steps only. Extra steps change nothing: frozen rows are not updated.
-        check_every = 10 if z.device.type == "cuda" else 1
+        check_every = 10 if dev.type == "cuda" else 1
+
+        def write_back() -> None:
+            for key, value in w.items():
+                if key not in ("z0", "cond") and value is not full[key]:
+                    full[key][rows] = value
+
         with torch.enable_grad():
             for it in range(cfg.max_iter):
+                if freezes and it % check_every == 0:
+                    n_active = int(w["active"].sum())
+                    if n_active == 0:
+                        break
+                    if n_active < 0.75 * rows.numel():  # shrink the working set
+                        write_back()
+                        keep = w["active"]
+                        rows = rows[keep]
+                        w = {key: value[keep] for key, value in w.items()}
+                z, active = w["z"], w["active"]
                 zv = z.detach().requires_grad_(True)
-                loss, satisfied = self._losses(heads, zv, z0, properties, conditions)
+                loss, satisfied = self._losses(heads, zv, w["z0"], properties, w["cond"])
                 loss_d = loss.detach()
                 if cfg.stopping == "satisfied":
-                    active &= ~satisfied  # a satisfied query stops before stepping
+                    active = active & ~satisfied  # a satisfied query stops before stepping
                 elif cfg.stopping == "plateau":
-                    improved = loss_d < best_loss - cfg.min_delta
-                    upd = improved & active
-                    best_loss = torch.where(upd, loss_d, best_loss)
-                    best_z = torch.where(upd[:, None], z, best_z)
-                    counter = torch.where(upd, torch.zeros_like(counter), counter + active.float())
-                    active &= counter < cfg.patience
-                if cfg.stopping in ("satisfied", "plateau") and it % check_every == 0 \
-                        and not bool(active.any()):
-                    break
+                    upd = (loss_d < w["best_loss"] - cfg.min_delta) & active
+                    w["best_loss"] = torch.where(upd, loss_d, w["best_loss"])
+                    w["best_z"] = torch.where(upd[:, None], z, w["best_z"])
+                    w["counter"] = torch.where(upd, torch.zeros_like(w["counter"]), w["counter"] + active.float())
+                    active = active & (w["counter"] < cfg.patience)
+                w["active"] = active
                 (grad,) = torch.autograd.grad(loss.sum(), zv)
                 a = active[:, None]
+                w["steps"] = w["steps"] + active.float()
                 if cfg.optimizer == "adam":
-                    steps = steps + active.float()
-                    m1 = torch.where(a, b1 * m1 + (1 - b1) * grad, m1)
-                    m2 = torch.where(a, b2 * m2 + (1 - b2) * grad * grad, m2)
-                    t = steps.clamp(min=1)[:, None]
-                    update = cfg.lr * (m1 / (1 - b1 ** t)) / ((m2 / (1 - b2 ** t)).sqrt() + eps)
+                    w["m1"] = torch.where(a, b1 * w["m1"] + (1 - b1) * grad, w["m1"])
+                    w["m2"] = torch.where(a, b2 * w["m2"] + (1 - b2) * grad * grad, w["m2"])
+                    t = w["steps"].clamp(min=1)[:, None]
+                    update = cfg.lr * (w["m1"] / (1 - b1 ** t)) / ((w["m2"] / (1 - b2 ** t)).sqrt() + eps)
                 else:
-                    steps = steps + active.float()
                     update = cfg.lr * grad
-                z_new = torch.where(a, z - update, z)
+                z_new = torch.where(a, z - update, z).detach()
                 if cfg.stopping == "authors-code":
                     # loss measured before the step, vector saved after it (reference-notes §2.4)
-                    improved = (loss_d <= best_loss) & (counter <= cfg.patience) & active
-                    best_loss = torch.where(improved, loss_d, best_loss)
-                    best_z = torch.where(improved[:, None], z_new, best_z)
-                    counter = torch.where(improved, torch.zeros_like(counter), counter + 1)
-                z = z_new.detach()
+                    improved = (loss_d <= w["best_loss"]) & (w["counter"] <= cfg.patience) & active
+                    w["best_loss"] = torch.where(improved, loss_d, w["best_loss"])
+                    w["best_z"] = torch.where(improved[:, None], z_new, w["best_z"])
+                    w["counter"] = torch.where(improved, torch.zeros_like(w["counter"]), w["counter"] + 1)
+                w["z"] = z_new
+            write_back()
+            z, steps, best_z, best_loss = full["z"], full["steps"], full["best_z"], full["best_loss"]
             final = z
             if cfg.stopping == "plateau":
                 # the best iterate seen; the current one if it was never beaten
                 cur_loss, _ = self._losses(heads, z, z0, properties, conditions)
-                better = cur_loss < best_loss
-                final = torch.where(better[:, None], z, best_z)
+                final = torch.where((cur_loss < best_loss)[:, None], z, best_z)
             elif cfg.stopping == "authors-code":
                 final = torch.where(torch.isfinite(best_loss)[:, None], best_z, z)
                 steps = torch.full_like(steps, float(cfg.max_iter))  # the code never breaks
