@@ -165,3 +165,22 @@ def test_filtered_knn_keeps_matching_items_first(setup):
     n_pred = [(ctx.cache["predicted_labels"]["style"] == c).sum() for c in qs.conditions[:, 0]]
     for q in range(len(qs)):
         assert (pred[q][: max(0, min(10, n_pred[q] - 1))] == qs.conditions[q, 0]).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_backward_search_on_cuda_matches_cpu(setup):
+    ds, store, model = setup
+    z0 = store.z[:32]
+    cond = ((_pred(model, z0, "style") + 1) % 6)[:, None]
+    bs = BackwardSearch(lam=0.001)
+    cpu = bs.invert(model.heads, z0, ["style"], cond)
+    gpu_model = model.to("cuda")
+    try:
+        gpu = bs.invert(gpu_model.heads, z0.cuda(), ["style"], cond.cuda())
+    finally:
+        model.to("cpu")
+    assert gpu.z.device.type == "cuda"
+    index = CosineIndex(store.z, np.arange(len(ds)))
+    same = (index.search(cpu.z, 10)[0] == index.search(gpu.z.cpu(), 10)[0]).all(dim=1).float().mean()
+    assert float(same) >= 0.9  # float rounding differs between devices; lists must agree
