@@ -34,6 +34,7 @@ from cir_bench.methods.student import Student, StudentConfig
 from cir_bench.metrics import build_eval_inputs, evaluate, find_twins, retrieved_similarity_at_k, summarize
 from cir_bench.models import BACKBONES, load_checkpoint, save_checkpoint
 from cir_bench.models.model import ConditionalRetrievalModel
+from cir_bench.paths import default_cache_dir
 from cir_bench.results import write_run
 from cir_bench.store import CosineIndex, EmbeddingStore, embedding_fingerprint, extract_embeddings, \
     file_sha256, load_or_extract
@@ -43,7 +44,7 @@ CHECKPOINT_FORMAT = 1
 
 
 def cache_dir_for(cfg: RunConfig) -> Path:
-    return Path(cfg.cache_dir or os.environ.get("CIR_BENCH_CACHE") or Path.home() / ".cache" / "cir-bench")
+    return Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
 
 
 def _hash(obj: Any) -> str:

@@ -97,7 +97,7 @@ class CosineIndex:
         self.positions = torch.as_tensor(np.asarray(positions), dtype=torch.long, device=self.device)
         if not bool((self.positions[1:] > self.positions[:-1]).all()):
             raise ValueError("database positions must be strictly increasing (the tie-break order)")
-        if z.shape[0] <= int(positions[-1]) if len(positions) else False:
+        if len(positions) and int(positions[-1]) >= z.shape[0]:
             raise ValueError(f"store has {z.shape[0]} rows but the database names position {positions[-1]}")
         self.z = F.normalize(z[torch.as_tensor(np.asarray(positions))].to(self.device, torch.float32), dim=1)
         self.chunk = chunk

@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFilter
 
 from cir_bench.data.base import Dataset, Item, Property, decode_image
+from cir_bench.paths import default_cache_dir
 
 GENERATOR_VERSION = 2
 
@@ -431,10 +432,6 @@ def generate(params: SynthArtParams) -> pd.DataFrame:
 
 
 # -------------------------------------------------------------------------- dataset
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("CIR_BENCH_CACHE", Path.home() / ".cache" / "cir-bench"))
-
-
 class SynthArt(Dataset):
     """The embedded SynthArt dataset, generated once per parameter set and cached."""
 
