@@ -48,7 +48,7 @@ def main() -> None:
     heads = trained.model.heads
     out: dict = {"device": str(device), "torch_threads": torch.get_num_threads(), "teacher": bs.params(),
                  "query_sets": {}}
-    for props in cfg.queries.sets:
+    for props in cfg.queries.sets or dataset.default_query_sets():
         name = "+".join(props)
         qs = build_query_set(dataset, props, args.n_queries, cfg.seed, cfg.queries.min_relevant,
                              cfg.queries.query_split, cfg.queries.database_split)

@@ -56,8 +56,9 @@ class TrainConfig:
 
 @dataclass
 class QueryConfig:
-    # one query set per entry: single-condition style, and style+shape like WikiArt-multi
-    sets: list[list[str]] = field(default_factory=lambda: [["style"], ["style", "shape"]])
+    # one query set per entry; None: the dataset's default (its first property alone, and
+    # its first two together: on SynthArt style, and style+shape like WikiArt-multi)
+    sets: list[list[str]] | None = None
     n_queries: int = 200
     min_relevant: int = 10
     min_jaccard: float | None = None  # the paper's tag filter (J >= 0.1), off as in the authors' code

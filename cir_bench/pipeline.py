@@ -210,7 +210,8 @@ def run(cfg: RunConfig, progress: bool = True, log=print) -> Path:
     t0 = time.perf_counter()
     dataset = load_dataset(cfg)
     timings["dataset_s"] = time.perf_counter() - t0
-    for props in cfg.queries.sets:
+    query_sets = cfg.queries.sets or dataset.default_query_sets()
+    for props in query_sets:
         for p in props:
             dataset.property(p)  # unknown property: fail before training
     log(f"dataset {dataset.name}: {len(dataset)} items, properties "
@@ -237,7 +238,7 @@ def run(cfg: RunConfig, progress: bool = True, log=print) -> Path:
     ctx = SearchContext(dataset, store, index, database, device, cfg.seed, cfg.eval.self_match, trained.model)
     ids = np.array([it.id for it in dataset.items])
     result_frames, metric_rows, query_info, student_info = [], [], {}, {}
-    for props in cfg.queries.sets:
+    for props in query_sets:
         set_name = "+".join(props)
         queries, query_file = make_queries(cfg, dataset, list(props))
         query_info[set_name] = {"file": str(query_file), "n": len(queries)}
@@ -296,6 +297,7 @@ def run(cfg: RunConfig, progress: bool = True, log=print) -> Path:
         "seed": cfg.seed,
         "device": str(device),
         "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint(), "n_items": len(dataset),
+                    "root": cfg.dataset.root, "report": dataset.report,
                     "properties": {p.name: list(p.classes) for p in dataset.properties}},
         "policies": {"self_match": cfg.eval.self_match, "ties": "score desc, then item id asc",
                      "averaging": "micro (mean over queries)", "relevance": "ground-truth label == condition "

@@ -20,6 +20,34 @@ def _synthart(root: str | None, options: dict[str, Any], cache_dir: str | Path |
     return SynthArt.load(cache_dir=cache_dir, verbose=True, **options)
 
 
+@DATASETS.register("csv")
+def _csv(root: str | None, options: dict[str, Any], cache_dir: str | Path | None) -> Dataset:
+    from cir_bench.data.csv_folder import load
+
+    return load(root, options)
+
+
+@DATASETS.register("cub")
+def _cub(root: str | None, options: dict[str, Any], cache_dir: str | Path | None) -> Dataset:
+    from cir_bench.data.cub import load
+
+    return load(root, options)
+
+
+@DATASETS.register("apy")
+def _apy(root: str | None, options: dict[str, Any], cache_dir: str | Path | None) -> Dataset:
+    from cir_bench.data.apy import load
+
+    return load(root, options)
+
+
+@DATASETS.register("wikiart")
+def _wikiart(root: str | None, options: dict[str, Any], cache_dir: str | Path | None) -> Dataset:
+    from cir_bench.data.wikiart import load
+
+    return load(root, options)
+
+
 def get_dataset(name: str, root: str | None = None, options: dict[str, Any] | None = None,
                 cache_dir: str | Path | None = None) -> Dataset:
     return DATASETS.get(name)(root, dict(options or {}), cache_dir)

@@ -32,6 +32,8 @@ class Property:
 
     name: str
     classes: tuple[str, ...]
+    #: classes that are never a condition target (e.g. WikiArt's "unknown genre")
+    excluded: tuple[str, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -72,6 +74,8 @@ class Dataset(ABC):
     context_factors: tuple[str, ...] = ()
     #: native square image size, when all images share one
     image_size: int | None = None
+    #: what loading noticed (skipped images, degenerate boxes, ...); goes to the manifest
+    report: dict = {}
 
     def __init__(self, properties: Sequence[Property], items: Sequence[Item]) -> None:
         if not properties:
@@ -88,6 +92,11 @@ class Dataset(ABC):
         for it in self.items:
             if set(it.labels) != names:
                 raise ValueError(f"item {it.id} labels {sorted(it.labels)} != properties {sorted(names)}")
+
+    def default_query_sets(self) -> list[list[str]]:
+        """The first property alone, and the first two together when there are two."""
+        names = [p.name for p in self.properties]
+        return [names[:1]] + ([names[:2]] if len(names) > 1 else [])
 
     # -- images ---------------------------------------------------------------------
     @abstractmethod

@@ -89,9 +89,11 @@ def build_query_set(dataset: Dataset, properties: Sequence[str], n_queries: int,
     own = [tuple(r) for r in labels[pool]]
     classes = sorted(set(own))
     by_class = {c: pool[[o == c for o in own]] for c in classes}
-    n_classes = [dataset.property(p).num_classes for p in props]
-    if any(n < 2 for n in n_classes):
-        raise ValueError("every conditioned property needs at least 2 classes")
+    # condition targets: every class but the excluded ("unknown") ones
+    targets = [np.array([c for c, name in enumerate(dataset.property(p).classes)
+                         if name not in dataset.property(p).excluded]) for p in props]
+    if any(len(t) < 2 for t in targets):
+        raise ValueError("every conditioned property needs at least 2 classes that can be conditions")
 
     chosen: list[tuple[int, tuple[int, ...]]] = []
     seen: set[tuple[int, tuple[int, ...]]] = set()
@@ -101,9 +103,9 @@ def build_query_set(dataset: Dataset, properties: Sequence[str], n_queries: int,
         cls = classes[rng.integers(len(classes))]
         pos = int(rng.choice(by_class[cls]))
         cond = []
-        for m, n in enumerate(n_classes):
-            c = int(rng.integers(n - 1))
-            cond.append(c + (c >= labels[pos, m]))  # uniform over the other classes
+        for m, t in enumerate(targets):
+            others = t[t != labels[pos, m]]  # uniform over the other classes
+            cond.append(int(others[rng.integers(len(others))]))
         cond_t = tuple(cond)
         if (pos, cond_t) in seen:
             continue
