@@ -1,6 +1,7 @@
 """Dataset registry. Adding a dataset = one module + one ``DATASETS.register`` line here."""
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -20,32 +21,20 @@ def _synthart(root: str | None, options: dict[str, Any], cache_dir: str | Path |
     return SynthArt.load(cache_dir=cache_dir, verbose=True, **options)
 
 
-@DATASETS.register("csv")
-def _csv(root: str | None, options: dict[str, Any], cache_dir: str | Path | None) -> Dataset:
-    from cir_bench.data.csv_folder import load
+def _files_loader(module: str) -> Callable[..., Dataset]:
+    """A dataset read from files: ``cir_bench.data.<module>.load(root, options)``, imported
+    on first use so that listing datasets imports nothing heavy."""
 
-    return load(root, options)
+    def factory(root: str | None, options: dict[str, Any], cache_dir: str | Path | None) -> Dataset:
+        return importlib.import_module(f"cir_bench.data.{module}").load(root, options)
 
-
-@DATASETS.register("cub")
-def _cub(root: str | None, options: dict[str, Any], cache_dir: str | Path | None) -> Dataset:
-    from cir_bench.data.cub import load
-
-    return load(root, options)
+    return factory
 
 
-@DATASETS.register("apy")
-def _apy(root: str | None, options: dict[str, Any], cache_dir: str | Path | None) -> Dataset:
-    from cir_bench.data.apy import load
-
-    return load(root, options)
-
-
-@DATASETS.register("wikiart")
-def _wikiart(root: str | None, options: dict[str, Any], cache_dir: str | Path | None) -> Dataset:
-    from cir_bench.data.wikiart import load
-
-    return load(root, options)
+DATASETS.register("csv")(_files_loader("csv_folder"))
+DATASETS.register("cub")(_files_loader("cub"))
+DATASETS.register("apy")(_files_loader("apy"))
+DATASETS.register("wikiart")(_files_loader("wikiart"))
 
 
 def get_dataset(name: str, root: str | None = None, options: dict[str, Any] | None = None,
