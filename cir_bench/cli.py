@@ -15,6 +15,10 @@ USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML run config (see README); flags below override it")
+    p.add_argument("--task", help="a query task of the paper's Table 1: cub-bird, apy-category, wikiart-style, "
+                   "wikiart-multi (sets the dataset and the 1000-query set)")
+    p.add_argument("--paper-recipe", action="store_true",
+                   help="the paper's model and training settings (ConvNeXt-base, frozen, d=256, 100 epochs)")
     p.add_argument("--dataset", help="dataset name (default synthart); `cir-bench list datasets`")
     p.add_argument("--root", help="folder of a dataset on disk")
     p.add_argument("--preset", help="SynthArt preset: tiny, small, default")
@@ -29,7 +33,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace) -> RunConfig:
-    overrides = list(args.set)
+    from cir_bench.tasks import PAPER_RECIPE, task_overrides
+
+    overrides = []
+    if args.task:
+        overrides += task_overrides(args.task)
+    if args.paper_recipe:
+        overrides += PAPER_RECIPE
+    overrides += list(args.set)
     if args.dataset:
         overrides.append(f"dataset.name={args.dataset}")
         if args.dataset != "synthart" and not args.preset:

@@ -94,9 +94,9 @@ def embed(cfg: RunConfig, dataset: Dataset, trained: TrainedModel, device: torch
           ) -> tuple[EmbeddingStore, bool]:
     spec = BACKBONES.get(cfg.model.backbone)
     size = resolve_input_size(cfg.model, dataset)
-    prep = describe_transform(size, spec.mean, spec.std)
+    prep = describe_transform(size, spec.mean, spec.std, dataset.square_resize)
     fp = embedding_fingerprint(file_sha256(trained.checkpoint), dataset.fingerprint(), prep)
-    transform = build_transform(size, spec.mean, spec.std)
+    transform = build_transform(size, spec.mean, spec.std, square=dataset.square_resize)
     return load_or_extract(
         cache_dir_for(cfg), fp,
         lambda: extract_embeddings(trained.model, dataset, transform, device, num_workers=cfg.train.num_workers),

@@ -59,13 +59,27 @@ class TrainHistory:
 
 
 @torch.no_grad()
+def _feature_loader(model: ConditionalRetrievalModel, loader: torch.utils.data.DataLoader, device: torch.device,
+                    batch_size: int, shuffle: bool, gen: torch.Generator | None, drop_last: bool
+                    ) -> torch.utils.data.DataLoader:
+    feats, labels = [], []
+    for x, y in loader:
+        feats.append(model.backbone(x.to(device)).float())
+        labels.append(y.to(device))
+    data = torch.utils.data.TensorDataset(torch.cat(feats), torch.cat(labels))
+    return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen,
+                                       drop_last=drop_last)
+
+
+@torch.no_grad()
 def evaluate_accuracy(model: ConditionalRetrievalModel, loader: torch.utils.data.DataLoader,
-                      names: list[str], device: torch.device) -> dict[str, float]:
+                      names: list[str], device: torch.device, embed_fn=None) -> dict[str, float]:
     model.eval()
+    embed_fn = embed_fn or model.embed
     correct = np.zeros(len(names))
     total = 0
     for x, y in loader:
-        _, logits = model(x.to(device))
+        logits = model.classify(embed_fn(x.to(device)))
         y = y.to(device)
         for j, n in enumerate(names):
             correct[j] += (logits[n].argmax(1) == y[:, j]).sum().item()
@@ -84,8 +98,9 @@ def train_model(dataset: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig
     model = build_model(model_cfg, {p.name: p.num_classes for p in dataset.properties}).to(device)
 
     train_idx, val_idx = split_train_val(dataset, train_cfg.val_fraction, seed)
-    t_train = build_transform(size, spec.mean, spec.std, train=True, augment=train_cfg.augment)
-    t_eval = build_transform(size, spec.mean, spec.std)
+    t_train = build_transform(size, spec.mean, spec.std, train=True, augment=train_cfg.augment,
+                              square=dataset.square_resize)
+    t_eval = build_transform(size, spec.mean, spec.std, square=dataset.square_resize)
     gen = torch.Generator().manual_seed(seed)
     drop_last = len(train_idx) % train_cfg.batch_size == 1  # a batch of 1 breaks BatchNorm
     train_loader = torch.utils.data.DataLoader(
@@ -96,6 +111,14 @@ def train_model(dataset: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig
         ItemImages(dataset, val_idx, t_eval, names), batch_size=256, num_workers=train_cfg.num_workers
     ) if len(val_idx) else None
 
+    embed_fn = model.embed
+    if not model_cfg.finetune and (not train_cfg.augment or dataset.square_resize):
+        # A frozen backbone without augmentation sees the same image every epoch: compute
+        # its features once and train the reduction and heads on them.
+        model.eval()
+        train_loader = _feature_loader(model, train_loader, device, train_cfg.batch_size, True, gen, drop_last)
+        val_loader = _feature_loader(model, val_loader, device, 256, False, None, False) if val_loader else None
+        embed_fn = model.reduction
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=train_cfg.lr_step, gamma=train_cfg.lr_gamma)
@@ -109,7 +132,7 @@ def train_model(dataset: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig
         seen, loss_sum = 0, 0.0
         for x, y in train_loader:
             x, y = x.to(device), y.to(device)
-            _, logits = model(x)
+            logits = model.classify(embed_fn(x))
             loss = sum(weights[n] * ce(logits[n], y[:, j]) for j, n in enumerate(names))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -122,7 +145,8 @@ def train_model(dataset: Dataset, model_cfg: ModelConfig, train_cfg: TrainConfig
         row: dict[str, Any] = {"epoch": epoch + 1, "loss": loss_sum / max(seen, 1)}
         row.update({f"train_acc_{n}": float(correct[j] / max(seen, 1)) for j, n in enumerate(names)})
         if val_loader is not None:
-            row.update({f"val_acc_{n}": v for n, v in evaluate_accuracy(model, val_loader, names, device).items()})
+            row.update({f"val_acc_{n}": v for n, v in evaluate_accuracy(model, val_loader, names, device,
+                                                                        embed_fn).items()})
         history.epochs.append(row)
         bar.set_postfix({k.replace("_acc_", ":"): f"{v:.2f}" for k, v in row.items() if "acc" in k or k == "loss"})
     model.eval()

@@ -192,3 +192,31 @@ def test_wikiart_parquet_replica(tmp_path):
     assert ds.property("genre").excluded == ("Unknown Genre",)
     assert len(ds) == 30 and ds.load_image(0).mode == "RGB"
     assert ds.report["layout"] == "huggingface-parquet"
+
+
+def test_tasks_and_paper_recipe_set_the_table1_protocol(tmp_path):
+    from cir_bench.cli import build_config, make_parser
+
+    args = make_parser().parse_args(["run", "--task", "wikiart-multi", "--root", str(tmp_path), "--paper-recipe"])
+    cfg = build_config(args)
+    assert cfg.dataset.name == "wikiart" and cfg.dataset.options == {} and cfg.dataset.root == str(tmp_path)
+    assert cfg.queries.sets == [["style", "genre"]] and cfg.queries.n_queries == 1000
+    assert cfg.queries.min_relevant == 10
+    assert cfg.model.backbone == "convnext_base" and cfg.model.pretrained and not cfg.model.finetune
+    assert cfg.model.embed_dim == 256 and cfg.train.epochs == 100 and cfg.train.augment
+    with pytest.raises(ValueError, match="unknown task 'cub-birds'"):
+        build_config(make_parser().parse_args(["run", "--task", "cub-birds"]))
+
+
+def test_square_resize_and_paper_augmentation():
+    from PIL import Image
+
+    from cir_bench.data.transforms import build_transform
+
+    img = Image.new("RGB", (80, 40), (10, 20, 30))
+    assert build_transform(32, (0.5,) * 3, (0.5,) * 3)(img).shape == (3, 32, 32)  # resize + centre crop
+    assert build_transform(32, (0.5,) * 3, (0.5,) * 3, square=True)(img).shape == (3, 32, 32)
+    train = build_transform(32, (0.5,) * 3, (0.5,) * 3, train=True, augment=True)
+    assert train(img).shape == (3, 32, 32)
+    names = [type(t).__name__ for t in train.transforms]
+    assert names[1:5] == ["Resize", "RandomCrop", "RandomHorizontalFlip", "RandomVerticalFlip"]

@@ -22,6 +22,7 @@ from cir_bench.data.files import DatasetLayoutError, FileDataset, ImageSource, f
 
 class APY(FileDataset):
     name = "apy"
+    square_resize = True  # object crops are resized to a square, never cropped again
 
     @classmethod
     def load(cls, root: str | Path | None, include_ayahoo: bool = False, skip_bad_images: bool = False) -> "APY":

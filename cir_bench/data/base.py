@@ -74,6 +74,8 @@ class Dataset(ABC):
     context_factors: tuple[str, ...] = ()
     #: native square image size, when all images share one
     image_size: int | None = None
+    #: resize to a square without cropping (object crops, as the authors treat aPY)
+    square_resize: bool = False
     #: what loading noticed (skipped images, degenerate boxes, ...); goes to the manifest
     report: dict = {}
 

@@ -12,22 +12,27 @@ from cir_bench.data.base import Dataset
 
 
 def build_transform(input_size: int, mean: Sequence[float], std: Sequence[float], train: bool = False,
-                    augment: bool = False) -> Callable[[Image.Image], torch.Tensor]:
-    """Eval: resize the shorter side then centre-crop. Train with augment: random resized crop
-    and horizontal flip (the paper's recipe; off by default for SynthArt, whose context
-    factors include position)."""
+                    augment: bool = False, square: bool = False) -> Callable[[Image.Image], torch.Tensor]:
+    """The paper's preprocessing. Eval: resize the shorter side, centre crop. Train with
+    ``augment``: resize the shorter side, random crop, random horizontal and vertical flips
+    (off by default: SynthArt's context factors include position). ``square`` (aPY crops):
+    resize to input_size x input_size, no crop and no augmentation, as the authors do."""
     steps: list = [v2.PILToTensor()]
-    if train and augment:
-        steps += [v2.RandomResizedCrop(input_size, antialias=True), v2.RandomHorizontalFlip()]
+    if square:
+        steps += [v2.Resize((input_size, input_size), antialias=True)]
+    elif train and augment:
+        steps += [v2.Resize(input_size, antialias=True), v2.RandomCrop(input_size),
+                  v2.RandomHorizontalFlip(), v2.RandomVerticalFlip()]
     else:
         steps += [v2.Resize(input_size, antialias=True), v2.CenterCrop(input_size)]
     steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
     return v2.Compose(steps)
 
 
-def describe_transform(input_size: int, mean: Sequence[float], std: Sequence[float]) -> dict:
+def describe_transform(input_size: int, mean: Sequence[float], std: Sequence[float], square: bool = False) -> dict:
     """What identifies the eval preprocessing (part of the embedding cache key)."""
-    return {"input_size": input_size, "mean": list(mean), "std": list(std), "eval": "resize+centercrop"}
+    return {"input_size": input_size, "mean": list(mean), "std": list(std),
+            "eval": "square-resize" if square else "resize+centercrop"}
 
 
 class ItemImages(torch.utils.data.Dataset):

