@@ -27,6 +27,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", help="cache of datasets/checkpoints/embeddings (default ~/.cache/cir-bench)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument("--address", help="Ray cluster address: embeddings are extracted there with Ray Data")
+    p.add_argument("--ray-embed", action="store_true", help="extract embeddings with Ray Data on a local Ray")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="skip missing or undecodable images (counted in the manifest) instead of failing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -49,6 +51,10 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         overrides.append(f"dataset.root={args.root}")
     if args.preset:
         overrides.append(f"dataset.options.preset={args.preset}")
+    if args.address:
+        overrides.append(f"ray.address={args.address}")
+    if args.ray_embed:
+        overrides.append("ray.embed=true")
     if args.skip_bad_images:
         overrides.append("dataset.options.skip_bad_images=true")
     for flag, key in (("seed", "seed"), ("device", "device"), ("cache_dir", "cache_dir")):

@@ -98,6 +98,17 @@ class StudentSection:
 
 
 @dataclass
+class RayConfig:
+    """Ray Data embedding extraction: used when ``embed`` is true or ``address`` is set."""
+
+    address: str | None = None  # a Ray cluster (``ray://...`` or ``auto``); None: local Ray
+    embed: bool = False
+    actors: int = 2  # actor pool size: one model copy each
+    gpus_per_actor: float = 0.0  # e.g. 0.25 puts four actors on one GPU
+    batch_size: int = 64
+
+
+@dataclass
 class RunConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -106,6 +117,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     student: StudentSection = field(default_factory=StudentSection)
+    ray: RayConfig = field(default_factory=RayConfig)
     seed: int = 0
     device: str = "auto"
     out: str | None = None

@@ -96,12 +96,18 @@ def embed(cfg: RunConfig, dataset: Dataset, trained: TrainedModel, device: torch
     size = resolve_input_size(cfg.model, dataset)
     prep = describe_transform(size, spec.mean, spec.std, dataset.square_resize)
     fp = embedding_fingerprint(file_sha256(trained.checkpoint), dataset.fingerprint(), prep)
-    transform = build_transform(size, spec.mean, spec.std, square=dataset.square_resize)
-    return load_or_extract(
-        cache_dir_for(cfg), fp,
-        lambda: extract_embeddings(trained.model, dataset, transform, device, num_workers=cfg.train.num_workers),
-        [it.id for it in dataset.items],
-    )
+    transform_args = {"input_size": size, "mean": spec.mean, "std": spec.std, "square": dataset.square_resize}
+    if cfg.ray.embed or cfg.ray.address:
+        from cir_bench.distributed import extract_embeddings_ray
+
+        def extract() -> torch.Tensor:
+            return extract_embeddings_ray(trained.checkpoint, dataset, transform_args, cfg.ray.actors,
+                                          cfg.ray.gpus_per_actor, cfg.ray.batch_size, cfg.ray.address)
+    else:
+        def extract() -> torch.Tensor:
+            return extract_embeddings(trained.model, dataset, build_transform(**transform_args), device,
+                                      num_workers=cfg.train.num_workers)
+    return load_or_extract(cache_dir_for(cfg), fp, extract, [it.id for it in dataset.items])
 
 
 def make_queries(cfg: RunConfig, dataset: Dataset, properties: list[str]) -> tuple[QuerySet, Path]:

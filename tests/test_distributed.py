@@ -1,0 +1,46 @@
+"""Ray Data embedding extraction equals the in-process path (local Ray, 2 CPUs)."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    from cir_bench.distributed import ensure_ray
+
+    ensure_ray(num_cpus=2)  # once per test session
+    yield
+    ray.shutdown()
+
+
+def test_ray_data_extraction_matches_in_process(local_ray, tiny, tiny_trained):
+    from cir_bench.data.transforms import build_transform
+    from cir_bench.distributed import extract_embeddings_ray
+    from cir_bench.models import BACKBONES
+    from cir_bench.store import extract_embeddings
+
+    spec = BACKBONES.get("small_cnn")
+    args = {"input_size": 64, "mean": spec.mean, "std": spec.std, "square": False}
+    local = extract_embeddings(tiny_trained.model, tiny, build_transform(**args), torch.device("cpu"))
+    remote = extract_embeddings_ray(tiny_trained.checkpoint, tiny, args, actors=2, batch_size=32)
+    assert remote.shape == local.shape
+    np.testing.assert_allclose(remote.numpy(), local.numpy(), atol=1e-5)
+
+
+def test_run_with_ray_embed(local_ray, tmp_path):
+    import json
+
+    from cir_bench.config import load_config
+    from cir_bench.pipeline import run
+
+    from .conftest import tiny_overrides
+
+    cfg = load_config(None, tiny_overrides(tmp_path / "cache", tmp_path / "out")
+                      + ["ray.embed=true", "eval.methods=[knn]", "queries.sets=[[style]]"])
+    out = run(cfg, progress=False, log=lambda *_: None)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["embeddings"]["reused"] is False and manifest["config"]["ray"]["embed"] is True
