@@ -220,3 +220,8 @@ def test_square_resize_and_paper_augmentation():
     assert train(img).shape == (3, 32, 32)
     names = [type(t).__name__ for t in train.transforms]
     assert names[1:5] == ["Resize", "RandomCrop", "RandomHorizontalFlip", "RandomVerticalFlip"]
+
+
+def test_cub_crop_to_box(cub_root):
+    ds = get_dataset("cub", str(cub_root), {"crop_to_box": True})
+    assert ds.load_image(0).size == (30, 25)  # box "2 3 30 25" (x y w h) inside the 48x40 image

@@ -34,7 +34,7 @@ class CUB(FileDataset):
 
     @classmethod
     def load(cls, root: str | Path | None, split: str = "stratified", test_fraction: float = 0.3, seed: int = 42,
-             tag_quantile: float = 0.8, skip_bad_images: bool = False) -> "CUB":
+             tag_quantile: float = 0.8, crop_to_box: bool = False, skip_bad_images: bool = False) -> "CUB":
         base = require_dir(root, "cub", "the folder holding CUB_200_2011/")
         cub = base / "CUB_200_2011" if (base / "CUB_200_2011").is_dir() else base
         need = {n: cub / n for n in ("images.txt", "classes.txt", "image_class_labels.txt", "train_test_split.txt")}
@@ -90,12 +90,24 @@ class CUB(FileDataset):
         else:
             raise ValueError(f"cub split must be 'stratified' or 'official', got '{split}'")
 
+        boxes: dict[int, tuple[float, float, float, float]] = {}
+        if crop_to_box:
+            box_file = find_file("cub", [cub / "bounding_boxes.txt"], "bounding_boxes.txt")
+            for i, v in _id_table(box_file, "bounding_boxes.txt").items():
+                try:
+                    x, y0, w, h = (float(t) for t in v[0].split())
+                except ValueError:
+                    raise DatasetLayoutError(f"{box_file}: image {i}: expected 'x y width height'") from None
+                boxes[i] = (x, y0, x + w, y0 + h)
+            missing_boxes = [i for i in ids if i not in boxes]
+            if missing_boxes:
+                raise DatasetLayoutError(f"{box_file}: no box for image id {missing_boxes[0]}")
         items, sources = [], {}
         for i, label in zip(ids, y):
             item_id = paths[i]
             tags = {attr_names.get(a, f"attr_{a}") for a in present[i] - common} | {species[label]}
             items.append(Item(item_id, split_of[i], {"bird": int(label)}, frozenset(tags)))
-            sources[item_id] = ImageSource(cub / "images" / paths[i])
+            sources[item_id] = ImageSource(cub / "images" / paths[i], boxes.get(i))
         report = {"attribute_names": str(names_file) if names_file else "missing: attr_<id> names used",
                   "tag_frequency_cutoff": cutoff, "n_frequent_attributes_dropped": len(common)}
         return cls([prop], items, sources, skip_bad_images=skip_bad_images, report=report)
