@@ -114,17 +114,24 @@ def cmd_embed(args: argparse.Namespace) -> int:
 
 
 def cmd_queries(args: argparse.Namespace) -> int:
+    import pandas as pd
+
     from cir_bench.pipeline import load_dataset, make_queries
 
     cfg = build_config(args)
     dataset = load_dataset(cfg)
-    queries, path = make_queries(cfg, dataset)
-    frame = queries.to_frame(dataset)
+    frames = []
+    for props in cfg.queries.sets or dataset.default_query_sets():
+        queries, path = make_queries(cfg, dataset, list(props))
+        frame = queries.to_frame(dataset)
+        frame.insert(0, "query_set", "+".join(props))
+        frames.append(frame)
+        print(f"{len(queries)} queries on {'+'.join(queries.properties)} (cached at {path})")
+        print(frame.head(5).to_string(index=False))
+    print(f"dataset {dataset.name}: {len(dataset)} items; report: {dataset.report or '{}'}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        frame.to_parquet(args.out, index=False)
-    print(f"{len(queries)} queries on {'+'.join(queries.properties)} (cached at {path})")
-    print(frame.head(10).to_string(index=False))
+        pd.concat(frames, ignore_index=True).to_parquet(args.out, index=False)
     return 0
 
 

@@ -117,3 +117,15 @@ def test_list_command(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "synthart" in out and "small_cnn" in out and "knn" in out and "precision_at_k" in out
+
+
+def test_smaller_step_commands(cache_dir, tmp_path, capsys):
+    base = sum((["--set", o] for o in tiny_overrides(cache_dir)), [])
+    assert main(["train", "--no-progress", *base]) == 0
+    assert '"checkpoint"' in capsys.readouterr().out
+    assert main(["embed", "--no-progress", *base]) == 0
+    assert '"fingerprint"' in capsys.readouterr().out
+    out = tmp_path / "q.parquet"
+    assert main(["queries", *base, "--out", str(out)]) == 0
+    frame = pd.read_parquet(out)
+    assert set(frame["query_set"]) == {"style", "style+shape"} and len(frame) == 80
