@@ -135,6 +135,29 @@ def cmd_queries(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from cir_bench.tune_report import write_tune_report
+    from cir_bench.tuning import Experiment, run_experiment
+
+    exp = Experiment.load(args.config)
+    storage = Path(args.storage_path)
+    t0 = time.perf_counter()
+    tidy, errors = run_experiment(exp, storage, resume=args.resume, address=args.address,
+                                  cache_dir=args.cache_dir, verbose=0 if args.no_progress else 1)
+    for err in errors:
+        print(f"failed trial {err.splitlines()[0][:300]}", file=sys.stderr)
+    if tidy.empty:
+        print("cir-bench: error: no trial reported a result", file=sys.stderr)
+        return 2
+    out = storage / exp.name / "report"
+    paths = write_tune_report(tidy, out, exp.report_metric)
+    print((out / "table.md").read_text())
+    print(f"wrote {', '.join(p.name for p in paths)} to {out} in {time.perf_counter() - t0:.0f} s")
+    if errors:
+        print(f"{len(errors)} trial(s) failed; fix the cause and run again with --resume", file=sys.stderr)
+    return 1 if errors else 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from cir_bench.data import DATASETS
     from cir_bench.methods import METHODS
@@ -173,6 +196,16 @@ def make_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--out", help="also write the query set to this parquet file")
     p.set_defaults(func=cmd_queries)
+
+    p = sub.add_parser("tune", help="Ray Tune: backbone/size grid, λ sweep and λ calibration (tune_configs/*.yaml)")
+    p.add_argument("config", nargs="?", default=str(Path(__file__).resolve().parent.parent / "tune_configs"
+                                                     / "quick.yaml"), help="experiment YAML (default quick.yaml)")
+    p.add_argument("--storage-path", default="runs/tune", help="experiment directory root (default runs/tune)")
+    p.add_argument("--resume", action="store_true", help="resume an interrupted experiment; finished trials stay")
+    p.add_argument("--address", help="join an existing Ray cluster (default: start a local one)")
+    p.add_argument("--cache-dir", help="shared cache of checkpoints/embeddings (default ~/.cache/cir-bench)")
+    p.add_argument("--no-progress", action="store_true", help="quiet Tune output")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("list", help="list registered datasets, backbones, methods, metrics")
     p.add_argument("kind", nargs="?", choices=["datasets", "backbones", "methods", "metrics"])

@@ -53,3 +53,14 @@ def tiny_trained(tiny_config, tiny):
     from cir_bench.pipeline import train_or_load
 
     return train_or_load(tiny_config, tiny, torch.device("cpu"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def local_ray():
+    """``ray.init(num_cpus=2)`` once per test session."""
+    ray = pytest.importorskip("ray")
+    from cir_bench.distributed import ensure_ray
+
+    ensure_ray(num_cpus=2)
+    yield
+    ray.shutdown()

@@ -8,15 +8,6 @@ import torch
 ray = pytest.importorskip("ray")
 
 
-@pytest.fixture(scope="session")
-def local_ray():
-    from cir_bench.distributed import ensure_ray
-
-    ensure_ray(num_cpus=2)  # once per test session
-    yield
-    ray.shutdown()
-
-
 def test_ray_data_extraction_matches_in_process(local_ray, tiny, tiny_trained):
     from cir_bench.data.transforms import build_transform
     from cir_bench.distributed import extract_embeddings_ray

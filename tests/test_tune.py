@@ -1,0 +1,65 @@
+"""cir-bench tune through real Ray Tune on SynthArt tiny: sweep, calibration, report, resume."""
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+from cir_bench.cli import main
+
+
+def _experiment(tmp_path, cache_dir, **extra) -> str:
+    exp = {
+        "name": "tiny",
+        "base": {"dataset": {"name": "synthart", "options": {"preset": "tiny"}},
+                 "train": {"epochs": 2, "batch_size": 32},
+                 "queries": {"sets": [["style"]], "n_queries": 20, "min_relevant": 2}, "device": "cpu"},
+        "grid": {"model.embed_dim": [32, 64]},
+        "lambdas": [0.0, 0.01, 1.0],
+        "calibration": {"metric": "mts_at_10", "target": 0.2, "tolerance": 0.02, "lam_min": 1e-4, "lam_max": 10.0,
+                        "max_evals": 5, "fraction": 0.5},
+        "resources": {"cpu": 1, "gpu": 0},
+        "max_failures": 0,
+        **extra,
+    }
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(exp))
+    return str(path)
+
+
+def test_tune_two_trials_sweep_calibrate_report(local_ray, tmp_path, cache_dir, capsys):
+    config = _experiment(tmp_path, cache_dir)
+    storage = tmp_path / "tune"
+    assert main(["tune", config, "--storage-path", str(storage), "--cache-dir", str(cache_dir),
+                 "--no-progress"]) == 0
+    out = storage / "tiny" / "report"
+    tidy = pd.read_parquet(out / "tune_results.parquet")
+    sweep = tidy[tidy["kind"] == "sweep"]
+    assert len(sweep) == 2 * 3 and set(sweep["model.embed_dim"]) == {32, 64}
+    assert set(sweep["lam"]) == {0.0, 0.01, 1.0} and sweep["precision_at_10"].between(0, 1).all()
+    cal = tidy[tidy["kind"] == "calibrated"]
+    assert len(cal) == 2 and set(cal["cal_status"]) <= {"ok", "unreachable", "max_evals"}
+    table = (out / "table.md").read_text()
+    assert "configuration" in table and "calibrated" in table
+    assert (out / "lambda_curves.png").stat().st_size > 0
+
+
+def test_resume_finishes_without_rerunning_finished_trials(local_ray, tmp_path, cache_dir, capsys):
+    marker = tmp_path / "fail-now"
+    marker.write_text("x")
+    trace = tmp_path / "trace.jsonl"
+    config = _experiment(tmp_path, cache_dir, calibration=None,
+                         debug={"fail_if_file_exists": str(marker), "fail_trial": 1, "trace_file": str(trace)})
+    storage = tmp_path / "tune"
+    args = ["tune", config, "--storage-path", str(storage), "--cache-dir", str(cache_dir), "--no-progress"]
+    assert main(args) == 1  # one trial failed (max_failures 0), the other finished
+    first = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert len(first) == 1  # the failing trial raised before writing its trace line
+    marker.unlink()
+    assert main(args + ["--resume"]) == 0
+    runs = [json.loads(line) for line in trace.read_text().splitlines()]
+    assert len(runs) == 2 and runs[0] != runs[1]  # only the failed trial ran again
+    tidy = pd.read_parquet(storage / "tiny" / "report" / "tune_results.parquet")
+    assert set(tidy["model.embed_dim"]) == {32, 64}
