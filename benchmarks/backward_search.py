@@ -21,9 +21,7 @@ import torch
 
 from cir_bench.config import load_config
 from cir_bench.data.queries import build_query_set
-from cir_bench.device import pick_device
-from cir_bench.pipeline import distil_or_load, embed, load_dataset, teacher, train_or_load
-from cir_bench.store import CosineIndex
+from cir_bench.pipeline import distil_or_load, prepare, teacher
 
 
 def main() -> None:
@@ -35,15 +33,9 @@ def main() -> None:
                     help="per-query loop on only the first N queries (default: all)")
     args = ap.parse_args()
     cfg = load_config(args.config, args.set)
-    device = pick_device(cfg.device)
-    dataset = load_dataset(cfg)
-    trained = train_or_load(cfg, dataset, device, progress=False)
-    trained.model.eval()
-    for p in trained.model.parameters():
-        p.requires_grad_(False)
-    store, _ = embed(cfg, dataset, trained, device)
-    database = dataset.split_indices(cfg.queries.database_split)
-    index = CosineIndex(store.z, database, device)
+    prepared = prepare(cfg, progress=False)
+    dataset, trained, store, device = prepared.dataset, prepared.trained, prepared.store, prepared.device
+    index = prepared.ctx.index
     bs = teacher(cfg)
     heads = trained.model.heads
     out: dict = {"device": str(device), "torch_threads": torch.get_num_threads(), "teacher": bs.params(),

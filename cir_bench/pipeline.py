@@ -128,6 +128,34 @@ def make_queries(cfg: RunConfig, dataset: Dataset, properties: list[str]) -> tup
     return qs, path
 
 
+@dataclass
+class Prepared:
+    """Everything search needs: the dataset, the trained model (frozen), the store, and a
+    search context over the database split."""
+
+    dataset: Dataset
+    trained: TrainedModel
+    store: EmbeddingStore
+    embeddings_reused: bool
+    ctx: SearchContext
+    device: torch.device
+
+
+def prepare(cfg: RunConfig, progress: bool = True, dataset: Dataset | None = None) -> Prepared:
+    """dataset -> train (or reuse) -> embed (or reuse) -> index, as one step."""
+    device = pick_device(cfg.device)
+    dataset = dataset or load_dataset(cfg)
+    trained = train_or_load(cfg, dataset, device, progress=progress)
+    trained.model.eval()
+    for p in trained.model.parameters():
+        p.requires_grad_(False)  # the heads are only ever differentiated w.r.t. z
+    store, hit = embed(cfg, dataset, trained, device)
+    database = dataset.split_indices(cfg.queries.database_split)
+    index = CosineIndex(store.z, database, device, chunk=cfg.eval.search_batch)
+    ctx = SearchContext(dataset, store, index, database, device, cfg.seed, cfg.eval.self_match, trained.model)
+    return Prepared(dataset, trained, store, hit, ctx, device)
+
+
 def default_out_dir(cfg: RunConfig) -> Path:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{stamp}-{cfg.dataset.name}"
@@ -224,24 +252,16 @@ def run(cfg: RunConfig, progress: bool = True, log=print) -> Path:
         + ", ".join(f"{p.name}({p.num_classes})" for p in dataset.properties) + f"; device {device}")
 
     t0 = time.perf_counter()
-    trained = train_or_load(cfg, dataset, device, progress=progress)
-    timings["train_s"] = time.perf_counter() - t0
+    prepared = prepare(cfg, progress, dataset)
+    trained, store, hit, ctx = prepared.trained, prepared.store, prepared.embeddings_reused, prepared.ctx
+    database = ctx.database
+    timings["train_embed_s"] = time.perf_counter() - t0
     final = trained.history[-1] if trained.history else {}
     log(("reused checkpoint " if trained.reused else "trained ") + str(trained.checkpoint))
     if final:
         log("accuracy " + ", ".join(f"{k}={v:.3f}" for k, v in final.items() if "acc" in k))
-    trained.model.eval()
-    for p in trained.model.parameters():
-        p.requires_grad_(False)
-
-    t0 = time.perf_counter()
-    store, hit = embed(cfg, dataset, trained, device)
-    timings["embed_s"] = time.perf_counter() - t0
     log(("reused" if hit else "extracted") + f" embeddings {store.fingerprint} ({tuple(store.z.shape)})")
 
-    database = dataset.split_indices(cfg.queries.database_split)
-    index = CosineIndex(store.z, database, device, chunk=cfg.eval.search_batch)
-    ctx = SearchContext(dataset, store, index, database, device, cfg.seed, cfg.eval.self_match, trained.model)
     ids = np.array([it.id for it in dataset.items])
     result_frames, metric_rows, query_info, student_info = [], [], {}, {}
     for props in query_sets:

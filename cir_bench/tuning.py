@@ -95,11 +95,11 @@ def trial_overrides(exp: Experiment, trial: dict[str, Any], cache_dir: str | Non
     return out
 
 
-def _evaluate(ctx, dataset, queries, database, method, k: int) -> dict[str, float]:
+def _evaluate(ctx, queries, method, k: int) -> dict[str, float]:
     from cir_bench.metrics import build_eval_inputs, evaluate, summarize
 
     ranking = method.search(ctx, queries, k)
-    inputs = build_eval_inputs(dataset, queries, ranking.positions, database, ctx.self_match)
+    inputs = build_eval_inputs(ctx.dataset, queries, ranking.positions, ctx.database, ctx.self_match)
     out = summarize(evaluate(inputs, ks=(k,)))
     if "iterations" in ranking.extras:
         out["mean_iterations"] = float(np.mean(ranking.extras["iterations"]))
@@ -115,11 +115,8 @@ def run_trial(config: dict[str, Any]) -> None:
     from cir_bench.calibrate import calibrate
     from cir_bench.config import load_config
     from cir_bench.data.queries import QuerySet
-    from cir_bench.device import pick_device
-    from cir_bench.methods import SearchContext
     from cir_bench.methods.backward import BackwardSearch
-    from cir_bench.pipeline import embed, load_dataset, make_queries, train_or_load
-    from cir_bench.store import CosineIndex
+    from cir_bench.pipeline import make_queries, prepare
 
     exp = Experiment(**{**config["experiment"],
                         "calibration": Calibration(**config["experiment"]["calibration"])
@@ -134,16 +131,8 @@ def run_trial(config: dict[str, Any]) -> None:
             f.write(json.dumps(config["trial"], sort_keys=True) + "\n")
     torch.set_num_threads(max(1, int(exp.resources.get("cpu", 1))))
     cfg = load_config(None, trial_overrides(exp, config["trial"], config.get("cache_dir")))
-    device = pick_device(cfg.device)
-    dataset = load_dataset(cfg)
-    trained = train_or_load(cfg, dataset, device, progress=False)
-    trained.model.eval()
-    for p in trained.model.parameters():
-        p.requires_grad_(False)
-    store, _ = embed(cfg, dataset, trained, device)
-    database = dataset.split_indices(cfg.queries.database_split)
-    index = CosineIndex(store.z, database, device)
-    ctx = SearchContext(dataset, store, index, database, device, cfg.seed, cfg.eval.self_match, trained.model)
+    prepared = prepare(cfg, progress=False)
+    dataset, trained, ctx = prepared.dataset, prepared.trained, prepared.ctx
     k = cfg.eval.k
     common = {"val_acc": {k_: v for k_, v in (trained.history[-1] if trained.history else {}).items()
                           if k_.startswith("val_acc")}, "checkpoint_reused": trained.reused}
@@ -160,18 +149,18 @@ def run_trial(config: dict[str, Any]) -> None:
         cal = QuerySet(queries.properties, queries.positions[order[:n_cal]], queries.conditions[order[:n_cal]])
         test = QuerySet(queries.properties, queries.positions[order[n_cal:]], queries.conditions[order[n_cal:]])
         for lam in exp.lambdas:
-            metrics = _evaluate(ctx, dataset, test, database, method(lam), k)
+            metrics = _evaluate(ctx, test, method(lam), k)
             tune.report({"kind": "sweep", "query_set": name, "lam": float(lam), "n_queries": len(test),
                          **metrics, **common})
         if exp.calibration is not None and n_cal > 0:
             c = exp.calibration
-            result = calibrate(lambda lam: _evaluate(ctx, dataset, cal, database, method(lam), k)[c.metric],
+            result = calibrate(lambda lam: _evaluate(ctx, cal, method(lam), k)[c.metric],
                                c.target, c.tolerance, c.lam_min, c.lam_max, c.max_evals)
             row = {"kind": "calibrated", "query_set": name, "cal_status": result.status, "cal_metric": c.metric,
                    "cal_target": c.target, "cal_value": result.value, "cal_evals": result.n_evaluations,
                    "cal_message": result.message, "n_queries": len(test), **common}
             if result.lam is not None:
-                row.update(lam=float(result.lam), **_evaluate(ctx, dataset, test, database, method(result.lam), k))
+                row.update(lam=float(result.lam), **_evaluate(ctx, test, method(result.lam), k))
             tune.report(row)
 
 
