@@ -6,6 +6,7 @@ from pathlib import Path
 import pandas as pd
 
 CONFIG_COLUMNS = ("model.backbone", "model.finetune", "model.embed_dim", "model.pretrained")
+# columns of the Table 3 layout: the query set, prefixed by the task when the grid has one
 
 
 def _config_label(df: pd.DataFrame) -> pd.Series:
@@ -22,6 +23,8 @@ def calibrated_table(df: pd.DataFrame, metric: str = "precision_at_10") -> str:
     if cal.empty:
         return "(no calibrated results)\n"
     cal["config"] = _config_label(cal)
+    if "task" in cal:
+        cal["query_set"] = cal["task"].astype(str)
     ok = cal[cal["cal_status"] != "unreachable"]
     table = ok.pivot_table(index="config", columns="query_set", values=metric, aggfunc="mean")
     table["average"] = table.mean(axis=1)

@@ -52,6 +52,7 @@ class Experiment:
     resources: dict[str, float] = field(default_factory=lambda: {"cpu": 1, "gpu": 0})
     max_failures: int = 1
     report_metric: str = "precision_at_10"
+    roots: dict[str, str] = field(default_factory=dict)  # dataset name -> --root, for a `task` grid
     debug: dict[str, Any] = field(default_factory=dict)  # fail_if_file_exists: PATH (fault-injection tests)
 
     @classmethod
@@ -86,10 +87,20 @@ def _flatten(prefix: str, value: Any, out: list[str]) -> None:
 
 
 def trial_overrides(exp: Experiment, trial: dict[str, Any], cache_dir: str | None) -> list[str]:
+    """Base settings, then the trial's; a ``task`` key expands to the paper's query task."""
+    from cir_bench.tasks import TASKS, task_overrides
+
     out: list[str] = []
     _flatten("", exp.base, out)
     for key, value in trial.items():
-        out.append(f"{key}={json.dumps(value)}")
+        if key == "task":
+            out += task_overrides(value)
+            dataset = TASKS[value][0].split("=", 1)[1]
+            if dataset not in exp.roots:
+                raise ValueError(f"task '{value}' needs roots.{dataset}: PATH in the experiment file")
+            out.append(f"dataset.root={json.dumps(exp.roots[dataset])}")
+        else:
+            out.append(f"{key}={json.dumps(value)}")
     if cache_dir:
         out.append(f"cache_dir={cache_dir}")
     return out

@@ -63,3 +63,21 @@ def test_resume_finishes_without_rerunning_finished_trials(local_ray, tmp_path, 
     assert len(runs) == 2 and runs[0] != runs[1]  # only the failed trial ran again
     tidy = pd.read_parquet(storage / "tiny" / "report" / "tune_results.parquet")
     assert set(tidy["model.embed_dim"]) == {32, 64}
+
+
+def test_shipped_experiment_files_parse_and_expand():
+    from pathlib import Path
+
+    from cir_bench.config import load_config
+    from cir_bench.tuning import Experiment, trial_overrides
+
+    root = Path(__file__).resolve().parent.parent / "tune_configs"
+    table3 = Experiment.load(root / "table3.yaml")
+    assert len(table3.trials()) == 4 * 4 * 2 * 3
+    cfg = load_config(None, trial_overrides(table3, table3.trials()[0], None))
+    assert cfg.dataset.name == "cub" and cfg.dataset.root == "/data/CUB" and cfg.queries.n_queries == 1000
+    assert cfg.model.backbone == "vgg16_bn" and cfg.search.preset == "authors-code"
+    sweep = Experiment.load(root / "lambda_sweep.yaml")
+    assert sweep.calibration is None and len(sweep.lambdas) == 11
+    quick = Experiment.load(root / "quick.yaml")
+    assert load_config(None, trial_overrides(quick, quick.trials()[0], None)).dataset.options == {"preset": "default"}
