@@ -224,5 +224,6 @@ def tidy_results(grid) -> pd.DataFrame:
         return pd.DataFrame()
     out = pd.concat(frames, ignore_index=True)
     keep = [c for c in out.columns if not c.startswith(("time_", "timestamp", "date", "pid", "hostname", "node_ip",
-                                                         "checkpoint_dir_name", "done", "iterations_since"))]
+                                                         "checkpoint_dir_name", "done", "iterations_since",
+                                                         "config/"))]
     return out[keep]

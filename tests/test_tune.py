@@ -81,3 +81,24 @@ def test_shipped_experiment_files_parse_and_expand():
     assert sweep.calibration is None and len(sweep.lambdas) == 11
     quick = Experiment.load(root / "quick.yaml")
     assert load_config(None, trial_overrides(quick, quick.trials()[0], None)).dataset.options == {"preset": "default"}
+
+
+def test_calibration_on_synthart_tiny(tiny_config, tiny, tiny_trained):
+    from cir_bench.calibrate import calibrate
+    from cir_bench.methods.backward import BackwardSearch
+    from cir_bench.pipeline import make_queries, prepare
+    from cir_bench.tuning import _evaluate
+
+    prepared = prepare(tiny_config, progress=False, dataset=tiny)
+    queries, _ = make_queries(tiny_config, tiny, ["style"])
+
+    def mts(lam: float) -> float:
+        return _evaluate(prepared.ctx, queries, BackwardSearch(lam=lam, stopping="none", max_iter=30), 10)["mts_at_10"]
+
+    lo, hi = mts(1e-4), mts(1.0)
+    assert hi > lo  # the trade-off: tag similarity rises with λ
+    target = (lo + hi) / 2
+    result = calibrate(mts, target, tolerance=(hi - lo) / 8, lam_min=1e-4, lam_max=1.0, max_evals=10)
+    assert result.status == "ok" and abs(result.value - target) <= (hi - lo) / 8
+    unreachable = calibrate(mts, hi + 0.5, tolerance=0.01, lam_min=1e-4, lam_max=1.0)
+    assert unreachable.status == "unreachable" and unreachable.lam is None
