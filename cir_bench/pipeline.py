@@ -85,7 +85,7 @@ def train_or_load(cfg: RunConfig, dataset: Dataset, device: torch.device, progre
     model, history = train_model(dataset, cfg.model, cfg.train, device, cfg.seed, progress=progress)
     seconds = time.perf_counter() - t0
     save_checkpoint(path, model, cfg.model, {p.name: p.classes for p in dataset.properties},
-                    {"history": history.epochs, "dataset": dataset.fingerprint(), "seconds": seconds,
+                    {"history": history.epochs, "dataset": dataset.fingerprint(),
                      "input_size": resolve_input_size(cfg.model, dataset)})
     return TrainedModel(model, path, False, history.epochs, seconds)
 

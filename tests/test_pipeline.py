@@ -129,3 +129,18 @@ def test_smaller_step_commands(cache_dir, tmp_path, capsys):
     assert main(["queries", *base, "--out", str(out)]) == 0
     frame = pd.read_parquet(out)
     assert set(frame["query_set"]) == {"style", "style+shape"} and len(frame) == 80
+
+
+def test_training_is_deterministic_so_cache_keys_are_content_based(tmp_path):
+    import torch
+
+    from cir_bench.pipeline import load_dataset, train_or_load
+    from cir_bench.store import file_sha256
+
+    hashes = []
+    for run in ("a", "b"):
+        cfg = load_config(None, ["dataset.options={preset: tiny}", f"cache_dir={tmp_path / run}", "train.epochs=1",
+                                 "device=cpu"])
+        trained = train_or_load(cfg, load_dataset(cfg), torch.device("cpu"), progress=False)
+        hashes.append(file_sha256(trained.checkpoint))
+    assert hashes[0] == hashes[1]  # same seed, same data: byte-identical checkpoints
