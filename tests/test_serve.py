@@ -1,0 +1,95 @@
+"""The Ray Serve app over real HTTP on 127.0.0.1: methods, batching, bad requests."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import socket
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+
+from .conftest import tiny_overrides  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server(local_ray, cache_dir, tiny_trained):
+    from ray import serve
+
+    import serve.app as app_module  # noqa: F401  (the repository's serve/ package)
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(app_module.build_app(tiny_overrides(cache_dir), max_batch_size=8, batch_wait_timeout_s=0.05,
+                                   max_image_bytes=100_000), route_prefix="/", name="cir-bench-test")
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_service(tiny_config, tiny, tiny_trained):
+    from cir_bench.pipeline import distil_or_load, prepare
+    from cir_bench.service import SearchService
+
+    prepared = prepare(tiny_config, progress=False, dataset=tiny)
+    students = {tuple(p): distil_or_load(tiny_config, tiny, prepared.trained, prepared.store, list(p),
+                                         prepared.device, progress=False)[0] for p in tiny_config.queries.sets}
+    return SearchService(prepared, tiny_config, students)
+
+
+def _request(service, i: int, method: str) -> dict:
+    ds = service.dataset
+    pos = int(ds.split_indices("test")[i])
+    style = ds.property("style").classes[(ds.labels("style")[pos] + 1) % 6]
+    return {"item_id": ds.items[pos].id, "conditions": {"style": style}, "method": method, "k": 5}
+
+
+def test_health_and_properties(server):
+    assert httpx.get(f"{server}/healthz").json() == {"status": "ok"}
+    props = httpx.get(f"{server}/properties").json()
+    assert props["style"][:2] == ["flat", "outline"] and len(props["shape"]) == 8
+
+
+@pytest.mark.parametrize("method", ["teacher", "student", "knn"])
+def test_http_answers_equal_in_process_answers(server, local_service, method):
+    for i in range(3):
+        body = _request(local_service, i, method)
+        r = httpx.post(f"{server}/search", json=body, timeout=30)
+        assert r.status_code == 200, r.text
+        remote = r.json()
+        local = local_service.search(body)
+        assert [x["id"] for x in remote["items"]] == [x["id"] for x in local["items"]]
+        assert remote["timing_ms"]["total"] > 0
+
+
+def test_concurrent_teacher_requests_are_batched(server, local_service):
+    async def fire():
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*[client.post(f"{server}/search", json=_request(local_service, i % 10,
+                                                                                          "teacher"))
+                                          for i in range(16)])
+
+    responses = asyncio.run(fire())
+    assert all(r.status_code == 200 for r in responses)
+    assert max(r.json()["batch_size"] for r in responses) > 1
+    assert max(httpx.get(f"{server}/stats").json()["batch_sizes"]) > 1
+
+
+@pytest.mark.parametrize("content, field", [
+    ({"image": base64.b64encode(b"garbage bytes").decode(), "conditions": {"style": "flat"}}, "image"),
+    ({"image": "A" * 200_000, "conditions": {"style": "flat"}}, "image"),
+    ({"item_id": "x", "conditions": {"style": "Rococo"}}, "conditions.style"),
+    ({"item_id": "x", "conditions": {"style": "flat"}, "k": "10"}, "k"),
+    (b"{not json", "body"),
+])
+def test_bad_input_gets_4xx_then_service_still_serves(server, local_service, content, field):
+    if isinstance(content, bytes):
+        r = httpx.post(f"{server}/search", content=content, headers={"content-type": "application/json"})
+    else:
+        r = httpx.post(f"{server}/search", json=content)
+    assert 400 <= r.status_code < 500 and r.json()["field"] == field, r.text
+    ok = httpx.post(f"{server}/search", json=_request(local_service, 0, "knn"))
+    assert ok.status_code == 200
