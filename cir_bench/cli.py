@@ -158,6 +158,46 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Start the Ray Serve app (blocks until Ctrl+C on a local Ray), or stop it."""
+    import sys as _sys
+
+    from ray import serve
+
+    from cir_bench.distributed import ensure_ray
+
+    repo = Path(__file__).resolve().parent.parent
+    if str(repo) not in _sys.path:
+        _sys.path.insert(0, str(repo))  # the serve/ package lives in the repository
+    from serve.app import build_app, load_serve_config
+
+    if args.stop:
+        ensure_ray(args.address or "auto")
+        serve.shutdown()
+        print("cir-bench serve: stopped")
+        return 0
+    cfg = build_config(args)
+    sc = load_serve_config(args.serve_config)
+    http = {**sc.get("http", {}), **({"host": args.host} if args.host else {}),
+            **({"port": args.port} if args.port else {})}
+    ensure_ray(args.address)
+    serve.start(http_options={"host": http.get("host", "127.0.0.1"), "port": int(http.get("port", 8000))})
+    batching, limits = sc.get("batching", {}), sc.get("limits", {})
+    serve.run(build_app(cfg.to_dict(), batching.get("max_batch_size", 16), batching.get("batch_wait_timeout_s", 0.005),
+                        limits.get("max_image_bytes", 5 * 1024 * 1024), sc.get("searcher", {})),
+              route_prefix="/", name="cir-bench")
+    url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
+    print(f"cir-bench serve: {url}  (POST /search, GET /healthz, GET /properties, OpenAPI at /docs)", flush=True)
+    if args.address:
+        return 0  # deployed on the cluster; `cir-bench serve --stop --address ...` removes it
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        serve.shutdown()
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from cir_bench.data import DATASETS
     from cir_bench.methods import METHODS
@@ -206,6 +246,14 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="shared cache of checkpoints/embeddings (default ~/.cache/cir-bench)")
     p.add_argument("--no-progress", action="store_true", help="quiet Tune output")
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("serve", help="serve conditional search over HTTP with Ray Serve (127.0.0.1 by default)")
+    _add_config_args(p)
+    p.add_argument("--serve-config", help="Ray Serve settings (default serve/config.yaml)")
+    p.add_argument("--host", help="bind address (default from the serve config: 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default from the serve config: 8000)")
+    p.add_argument("--stop", action="store_true", help="stop the running app")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("list", help="list registered datasets, backbones, methods, metrics")
     p.add_argument("kind", nargs="?", choices=["datasets", "backbones", "methods", "metrics"])

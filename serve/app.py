@@ -24,13 +24,13 @@ api = FastAPI(title="cir-bench conditional search")
 class Searcher:
     """Holds the model, the index and the students (one copy per replica)."""
 
-    def __init__(self, overrides: list[str], max_batch_size: int = 16, batch_wait_timeout_s: float = 0.005,
+    def __init__(self, config: dict, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.005,
                  max_image_bytes: int = 5 * 1024 * 1024) -> None:
-        from cir_bench.config import load_config
+        from cir_bench.config import config_from_dict
         from cir_bench.pipeline import distil_or_load, prepare
         from cir_bench.service import SearchService, ServiceLimits
 
-        cfg = load_config(None, overrides)
+        cfg = config_from_dict(config)
         prepared = prepare(cfg, progress=False)
         students = {}
         for props in cfg.queries.sets or prepared.dataset.default_query_sets():
@@ -84,8 +84,24 @@ class Ingress:
         return JSONResponse(result)
 
 
-def build_app(overrides: list[str], max_batch_size: int = 16, batch_wait_timeout_s: float = 0.005,
+def build_app(config: dict, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.005,
               max_image_bytes: int = 5 * 1024 * 1024, searcher_options: dict | None = None):
-    searcher = Searcher.options(**(searcher_options or {})).bind(overrides, max_batch_size, batch_wait_timeout_s,
+    """``config``: a cir-bench run config as a dict (``RunConfig.to_dict()``); the search
+    deployment trains or loads the model it names (the cache makes that a load)."""
+    searcher = Searcher.options(**(searcher_options or {})).bind(config, max_batch_size, batch_wait_timeout_s,
                                                                  max_image_bytes)
     return Ingress.bind(searcher)
+
+
+def load_serve_config(path: str | None) -> dict:
+    """serve/config.yaml: replicas, ongoing-request limit, actor resources, batching, limits, HTTP."""
+    from pathlib import Path
+
+    import yaml
+
+    path = path or str(Path(__file__).with_name("config.yaml"))
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    known = {"searcher", "batching", "limits", "http"}
+    if set(data) - known:
+        raise ValueError(f"{path}: unknown section(s) {sorted(set(data) - known)}; known: {sorted(known)}")
+    return data

@@ -23,7 +23,10 @@ def server(local_ray, cache_dir, tiny_trained):
     port = sock.getsockname()[1]
     sock.close()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(app_module.build_app(tiny_overrides(cache_dir), max_batch_size=8, batch_wait_timeout_s=0.05,
+    from cir_bench.config import load_config
+
+    config = load_config(None, tiny_overrides(cache_dir)).to_dict()
+    serve.run(app_module.build_app(config, max_batch_size=8, batch_wait_timeout_s=0.05,
                                    max_image_bytes=100_000), route_prefix="/", name="cir-bench-test")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -93,3 +96,35 @@ def test_bad_input_gets_4xx_then_service_still_serves(server, local_service, con
     assert 400 <= r.status_code < 500 and r.json()["field"] == field, r.text
     ok = httpx.post(f"{server}/search", json=_request(local_service, 0, "knn"))
     assert ok.status_code == 200
+
+
+def test_cli_serve_starts_prints_url_and_stops_on_interrupt(cache_dir, tiny_trained, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    args = [sys.executable, "-m", "cir_bench.cli", "serve", "--port", str(port), "--no-progress"]
+    for o in tiny_overrides(cache_dir):
+        args += ["--set", o]
+    log = open(tmp_path / "serve.log", "w+")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "RAY_ADDRESS": ""})
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and f"http://127.0.0.1:{port}" not in (tmp_path / "serve.log").read_text():
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
+            time.sleep(0.5)
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).json() == {"status": "ok"}
+        assert httpx.get(f"http://127.0.0.1:{port}/docs", timeout=10).status_code == 200  # OpenAPI UI
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
