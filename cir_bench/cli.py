@@ -198,6 +198,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_loadtest(args: argparse.Namespace) -> int:
+    from cir_bench.loadtest import default_stages, run_loadtest
+
+    def floats(text: str) -> list[float]:
+        return [float(v) for v in text.split(",") if v.strip()]
+
+    stages = default_stages(args.methods.split(","), [int(c) for c in floats(args.concurrency)],
+                            floats(args.rates) if args.rates else [], args.duration, args.warmup, args.max_requests)
+    out = Path(args.out)
+    rows = run_loadtest(args.url, stages, out, allow_remote=args.allow_remote)
+    cols = ["method", "mode", "concurrency", "rate", "requests", "errors", "p50_ms", "p90_ms", "p99_ms", "qps"]
+    import pandas as pd
+
+    print(pd.DataFrame(rows)[cols].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    print(f"wrote loadtest.json, loadtest.csv, loadtest.png to {out}")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from cir_bench.data import DATASETS
     from cir_bench.methods import METHODS
@@ -254,6 +272,18 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="port (default from the serve config: 8000)")
     p.add_argument("--stop", action="store_true", help="stop the running app")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("loadtest", help="closed- and open-loop load test of a running `cir-bench serve` (loopback)")
+    p.add_argument("url", nargs="?", default="http://127.0.0.1:8000")
+    p.add_argument("--methods", default="student,teacher", help="comma-separated: teacher, student, knn")
+    p.add_argument("--concurrency", default="1,4,16", help="closed-loop concurrency levels")
+    p.add_argument("--rates", default="20", help="open-loop arrival rates (requests/s); empty for none")
+    p.add_argument("--duration", type=float, default=5.0, help="measured seconds per stage")
+    p.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per stage (excluded)")
+    p.add_argument("--max-requests", type=int, default=2000, help="request cap per stage")
+    p.add_argument("--out", default="runs/loadtest", help="folder for loadtest.json/.csv/.png")
+    p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback URL")
+    p.set_defaults(func=cmd_loadtest)
 
     p = sub.add_parser("list", help="list registered datasets, backbones, methods, metrics")
     p.add_argument("kind", nargs="?", choices=["datasets", "backbones", "methods", "metrics"])

@@ -68,6 +68,20 @@ class SearchService:
     def properties(self) -> dict[str, list[str]]:
         return {p.name: [c for c in p.classes if c not in p.excluded] for p in self.dataset.properties}
 
+    def examples(self, n: int = 32, seed: int = 0) -> list[dict[str, Any]]:
+        """Valid request bodies (database items, a condition on the first property that
+        differs from the item's own label): what load tests send."""
+        rng = np.random.default_rng([seed, 61])
+        prop = self.dataset.properties[0]
+        targets = [c for c, name in enumerate(prop.classes) if name not in prop.excluded]
+        out = []
+        for pos in rng.choice(self.ctx.database, size=min(n, len(self.ctx.database)), replace=False):
+            own = self.dataset.items[pos].labels[prop.name]
+            choice = [c for c in targets if c != own]
+            out.append({"item_id": self.dataset.items[pos].id,
+                        "conditions": {prop.name: prop.classes[choice[int(rng.integers(len(choice)))]]}, "k": 10})
+        return out
+
     # -- validation ------------------------------------------------------------------------
     def parse(self, request: Any) -> dict[str, Any]:
         if not isinstance(request, dict):

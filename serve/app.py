@@ -53,6 +53,9 @@ class Searcher:
     def stats(self) -> dict[str, Any]:
         return {"batch_sizes": self.batch_sizes[-1000:]}
 
+    def examples(self, n: int) -> list[dict[str, Any]]:
+        return self.service.examples(n)
+
 
 @serve.deployment
 @serve.ingress(api)
@@ -67,6 +70,10 @@ class Ingress:
     @api.get("/properties")
     async def properties(self) -> dict[str, list[str]]:
         return await self.searcher.properties.remote()
+
+    @api.get("/examples")
+    async def examples(self, n: int = 32) -> list:
+        return await self.searcher.examples.remote(max(1, min(int(n), 1000)))
 
     @api.get("/stats")
     async def stats(self) -> dict[str, Any]:

@@ -128,3 +128,28 @@ def test_cli_serve_starts_prints_url_and_stops_on_interrupt(cache_dir, tiny_trai
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_loadtest_short_staged_run_writes_json_csv_plot(server, tmp_path, capsys):
+    import json
+
+    from cir_bench.cli import main
+
+    out = tmp_path / "lt"
+    code = main(["loadtest", server, "--methods", "student,teacher", "--concurrency", "1,4", "--rates", "10",
+                 "--duration", "1.5", "--warmup", "0.5", "--max-requests", "200", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    data = json.loads((out / "loadtest.json").read_text())
+    assert len(data["stages"]) == 2 * 3
+    for stage in data["stages"]:
+        assert stage["requests"] > 0 and stage["errors"] == 0 and stage["p50_ms"] <= stage["p99_ms"]
+    assert (out / "loadtest.csv").exists() and (out / "loadtest.png").stat().st_size > 0
+
+
+def test_loadtest_refuses_non_loopback_targets():
+    from cir_bench.loadtest import check_loopback
+
+    check_loopback("http://127.0.0.1:8000")
+    check_loopback("http://localhost:8000")
+    with pytest.raises(ValueError, match="loopback only"):
+        check_loopback("http://10.1.2.3:8000")

@@ -1,0 +1,150 @@
+"""Load tests against a running ``cir-bench serve``: closed-loop stages (fixed concurrency)
+and open-loop stages (fixed arrival rate, latency measured from the *scheduled* send time so
+a slow server cannot hide behind a slow client). Warm-up is excluded; every stage is
+bounded in time and in request count. Results: JSON + CSV + a seaborn plot.
+"""
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import numpy as np
+
+
+@dataclass
+class Stage:
+    method: str  # teacher | student | knn
+    mode: str  # closed | open
+    concurrency: int = 1  # closed loop
+    rate: float = 10.0  # open loop, requests per second
+    duration_s: float = 5.0
+    warmup_s: float = 1.0
+    max_requests: int = 2000
+
+
+def check_loopback(url: str, allow_remote: bool = False) -> None:
+    host = urlparse(url).hostname or ""
+    if allow_remote:
+        return
+    try:
+        ok = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(f"refusing to load-test {host!r}: loopback only (127.0.0.0/8, ::1, localhost) "
+                         "unless --allow-remote")
+
+
+async def _post(client, url: str, body: dict, t_ref: float) -> tuple[float, float, int]:
+    try:
+        r = await client.post(url, json=body)
+        status = r.status_code
+    except Exception:
+        status = 0
+    return t_ref, time.perf_counter() - t_ref, status
+
+
+async def run_stage(url: str, bodies: list[dict], stage: Stage) -> list[tuple[float, float, int]]:
+    """(send time, latency s, HTTP status) per request after warm-up."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=max(stage.concurrency, 64))
+    async with httpx.AsyncClient(timeout=30.0, limits=limits) as client:
+        t0 = time.perf_counter()
+        end = t0 + stage.warmup_s + stage.duration_s
+        samples: list[tuple[float, float, int]] = []
+        counter = 0
+
+        def body() -> dict:
+            nonlocal counter
+            counter += 1
+            return {**bodies[counter % len(bodies)], "method": stage.method}
+
+        if stage.mode == "closed":
+            async def worker() -> None:
+                while time.perf_counter() < end and len(samples) < stage.max_requests:
+                    samples.append(await _post(client, url, body(), time.perf_counter()))
+            await asyncio.gather(*[worker() for _ in range(stage.concurrency)])
+        elif stage.mode == "open":
+            tasks = []
+            n = int(min(stage.max_requests, stage.rate * (stage.warmup_s + stage.duration_s)))
+            for i in range(n):
+                scheduled = t0 + i / stage.rate
+                delay = scheduled - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                tasks.append(asyncio.create_task(_post(client, url, body(), scheduled)))  # latency from schedule
+            samples = list(await asyncio.gather(*tasks))
+        else:
+            raise ValueError(f"stage mode must be closed or open, got {stage.mode!r}")
+    return [s for s in samples if s[0] >= t0 + stage.warmup_s]
+
+
+def summarize(samples: list[tuple[float, float, int]], stage: Stage) -> dict[str, Any]:
+    lat = np.array([s[1] for s in samples if s[2] == 200]) * 1000
+    errors = sum(1 for s in samples if s[2] != 200)
+    span = (max(s[0] + s[1] for s in samples) - min(s[0] for s in samples)) if samples else 0.0
+    out = {**asdict(stage), "requests": len(samples), "errors": errors,
+           "error_rate": errors / len(samples) if samples else 0.0,
+           "qps": (len(samples) - errors) / span if span > 0 else 0.0}
+    for q in (50, 90, 95, 99):
+        out[f"p{q}_ms"] = float(np.percentile(lat, q)) if lat.size else float("nan")
+    out["mean_ms"] = float(lat.mean()) if lat.size else float("nan")
+    return out
+
+
+def run_loadtest(url: str, stages: list[Stage], out: Path, allow_remote: bool = False) -> list[dict[str, Any]]:
+    import httpx
+    import pandas as pd
+
+    check_loopback(url, allow_remote)
+    base = url.rstrip("/")
+    bodies = httpx.get(f"{base}/examples", params={"n": 64}, timeout=30).json()
+    if not bodies:
+        raise RuntimeError(f"{base}/examples returned no request bodies")
+    rows = []
+    for stage in stages:
+        samples = asyncio.run(run_stage(f"{base}/search", bodies, stage))
+        rows.append(summarize(samples, stage))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "loadtest.json").write_text(json.dumps({"url": base, "stages": rows}, indent=2))
+    frame = pd.DataFrame(rows)
+    frame.to_csv(out / "loadtest.csv", index=False)
+    plot(pd.read_csv(out / "loadtest.csv"), out / "loadtest.png")
+    return rows
+
+
+def plot(frame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    frame = frame.assign(load=frame.apply(lambda r: f"c={r['concurrency']}" if r["mode"] == "closed"
+                                          else f"{r['rate']:g}/s", axis=1))
+    long = frame.melt(id_vars=["method", "load"], value_vars=["p50_ms", "p99_ms"], var_name="percentile",
+                      value_name="ms")
+    sns.barplot(data=long, x="load", y="ms", hue="method", ax=axes[0], errorbar=None)
+    axes[0].set_title("latency (p50 and p99 bars overlaid per method)")
+    sns.barplot(data=frame, x="load", y="qps", hue="method", ax=axes[1], errorbar=None)
+    axes[1].set_title("throughput (successful requests / s)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def default_stages(methods: list[str], concurrency: list[int], rates: list[float], duration_s: float,
+                   warmup_s: float, max_requests: int) -> list[Stage]:
+    stages = [Stage(m, "closed", concurrency=c, duration_s=duration_s, warmup_s=warmup_s, max_requests=max_requests)
+              for m in methods for c in concurrency]
+    stages += [Stage(m, "open", rate=r, duration_s=duration_s, warmup_s=warmup_s, max_requests=max_requests)
+               for m in methods for r in rates]
+    return stages
