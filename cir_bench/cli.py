@@ -184,17 +184,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     serve.start(http_options={"host": http.get("host", "127.0.0.1"), "port": int(http.get("port", 8000))})
     batching, limits = sc.get("batching", {}), sc.get("limits", {})
     serve.run(build_app(cfg.to_dict(), batching.get("max_batch_size", 16), batching.get("batch_wait_timeout_s", 0.005),
-                        limits.get("max_image_bytes", 5 * 1024 * 1024), sc.get("searcher", {})),
+                        limits.get("max_image_bytes", 5 * 1024 * 1024), sc.get("searcher", {}),
+                        sc.get("ingress", {})),
               route_prefix="/", name="cir-bench")
     url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
     print(f"cir-bench serve: {url}  (POST /search, GET /healthz, GET /properties, OpenAPI at /docs)", flush=True)
     if args.address:
         return 0  # deployed on the cluster; `cir-bench serve --stop --address ...` removes it
-    try:
-        while True:
-            time.sleep(3600)
-    except KeyboardInterrupt:
-        serve.shutdown()
+    import signal
+
+    stop: list[int] = []
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ray installs its own handlers; ours decide
+        signal.signal(sig, lambda signum, _frame: stop.append(signum))
+    while not stop:
+        time.sleep(0.2)
+    serve.shutdown()
+    import ray
+
+    ray.shutdown()
+    print("cir-bench serve: stopped", flush=True)
     return 0
 
 

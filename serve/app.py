@@ -92,12 +92,15 @@ class Ingress:
 
 
 def build_app(config: dict, max_batch_size: int = 16, batch_wait_timeout_s: float = 0.005,
-              max_image_bytes: int = 5 * 1024 * 1024, searcher_options: dict | None = None):
+              max_image_bytes: int = 5 * 1024 * 1024, searcher_options: dict | None = None,
+              ingress_options: dict | None = None):
     """``config``: a cir-bench run config as a dict (``RunConfig.to_dict()``); the search
     deployment trains or loads the model it names (the cache makes that a load)."""
     searcher = Searcher.options(**(searcher_options or {})).bind(config, max_batch_size, batch_wait_timeout_s,
                                                                  max_image_bytes)
-    return Ingress.bind(searcher)
+    # the ingress only awaits the searcher: let it hold many requests so that they can meet
+    # in one batch (Serve's default of 5 ongoing requests per replica would cap the batch)
+    return Ingress.options(**{"max_ongoing_requests": 256, **(ingress_options or {})}).bind(searcher)
 
 
 def load_serve_config(path: str | None) -> dict:
@@ -108,7 +111,7 @@ def load_serve_config(path: str | None) -> dict:
 
     path = path or str(Path(__file__).with_name("config.yaml"))
     data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    known = {"searcher", "batching", "limits", "http"}
+    known = {"searcher", "ingress", "batching", "limits", "http"}
     if set(data) - known:
         raise ValueError(f"{path}: unknown section(s) {sorted(set(data) - known)}; known: {sorted(known)}")
     return data

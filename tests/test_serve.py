@@ -123,11 +123,13 @@ def test_cli_serve_starts_prints_url_and_stops_on_interrupt(cache_dir, tiny_trai
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).json() == {"status": "ok"}
         assert httpx.get(f"http://127.0.0.1:{port}/docs", timeout=10).status_code == 200  # OpenAPI UI
     finally:
-        os.killpg(proc.pid, signal.SIGINT)
+        os.kill(proc.pid, signal.SIGINT)  # what Ctrl+C sends
         try:
-            proc.wait(timeout=60)
+            code = proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+            raise AssertionError("cir-bench serve did not stop on SIGINT")
+    assert code == 0 and "cir-bench serve: stopped" in (tmp_path / "serve.log").read_text()
 
 
 def test_loadtest_short_staged_run_writes_json_csv_plot(server, tmp_path, capsys):
