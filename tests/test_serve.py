@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-httpx = pytest.importorskip("httpx")
+import httpx  # noqa: E402  (a dependency: the load-test client)
 
 from .conftest import tiny_overrides  # noqa: E402
 
