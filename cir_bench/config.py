@@ -81,6 +81,10 @@ class EvalConfig:
     methods: list[Any] = field(default_factory=_default_methods)
     lambdas: list[float] | None = None  # --lambda: add one Backward Search entry per value
     search_batch: int = 1024
+    # search backend (cir_bench/indexes.py): "exact" (torch, tie-stable) or "faiss" with
+    # index_options {factory: "Flat" | "HNSW32" | "IVF256,Flat", nprobe, ef_search}
+    index: str = "exact"
+    index_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -28,6 +28,7 @@ from cir_bench.data.queries import QuerySet, build_query_set
 from cir_bench.data.transforms import build_transform, describe_transform
 from cir_bench.device import pick_device
 from cir_bench.distill import distill_student
+from cir_bench.indexes import build_index
 from cir_bench.methods import METHODS, SearchContext, get_method
 from cir_bench.methods.backward import BackwardSearch
 from cir_bench.methods.student import Student, StudentConfig
@@ -36,7 +37,7 @@ from cir_bench.models import BACKBONES, load_checkpoint, save_checkpoint
 from cir_bench.models.model import ConditionalRetrievalModel
 from cir_bench.paths import default_cache_dir
 from cir_bench.results import write_run
-from cir_bench.store import CosineIndex, EmbeddingStore, embedding_fingerprint, extract_embeddings, \
+from cir_bench.store import EmbeddingStore, embedding_fingerprint, extract_embeddings, \
     file_sha256, load_or_extract
 from cir_bench.train import resolve_input_size, seed_everything, train_model
 
@@ -151,7 +152,8 @@ def prepare(cfg: RunConfig, progress: bool = True, dataset: Dataset | None = Non
         p.requires_grad_(False)  # the heads are only ever differentiated w.r.t. z
     store, hit = embed(cfg, dataset, trained, device)
     database = dataset.split_indices(cfg.queries.database_split)
-    index = CosineIndex(store.z, database, device, chunk=cfg.eval.search_batch)
+    index = build_index(cfg.eval.index, store.z, database, device,
+                        **{"chunk": cfg.eval.search_batch, **cfg.eval.index_options})
     ctx = SearchContext(dataset, store, index, database, device, cfg.seed, cfg.eval.self_match, trained.model)
     return Prepared(dataset, trained, store, hit, ctx, device)
 

@@ -67,13 +67,18 @@ def extract_embeddings(model: torch.nn.Module, dataset: Dataset, transform: Call
     return torch.cat(out) if out else torch.zeros(0, model.embed_dim)
 
 
+def store_path(cache_dir: Path, fingerprint: str) -> Path:
+    """Where the store with ``fingerprint`` is cached."""
+    return Path(cache_dir) / "embeddings" / f"{fingerprint}.pt"
+
+
 def load_or_extract(cache_dir: Path, fingerprint: str, extract: Callable[[], torch.Tensor], ids: list[str]
                     ) -> tuple[EmbeddingStore, bool]:
     """Return the cached store for ``fingerprint`` or build, save and return it.
 
     The bool says whether the cache was hit.
     """
-    path = cache_dir / "embeddings" / f"{fingerprint}.pt"
+    path = store_path(cache_dir, fingerprint)
     if path.exists():
         store = EmbeddingStore.load(path)
         if store.ids == ids:

@@ -77,3 +77,32 @@ def test_store_cache_roundtrip(tmp_path):
     assert torch.equal(a.z, b.z) and isinstance(b, EmbeddingStore)
     load_or_extract(tmp_path, "fp2", extract, ids)
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("factory", ["Flat", "HNSW32"])
+def test_faiss_index_matches_exact_index(factory):
+    """The FAISS backend (Flat exact, HNSW approximate on a small store) returns the exact
+    backend's neighbours, self-match excluded."""
+    pytest.importorskip("faiss")
+    from cir_bench.indexes import build_index
+
+    rng = np.random.default_rng(3)
+    z = torch.from_numpy(rng.normal(size=(500, 16)).astype(np.float32))
+    db = np.arange(0, 500, 2)
+    exact = build_index("exact", z, db)
+    approx = build_index("faiss", z, db, factory=factory, ef_search=256)
+    q = z[:20]
+    exclude = np.arange(20)
+    p1, s1 = exact.search(q, 10, exclude=exclude)
+    p2, s2 = approx.search(q, 10, exclude=exclude)
+    assert (p1 == p2).float().mean() >= (1.0 if factory == "Flat" else 0.95)
+    assert torch.allclose(s1[p1 == p2], s2[p1 == p2], atol=1e-5)
+    assert not any(int(e) in row for e, row in zip(exclude, p2.tolist()))
+
+
+def test_unknown_index_backend_names_the_choices():
+    from cir_bench.indexes import build_index
+    from cir_bench.registry import UnknownNameError
+
+    with pytest.raises(UnknownNameError, match="exact, faiss"):
+        build_index("annoy", torch.zeros(3, 2), np.arange(3))

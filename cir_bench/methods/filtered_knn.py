@@ -47,7 +47,7 @@ class FilteredKNN(SearchMethod):
         out_pos, out_score = [], []
         for start in range(0, len(queries), ctx.index.chunk):
             sl = slice(start, start + ctx.index.chunk)
-            sim = q[sl] @ ctx.index.z.T
+            sim = q[sl] @ ctx.index.z.to(ctx.device).T
             match = (labels[None, :, :] == cond[sl, None, :]).all(dim=2)
             ranked = sim + BONUS * match  # cosine is in [-1, 1]: every match outranks every miss
             if ex_local is not None:
@@ -55,7 +55,7 @@ class FilteredKNN(SearchMethod):
                 rows = torch.nonzero(ex >= 0).flatten()
                 ranked[rows, ex[rows]] = float("-inf")
             idx, _ = topk_stable(ranked, min(k, ranked.shape[1] - (exclude is not None)))
-            out_pos.append(ctx.index.positions[idx].cpu())
+            out_pos.append(torch.as_tensor(ctx.index.positions).cpu()[idx.cpu()])
             out_score.append(torch.gather(sim, 1, idx).cpu())
         return Ranking(torch.cat(out_pos).numpy(), torch.cat(out_score).numpy())
 
