@@ -160,15 +160,12 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Start the Ray Serve app (blocks until Ctrl+C on a local Ray), or stop it."""
-    import sys as _sys
+    import dataclasses
 
     from ray import serve
 
     from cir_bench.distributed import ensure_ray
-
-    repo = Path(__file__).resolve().parent.parent
-    if str(repo) not in _sys.path:
-        _sys.path.insert(0, str(repo))  # the serve/ package lives in the repository
+    from cir_bench.service import build_bundle
     from serve.app import build_app, load_serve_config
 
     if args.stop:
@@ -180,15 +177,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     sc = load_serve_config(args.serve_config)
     http = {**sc.get("http", {}), **({"host": args.host} if args.host else {}),
             **({"port": args.port} if args.port else {})}
+    # train or load the model, embeddings and students once, here; the deployments load the files
+    bundle = build_bundle(cfg, progress=not args.no_progress)
+    if (sc.get("index") or {}).get("backend"):
+        bundle = dataclasses.replace(bundle, index=sc["index"]["backend"],
+                                     index_options={"chunk": cfg.eval.search_batch, **(sc["index"].get("options") or {})})
     ensure_ray(args.address)
     serve.start(http_options={"host": http.get("host", "127.0.0.1"), "port": int(http.get("port", 8000))})
-    batching, limits = sc.get("batching", {}), sc.get("limits", {})
-    serve.run(build_app(cfg.to_dict(), batching.get("max_batch_size", 16), batching.get("batch_wait_timeout_s", 0.005),
-                        limits.get("max_image_bytes", 5 * 1024 * 1024), sc.get("searcher", {}),
-                        sc.get("ingress", {})),
-              route_prefix="/", name="cir-bench")
+    serve.run(build_app(bundle, sc), route_prefix="/", name="cir-bench")
     url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
-    print(f"cir-bench serve: {url}  (POST /search, GET /healthz, GET /properties, OpenAPI at /docs)", flush=True)
+    print(f"cir-bench serve: {url}  (POST /search, GET /healthz, GET /properties, GET /stats, OpenAPI at /docs)",
+          flush=True)
     if args.address:
         return 0  # deployed on the cluster; `cir-bench serve --stop --address ...` removes it
     import signal

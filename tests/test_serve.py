@@ -24,23 +24,26 @@ def server(local_ray, cache_dir, tiny_trained):
     sock.close()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     from cir_bench.config import load_config
+    from cir_bench.service import build_bundle
 
-    config = load_config(None, tiny_overrides(cache_dir)).to_dict()
-    serve.run(app_module.build_app(config, max_batch_size=8, batch_wait_timeout_s=0.05,
-                                   max_image_bytes=100_000), route_prefix="/", name="cir-bench-test")
+    bundle = build_bundle(load_config(None, tiny_overrides(cache_dir)))
+    small = {"max_ongoing_requests": 32, "ray_actor_options": {"num_cpus": 0.2}}
+    settings = {"deployments": {name: small for name in ("ingress", "encoder", "teacher", "student", "index")},
+                "batching": {name: {"max_batch_size": 8, "batch_wait_timeout_s": 0.05}
+                             for name in ("encoder", "teacher", "student", "index")},
+                "limits": {"max_image_bytes": 100_000}}
+    serve.run(app_module.build_app(bundle, settings), route_prefix="/", name="cir-bench-test")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
 
 @pytest.fixture(scope="module")
 def local_service(tiny_config, tiny, tiny_trained):
-    from cir_bench.pipeline import distil_or_load, prepare
-    from cir_bench.service import SearchService
+    from cir_bench.service import SearchService, build_bundle
 
-    prepared = prepare(tiny_config, progress=False, dataset=tiny)
-    students = {tuple(p): distil_or_load(tiny_config, tiny, prepared.trained, prepared.store, list(p),
-                                         prepared.device, progress=False)[0] for p in tiny_config.queries.sets}
-    return SearchService(prepared, tiny_config, students)
+    service = SearchService(build_bundle(tiny_config, dataset=tiny))
+    service.dataset = tiny
+    return service
 
 
 def _request(service, i: int, method: str) -> dict:
@@ -78,12 +81,51 @@ def test_concurrent_teacher_requests_are_batched(server, local_service):
     responses = asyncio.run(fire())
     assert all(r.status_code == 200 for r in responses)
     assert max(r.json()["batch_size"] for r in responses) > 1
-    assert max(httpx.get(f"{server}/stats").json()["batch_sizes"]) > 1
+    stats = httpx.get(f"{server}/stats").json()
+    assert max(stats["teacher"]["batch_sizes"]) > 1  # one inversion shared by concurrent requests
+    assert max(stats["index"]["batch_sizes"]) > 1
+
+
+def _png(service, pos: int) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    service.dataset.load_image(pos).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("method", ["teacher", "student", "knn"])
+def test_uploads_base64_and_multipart_equal_in_process(server, local_service, method):
+    """An uploaded image goes through the Encoder deployment; JSON (base64) and multipart
+    uploads answer what the in-process service answers."""
+    image = _png(local_service, 7)
+    body = {"image": base64.b64encode(image).decode(), "conditions": {"style": "hatched"}, "method": method, "k": 5}
+    local = [x["id"] for x in local_service.search(body)["items"]]
+    as_json = httpx.post(f"{server}/search", json=body, timeout=30)
+    assert as_json.status_code == 200, as_json.text
+    form = {"conditions": '{"style": "hatched"}', "method": method, "k": "5"}
+    as_form = httpx.post(f"{server}/search", data=form, files={"image": ("q.png", image, "image/png")}, timeout=30)
+    assert as_form.status_code == 200, as_form.text
+    assert [x["id"] for x in as_json.json()["items"]] == local == [x["id"] for x in as_form.json()["items"]]
+    assert as_form.json()["timing_ms"]["embed"] > 0
+
+
+@pytest.mark.parametrize("form, files, field", [
+    ({"conditions": '{"style": "hatched"}'}, {"image": ("q.png", b"not an image", "image/png")}, "image"),
+    ({"conditions": '{"style": "hatched"}'}, {"image": ("q.png", b"x" * 100_001, "image/png")}, "image"),
+    ({"conditions": "style=hatched"}, {"image": ("q.png", b"x", "image/png")}, "conditions"),
+    ({"conditions": '{"style": "hatched"}', "k": "many"}, {"image": ("q.png", b"x", "image/png")}, "k"),
+])
+def test_bad_multipart_uploads_get_4xx_naming_the_field(server, local_service, form, files, field):
+    r = httpx.post(f"{server}/search", data=form, files=files, timeout=30)
+    assert 400 <= r.status_code < 500 and r.json()["field"] == field, r.text
+    assert httpx.post(f"{server}/search", json=_request(local_service, 0, "knn")).status_code == 200
 
 
 @pytest.mark.parametrize("content, field", [
     ({"image": base64.b64encode(b"garbage bytes").decode(), "conditions": {"style": "flat"}}, "image"),
-    ({"image": "A" * 200_000, "conditions": {"style": "flat"}}, "image"),
+    ({"image": "A" * 140_000, "conditions": {"style": "flat"}}, "image"),
+    ({"image": "A" * 400_000, "conditions": {"style": "flat"}}, "body"),  # 413 before reading
     ({"item_id": "x", "conditions": {"style": "Rococo"}}, "conditions.style"),
     ({"item_id": "x", "conditions": {"style": "flat"}, "k": "10"}, "k"),
     (b"{not json", "body"),

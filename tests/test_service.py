@@ -10,35 +10,42 @@ import pytest
 from cir_bench.methods import get_method
 from cir_bench.methods.backward import BackwardSearch
 from cir_bench.methods.student import StudentSearch
-from cir_bench.pipeline import distil_or_load, prepare
-from cir_bench.service import RequestError, SearchService, ServiceLimits, queries_from_requests
+from cir_bench.methods.student import Student
+from cir_bench.pipeline import prepare
+from cir_bench.service import RequestError, SearchService, ServiceLimits, build_bundle, queries_from_requests
 
 
 @pytest.fixture(scope="module")
-def service(tiny_config, tiny, tiny_trained):
-    prepared = prepare(tiny_config, progress=False, dataset=tiny)
-    student, _ = distil_or_load(tiny_config, tiny, prepared.trained, prepared.store, ["style"], prepared.device,
-                                progress=False)
-    return SearchService(prepared, tiny_config, {("style",): student}, ServiceLimits(max_image_bytes=200_000))
+def prepared(tiny_config, tiny, tiny_trained):
+    return prepare(tiny_config, progress=False, dataset=tiny)
 
 
-def _requests(service, method, n=6):
-    test = service.dataset.split_indices("test")[:n]
-    styles = service.dataset.property("style").classes
-    return [{"item_id": service.dataset.items[p].id, "conditions": {"style": styles[(service.dataset.labels("style")[p]
+@pytest.fixture(scope="module")
+def service(tiny_config, tiny, prepared):
+    bundle = build_bundle(tiny_config, dataset=tiny)
+    return SearchService(bundle, ServiceLimits(max_image_bytes=200_000))
+
+
+def _requests(dataset, method, n=6):
+    test = dataset.split_indices("test")[:n]
+    styles = dataset.property("style").classes
+    return [{"item_id": dataset.items[p].id, "conditions": {"style": styles[(dataset.labels("style")[p]
              + 1) % 6]}, "method": method, "k": 10} for p in test]
 
 
 @pytest.mark.parametrize("method", ["teacher", "student", "knn"])
-def test_service_matches_the_offline_methods(service, method):
-    reqs = _requests(service, method)
+def test_service_matches_the_offline_methods(service, prepared, tiny_config, method):
+    """The service's components (loaded from the bundle's files) answer exactly what the
+    offline methods of the pipeline answer for the same queries."""
+    reqs = _requests(prepared.dataset, method)
     answers = service.search_many(reqs)
     assert all(a["batch_size"] == len(reqs) for a in answers)  # one batched search for the group
-    queries = queries_from_requests(service, [service.parse(r) for r in reqs])
-    offline = {"teacher": lambda: BackwardSearch(service.cfg.search.preset, lam=service.cfg.search.lam),
-               "student": lambda: StudentSearch(service.students[("style",)]),
-               "knn": lambda: get_method("knn")}[method]().search(service.ctx, queries, 10)
-    ids = [it.id for it in service.dataset.items]
+    queries = queries_from_requests([service.parser.parse(r) for r in reqs])
+    student = Student.load(service.bundle.students[("style",)])
+    offline = {"teacher": lambda: BackwardSearch(tiny_config.search.preset, lam=tiny_config.search.lam),
+               "student": lambda: StudentSearch(student),
+               "knn": lambda: get_method("knn")}[method]().search(prepared.ctx, queries, 10)
+    ids = [it.id for it in prepared.dataset.items]
     for a, row in zip(answers, offline.positions):
         assert [i["id"] for i in a["items"]] == [ids[p] for p in row]
     if method == "teacher":
@@ -47,14 +54,14 @@ def test_service_matches_the_offline_methods(service, method):
     assert [i["id"] for i in alone["items"]] == [i["id"] for i in answers[0]["items"]]
 
 
-def test_uploaded_image_is_embedded_like_the_store(service):
-    item = service.dataset.items[3]
+def test_uploaded_image_is_embedded_like_the_store(service, prepared, tiny_config):
+    item = prepared.dataset.items[3]
     buf = io.BytesIO()
-    service.dataset.load_image(3).save(buf, format="PNG")
+    prepared.dataset.load_image(3).save(buf, format="PNG")
     ans = service.search({"image": base64.b64encode(buf.getvalue()).decode(), "conditions": {"style": "flat"},
                           "method": "knn", "k": 3})
     # not in the index only if item 3 is outside the database split; then compare scores only
-    if item.split == service.cfg.queries.database_split:
+    if item.split == tiny_config.queries.database_split:
         assert ans["items"][0]["id"] == item.id and ans["items"][0]["score"] > 0.99
     assert set(ans["items"][0]["labels"]) == {"style", "shape", "color"}
 
@@ -77,9 +84,61 @@ def test_uploaded_image_is_embedded_like_the_store(service):
     ({"item_id": "00001-flat", "conditions": {"shape": "star"}, "method": "student"}, "method"),
     (["not", "an", "object"], "body"),
 ])
-def test_bad_requests_name_the_field_and_the_service_keeps_serving(service, request_body, field):
+def test_bad_requests_name_the_field_and_the_service_keeps_serving(service, prepared, request_body, field):
     with pytest.raises(RequestError) as err:
-        service.parse(request_body)
+        service.parser.parse(request_body)
     assert err.value.field == field
-    mixed = service.search_many([request_body, _requests(service, "knn", 1)[0]])
+    mixed = service.search_many([request_body, _requests(prepared.dataset, "knn", 1)[0]])
     assert mixed[0]["field"] == field and "items" in mixed[1]
+
+
+def test_mixed_methods_and_uploads_in_one_call(service, prepared):
+    """A batch holding teacher, student and knn requests, item ids and an upload, answers each
+    as if it were alone."""
+    buf = io.BytesIO()
+    prepared.dataset.load_image(5).save(buf, format="PNG")
+    upload = {"image": base64.b64encode(buf.getvalue()).decode(), "conditions": {"style": "flat"},
+              "method": "teacher", "k": 4}
+    reqs = [_requests(prepared.dataset, m, 2)[1] for m in ("teacher", "student", "knn")] + [upload]
+    together = service.search_many(reqs)
+    for r, t in zip(reqs, together):
+        alone = service.search(r)
+        assert [i["id"] for i in alone["items"]] == [i["id"] for i in t["items"]]
+
+
+def test_faiss_backend_gives_the_exact_answers(tiny_config, tiny, prepared):
+    import dataclasses
+
+    pytest.importorskip("faiss")
+    bundle = dataclasses.replace(build_bundle(tiny_config, dataset=tiny), index="faiss",
+                                 index_options={"factory": "Flat"})
+    exact = SearchService(build_bundle(tiny_config, dataset=tiny))
+    flat = SearchService(bundle)
+    for r in _requests(prepared.dataset, "knn") + _requests(prepared.dataset, "teacher"):
+        a, b = exact.search(r), flat.search(r)
+        assert [i["id"] for i in a["items"]] == [i["id"] for i in b["items"]]
+
+
+def test_run_config_selects_the_faiss_backend(tiny_config, tiny, prepared):
+    """eval.index=faiss reaches prepare(): knn over a FAISS Flat index ranks as the exact one."""
+    import dataclasses
+
+    from cir_bench.indexes import FaissIndex
+
+    pytest.importorskip("faiss")
+    cfg = dataclasses.replace(tiny_config, eval=dataclasses.replace(tiny_config.eval, index="faiss",
+                                                                     index_options={"factory": "Flat"}))
+    with_faiss = prepare(cfg, progress=False, dataset=tiny)
+    assert isinstance(with_faiss.ctx.index, FaissIndex)
+    queries = queries_from_requests([service_parse(prepared, r) for r in _requests(tiny, "knn")])
+    for method in ("knn", "filtered_knn"):
+        a = get_method(method).search(prepared.ctx, queries, 10).positions
+        b = get_method(method).search(with_faiss.ctx, queries, 10).positions
+        assert (a == b).all()
+
+
+def service_parse(prepared, request):
+    from cir_bench.service import Catalog, RequestParser
+
+    catalog = Catalog.from_dataset(prepared.dataset, prepared.ctx.database, "exclude")
+    return RequestParser(catalog, [], ServiceLimits()).parse(request)
