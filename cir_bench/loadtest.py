@@ -90,7 +90,12 @@ def summarize(samples: list[tuple[float, float, int]], stage: Stage) -> dict[str
     lat = np.array([s[1] for s in samples if s[2] == 200]) * 1000
     errors = sum(1 for s in samples if s[2] != 200)
     span = (max(s[0] + s[1] for s in samples) - min(s[0] for s in samples)) if samples else 0.0
-    out = {**asdict(stage), "requests": len(samples), "errors": errors,
+    fields = asdict(stage)
+    if stage.mode == "closed":
+        fields["rate"] = None  # closed loop: the concurrency sets the pace
+    else:
+        fields["concurrency"] = None  # open loop: the arrival rate sets the pace
+    out = {**fields, "requests": len(samples), "errors": errors,
            "error_rate": errors / len(samples) if samples else 0.0,
            "qps": (len(samples) - errors) / span if span > 0 else 0.0}
     for q in (50, 90, 95, 99):

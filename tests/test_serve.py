@@ -31,7 +31,9 @@ def server(local_ray, cache_dir, tiny_trained):
     settings = {"deployments": {name: small for name in ("ingress", "encoder", "teacher", "student", "index")},
                 "batching": {name: {"max_batch_size": 8, "batch_wait_timeout_s": 0.05}
                              for name in ("encoder", "teacher", "student", "index")},
-                "limits": {"max_image_bytes": 100_000}}
+                # 0: item-id queries fetch z0 from the Index deployment (the CLI test below
+                # serves with the default, where the ingress holds the small store)
+                "limits": {"max_image_bytes": 100_000, "ingress_store_mb": 0}}
     serve.run(app_module.build_app(bundle, settings), route_prefix="/", name="cir-bench-test")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
@@ -164,6 +166,9 @@ def test_cli_serve_starts_prints_url_and_stops_on_interrupt(cache_dir, tiny_trai
             time.sleep(0.5)
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).json() == {"status": "ok"}
         assert httpx.get(f"http://127.0.0.1:{port}/docs", timeout=10).status_code == 200  # OpenAPI UI
+        body = httpx.get(f"http://127.0.0.1:{port}/examples", params={"n": 1}, timeout=10).json()[0]
+        answer = httpx.post(f"http://127.0.0.1:{port}/search", json={**body, "method": "student"}, timeout=30)
+        assert answer.status_code == 200 and len(answer.json()["items"]) == body["k"], answer.text
     finally:
         os.kill(proc.pid, signal.SIGINT)  # what Ctrl+C sends
         try:
