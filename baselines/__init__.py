@@ -1,1 +1,13 @@
-"""Composed-image-retrieval baseline adapters (CLIP4CIR, Pic2Word, SEARLE, CoVR) — see issue #7."""
+"""Composed-image-retrieval baselines behind one interface (``QueryComposer``), built by name:
+
+    get_composer("searle", weights_dir=...)  ->  encode_gallery / encode_query / score
+
+One module per method; adding one is one file plus its ``BASELINES.register`` line and an
+import below. ``baselines.testing`` writes tiny random weights in each author's format.
+"""
+from baselines.base import BASELINES, BadWeightsError, MissingWeightsError, QueryComposer, WeightsFile, \
+    get_composer, resolve_weights_root
+from baselines import clip4cir, clip_refs, pic2word, searle  # noqa: F401  (registration)
+
+__all__ = ["BASELINES", "BadWeightsError", "MissingWeightsError", "QueryComposer", "WeightsFile", "get_composer",
+           "resolve_weights_root"]

@@ -223,13 +223,83 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _names(value: str | None, default: list[str]) -> list[str]:
+    if not value or value == "all":
+        return list(default)
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Backward Search vs the CoIR baselines on one dataset; writes comparison.md/.csv/.parquet."""
+    from baselines import BASELINES
+    from baselines.condition_text import TEMPLATES
+    from cir_bench.compare import COMPOSED, REFERENCES, run_compare
+
+    cfg = build_config(args)
+    names = _names(args.baselines, COMPOSED + REFERENCES)
+    for n in names:
+        BASELINES.get(n)  # unknown names fail before any work
+    templates = _names(args.templates, list(TEMPLATES))
+    for t in templates:
+        if t not in TEMPLATES:
+            raise ValueError(f"--templates: unknown template {t!r}; valid: {', '.join(TEMPLATES)}")
+    t0 = time.perf_counter()
+    out = run_compare(cfg, names, templates, args.weights_dir, progress=not args.no_progress)
+    print()
+    print((out / "comparison.md").read_text())
+    print(f"wrote comparison.md, comparison.csv, comparison.parquet and the run files to {out} "
+          f"in {time.perf_counter() - t0:.0f} s")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """The comparison tables of one or more `cir-bench compare`/`run` directories, from their files."""
+    from cir_bench.compare import write_report
+
+    dirs = [Path(d) for d in args.runs]
+    for d in dirs:
+        if not (d / "metrics.csv").is_file() or not (d / "manifest.json").is_file():
+            raise FileNotFoundError(f"{d}: not a run directory (needs metrics.csv and manifest.json)")
+    out = Path(args.out) if args.out else dirs[0]
+    paths = write_report(dirs, out)
+    print(paths[0].read_text())
+    print(f"wrote {', '.join(p.name for p in paths)} to {out}")
+    return 0
+
+
+def cmd_check_weights(args: argparse.Namespace) -> int:
+    """Which baseline weights are present under the weights root: paths, sizes, sha256."""
+    from baselines import BASELINES
+    from baselines.base import resolve_weights_root, sha256
+
+    root, how = resolve_weights_root(args.weights_dir)
+    print(f"weights root: {root.resolve()} (from {how})")
+    ready = 0
+    for name in _names(args.baselines, BASELINES.names()):
+        files = BASELINES.get(name).required_files()
+        found = [f.find(root) for f in files]
+        ready += all(found)
+        print(f"{name}: {'ready' if all(found) else 'MISSING'}")
+        for f, path in zip(files, found):
+            if path is None:
+                print(f"  missing  {(root / f.path).resolve()}  ({f.source}; licence: {f.licence})")
+            else:
+                print(f"  found    {path.resolve()}  {path.stat().st_size:,} bytes  sha256 "
+                      f"{sha256(path) if not args.no_hash else '(not computed)'}")
+    print(f"{ready} of {len(_names(args.baselines, BASELINES.names()))} baselines ready")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from cir_bench.data import DATASETS
     from cir_bench.methods import METHODS
     from cir_bench.metrics import METRICS
     from cir_bench.models import BACKBONES
 
-    registries = {"datasets": DATASETS, "backbones": BACKBONES, "methods": METHODS, "metrics": METRICS}
+    from baselines import BASELINES
+
+    registries = {"datasets": DATASETS, "backbones": BACKBONES, "methods": METHODS, "metrics": METRICS,
+                  "baselines": BASELINES}
     for kind in [args.kind] if args.kind else list(registries):
         print(f"{kind}: {', '.join(registries[kind].names())}")
     return 0
@@ -248,6 +318,27 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda", dest="lambdas", metavar="L1,L2,...",
                    help="also run Backward Search at each of these lambdas, e.g. 0,0.25,1,4,16")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("compare", help="Backward Search vs the CoIR baselines with weights present (Table 4)")
+    _add_config_args(p)
+    p.add_argument("--out", help="run directory (default runs/<timestamp>-<dataset>)")
+    p.add_argument("--baselines", help="comma-separated (default all: clip4cir, pic2word, searle, searle-xl, "
+                   "clip-image, clip-text, clip-sum)")
+    p.add_argument("--templates", help="condition-text templates (default T1,T2,T3; T1 is the headline)")
+    p.add_argument("--weights-dir", help="root of the baseline weights (default $CIR_BENCH_WEIGHTS or "
+                   "~/.cache/cir-bench/weights)")
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser("report", help="comparison tables from one or more run/compare directories")
+    p.add_argument("runs", nargs="+", help="run directories (one per dataset)")
+    p.add_argument("--out", help="where to write comparison.md/.csv/.parquet (default the first run)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("check-weights", help="list the baseline weights found: paths, sizes, sha256")
+    p.add_argument("--weights-dir", help="root of the baseline weights")
+    p.add_argument("--baselines", help="comma-separated (default all)")
+    p.add_argument("--no-hash", action="store_true", help="skip sha256 (fast on multi-GB files)")
+    p.set_defaults(func=cmd_check_weights)
 
     p = sub.add_parser("train", help="train encoder + heads (or reuse the cached checkpoint)")
     _add_config_args(p)
@@ -293,7 +384,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_loadtest)
 
     p = sub.add_parser("list", help="list registered datasets, backbones, methods, metrics")
-    p.add_argument("kind", nargs="?", choices=["datasets", "backbones", "methods", "metrics"])
+    p.add_argument("kind", nargs="?", choices=["datasets", "backbones", "methods", "metrics", "baselines"])
     p.set_defaults(func=cmd_list)
     return parser
 

@@ -5,6 +5,7 @@ from typing import Any, Callable
 
 from cir_bench.methods.backward import BackwardSearch
 from cir_bench.methods.base import Ranking, SearchContext, SearchMethod
+from cir_bench.methods.baseline import BaselineSearch
 from cir_bench.methods.filtered_knn import FilteredKNN, OracleFilteredKNN
 from cir_bench.methods.knn import KNNSearch
 from cir_bench.methods.random_search import RandomSearch
@@ -18,6 +19,7 @@ METHODS.register("backward")(BackwardSearch)
 METHODS.register("filtered_knn")(FilteredKNN)
 METHODS.register("oracle_filtered_knn")(OracleFilteredKNN)
 METHODS.register("student")(StudentSearch)
+METHODS.register("baseline")(BaselineSearch)  # CoIR adapters of baselines/ (cir-bench compare)
 
 
 def get_method(name: str, **params: Any) -> SearchMethod:

@@ -55,6 +55,13 @@ class SearchMethod(ABC):
     @abstractmethod
     def search(self, ctx: SearchContext, queries: QuerySet, k: int) -> Ranking: ...
 
+    def setup(self, ctx: SearchContext) -> None:
+        """One-off work before the timed search (e.g. a baseline embedding its gallery)."""
+
+    def setup_info(self) -> dict[str, Any]:
+        """What setup did (stored in the manifest)."""
+        return getattr(self, "info", {})
+
     def params(self) -> dict[str, Any]:
         """The settings that define this method's output (stored in the manifest)."""
         return {}

@@ -1,0 +1,298 @@
+"""The composed-image-retrieval adapter seam (baselines.md §8) and the weights convention (§9).
+
+An adapter (``QueryComposer``) turns a reference image plus condition text into a query
+vector, and database images into gallery vectors, in its own embedding space; the harness
+(cir_bench.methods.baseline) ranks and scores them with the same code as every other method.
+
+Weights are never downloaded. The root folder is, first hit wins: an explicit argument
+(``--weights-dir``), the config key ``baselines.weights_dir``, ``$CIR_BENCH_WEIGHTS``,
+``~/.cache/cir-bench/weights``. Under it, one sub-folder per adapter holds the authors' files
+under the authors' names.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import pickle
+import zipfile
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from cir_bench.registry import Registry
+
+BASELINES: Registry[type["QueryComposer"]] = Registry("baseline")  # classes with from_weights
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # adapters read local files only, never a hub
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+# -- weights -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WeightsFile:
+    """One file an adapter needs: where it lies under the root, who publishes it, licence."""
+
+    path: str  # relative to the weights root, e.g. "searle/SEARLE_ViT-B32.pt"
+    source: str  # where the authors publish it, in words
+    licence: str
+    min_bytes: int = 1024  # below this the file is certainly truncated
+    alternatives: tuple[str, ...] = ()  # other accepted paths (e.g. open_clip's safetensors copy)
+
+    def find(self, root: Path) -> Path | None:
+        for rel in (self.path, *self.alternatives):
+            if (root / rel).is_file():
+                return root / rel
+        return None
+
+
+class MissingWeightsError(FileNotFoundError):
+    """Weights an adapter needs are not on disk; the message says what to put where."""
+
+
+class BadWeightsError(ValueError):
+    """A weights file that exists but is not what it should be (HTML page, truncated, wrong keys)."""
+
+
+def resolve_weights_root(explicit: str | Path | None = None, config: str | Path | None = None
+                         ) -> tuple[Path, str]:
+    """The weights root and which resolution step gave it."""
+    if explicit:
+        return Path(explicit).expanduser(), "--weights-dir"
+    if config:
+        return Path(config).expanduser(), "config baselines.weights_dir"
+    if os.environ.get("CIR_BENCH_WEIGHTS"):
+        return Path(os.environ["CIR_BENCH_WEIGHTS"]).expanduser(), "$CIR_BENCH_WEIGHTS"
+    return Path("~/.cache/cir-bench/weights").expanduser(), "default ~/.cache/cir-bench/weights"
+
+
+def require(name: str, files: Sequence[WeightsFile], root: Path, how: str) -> dict[str, Path]:
+    """Resolved paths of ``files`` or a MissingWeightsError naming every missing one."""
+    missing = [f for f in files if f.find(root) is None]
+    if missing:
+        lines = [f"{name}: missing weights under {root.resolve()} (root from {how}):"]
+        for f in missing:
+            alt = "".join(f"\n      or: {(root / a).resolve()}" for a in f.alternatives)
+            lines.append(f"  - {(root / f.path).resolve()}{alt}\n      published: {f.source}\n      licence: {f.licence}")
+        lines.append("Put the authors' files there under these names (cir-bench never downloads), or point "
+                     "--weights-dir / $CIR_BENCH_WEIGHTS at the folder holding them; "
+                     "`cir-bench check-weights` lists what is found.")
+        raise MissingWeightsError("\n".join(lines))
+    return {f.path: f.find(root) for f in files}  # type: ignore[misc]
+
+
+def sha256(path: Path) -> str:
+    from cir_bench.store import file_sha256
+
+    return file_sha256(path)
+
+
+def check_file(path: Path, min_bytes: int = 1024) -> None:
+    """Refuse what cannot be a checkpoint before unpickling: an HTML page saved as .pt (Google
+    Drive's confirmation page), a truncated download."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head.lstrip()[:1] == b"<":
+        raise BadWeightsError(f"{path}: an HTML/XML page, not a checkpoint (a browser or Google Drive "
+                              "confirmation page saved instead of the file); download it again")
+    if size < min_bytes:
+        raise BadWeightsError(f"{path}: {size} bytes, too small for these weights (truncated download?)")
+    if path.suffix == ".safetensors":
+        return
+    if not (head.startswith(b"PK\x03\x04") or head[:1] == b"\x80"):
+        raise BadWeightsError(f"{path}: neither a torch zip archive nor a pickle (starts with {head[:8]!r})")
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as z:
+                bad = z.testzip()
+        except zipfile.BadZipFile as err:
+            raise BadWeightsError(f"{path}: damaged zip archive ({err}); truncated download?") from None
+        if bad is not None:
+            raise BadWeightsError(f"{path}: damaged member {bad} (truncated download?)")
+
+
+def load_state(path: Path, min_bytes: int = 1024) -> Any:
+    """A checkpoint read without running pickle code: safetensors, TorchScript archives (OpenAI
+    CLIP files: their state dict) or ``torch.load(weights_only=True)``."""
+    check_file(path, min_bytes)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            names = z.namelist()
+        if any(n.endswith("constants.pkl") for n in names):  # TorchScript (OpenAI CLIP .pt)
+            return {k: v.float() for k, v in torch.jit.load(str(path), map_location="cpu").state_dict().items()}
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise BadWeightsError(f"{path}: holds objects a weights-only load refuses ({err}); "
+                              "this is not the expected checkpoint") from None
+
+
+class _Stub:
+    """What the restricted unpickler returns for classes it does not allow."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Reads Lightning/Fabric checkpoints holding pickled objects of the authors' code (CoVR's
+    scheduler): torch tensor rebuilds, collections and builtins only; any other class becomes an
+    inert stub, and nothing it names is imported or run."""
+
+    ALLOWED_MODULES = ("torch", "collections", "numpy.core.multiarray", "numpy._core.multiarray", "numpy")
+    BUILTINS = {"dict", "list", "tuple", "set", "frozenset", "int", "float", "str", "bytes", "bool", "complex",
+                "slice", "range", "bytearray", "object"}
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "builtins" and name in self.BUILTINS:
+            return super().find_class(module, name)
+        if module == "collections" and name in ("OrderedDict", "defaultdict", "Counter", "deque"):
+            return super().find_class(module, name)
+        if module.startswith("torch") and (name.startswith("_rebuild") or name.endswith("Storage")
+                                           or name in ("Size", "device", "dtype", "float32", "float16",
+                                                       "bfloat16")):
+            return super().find_class(module, name)
+        if module in ("torch._utils", "torch.serialization"):
+            return super().find_class(module, name)
+        if module.split(".")[0] == "numpy" and name in ("_reconstruct", "ndarray", "dtype", "scalar"):
+            return super().find_class(module, name)
+        return type(name, (_Stub,), {"__module__": "cir_bench.stub." + module})
+
+
+def load_restricted(path: Path, min_bytes: int = 1024) -> Any:
+    """``torch.load`` through ``RestrictedUnpickler`` (for .ckpt files with pickled objects)."""
+    check_file(path, min_bytes)
+
+    class _Module:  # torch.load wants a pickle *module*
+        Unpickler = RestrictedUnpickler
+        __name__ = "restricted_pickle"
+
+        @staticmethod
+        def load(f: io.BufferedReader, **kw: Any) -> Any:
+            return RestrictedUnpickler(f, **kw).load()
+
+    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_Module)
+
+
+def strict_load(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:
+    """``load_state_dict(strict=True)`` whose error names the missing, unexpected and misshapen keys."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        raise BadWeightsError(f"{what}: the checkpoint does not fit the model; missing {missing[:8]}"
+                              f"{'…' if len(missing) > 8 else ''}, unexpected {unexpected[:8]}"
+                              f"{'…' if len(unexpected) > 8 else ''}, shape mismatches {shapes[:8]}")
+    module.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+
+
+# -- the adapter seam --------------------------------------------------------------------------
+class QueryComposer(ABC):
+    """Reference image + condition text -> query vector; image -> gallery vector.
+
+    Eval mode and inference mode always; batching inside; outputs on the CPU, float32,
+    L2-normalised. ``prompt_template`` wraps the condition text T (e.g. ``a photo of $ that {T}``).
+    """
+
+    name: str = "composer"
+    similarity: str = "cosine"
+    prompt_template: str = "{T}"
+
+    def __init__(self, device: str | torch.device = "cpu", batch_size: int = 32) -> None:
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.weights: dict[str, dict[str, Any]] = {}  # path -> {"sha256", "bytes"}: provenance
+        self.notes: list[str] = []  # e.g. "architecture differs from the authors'"
+
+    # subclasses implement these three
+    @abstractmethod
+    def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor: ...
+
+    @abstractmethod
+    def _encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) preprocessed -> (B, D) gallery vectors, not yet normalised."""
+
+    @abstractmethod
+    def _encode_queries(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        """(B, 3, H, W) reference images + the full prompts -> (B, D), not yet normalised."""
+
+    @property
+    @abstractmethod
+    def embed_dim(self) -> int: ...
+
+    @staticmethod
+    def required_files(**options: Any) -> list[WeightsFile]:
+        """The files ``from_weights`` reads (for check-weights and the missing-weights rows)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_weights(cls, weights_dir: str | Path | None = None, **options: Any) -> "QueryComposer":
+        raise NotImplementedError
+
+    #: where the condition text comes from: "template" (T1/T2/T3) or "labels" (a photo of {labels})
+    text_source: str = "template"
+
+    def describe(self) -> dict[str, Any]:
+        """What identifies this adapter's outputs (cache key, manifest)."""
+        return {"name": self.name, "prompt_template": self.prompt_template}
+
+    # shared behaviour
+    def prompts(self, texts: Sequence[str]) -> list[str]:
+        """The exact strings the text encoder receives for condition texts T."""
+        return [self.prompt_template.format(T=t) for t in texts]
+
+    def _batches(self, n: int):
+        for start in range(0, n, self.batch_size):
+            yield slice(start, start + self.batch_size)
+
+    @torch.inference_mode()
+    def encode_gallery(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        out = [self._encode_images(self.preprocess(images[sl]).to(self.device)).float()
+               for sl in self._batches(len(images))]
+        return torch.nn.functional.normalize(torch.cat(out), dim=-1).cpu() if out else torch.zeros(0, self.embed_dim)
+
+    @torch.inference_mode()
+    def encode_query(self, images: Sequence[Image.Image], texts: Sequence[str]) -> torch.Tensor:
+        if len(images) != len(texts):
+            raise ValueError(f"{len(images)} reference images but {len(texts)} condition texts")
+        prompts = self.prompts(texts)
+        out = [self._encode_queries(self.preprocess(images[sl]).to(self.device), prompts[sl]).float()
+               for sl in self._batches(len(images))]
+        return torch.nn.functional.normalize(torch.cat(out), dim=-1).cpu() if out else torch.zeros(0, self.embed_dim)
+
+    def score(self, queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
+        return queries @ gallery.T
+
+    def cache_key(self) -> str:
+        """Adapter + weights (sha256) + preprocessing: gallery vectors depend on all three."""
+        blob = repr(sorted(self.describe().items())) + repr(sorted((k, v["sha256"]) for k, v in self.weights.items()))
+        return f"{self.name}-{hashlib.sha256(blob.encode()).hexdigest()[:16]}"
+
+    def _record(self, paths: dict[str, Path]) -> None:
+        for rel, path in paths.items():
+            self.weights[rel] = {"sha256": sha256(path), "bytes": path.stat().st_size}
+
+    def eval_mode(self, *modules: torch.nn.Module) -> None:
+        for m in modules:
+            m.eval().to(self.device)
+            for p in m.parameters():
+                p.requires_grad_(False)
+
+
+def get_composer(name: str, weights_dir: str | Path | None = None, **options: Any) -> QueryComposer:
+    """Build a registered adapter from its weights (``from_weights``)."""
+    return BASELINES.get(name).from_weights(weights_dir=weights_dir, **options)

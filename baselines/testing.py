@@ -1,0 +1,84 @@
+"""Tiny random weights in each author's checkpoint format, for tests and demos.
+
+The modules are the real classes (open_clip.CLIP, Combiner, IM2TEXT, Phi) at toy sizes, saved
+exactly as the authors save theirs, so ``from_weights`` reads them through the real path.
+Numbers computed with them are *not* the baselines' numbers: every adapter built from them
+carries a note saying its architecture is not the authors'.
+
+    python -m baselines.testing DIR     # writes the tiny weights under DIR
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from baselines.clip4cir import Combiner
+from baselines.pic2word import IM2TEXT
+from baselines.searle import Phi
+
+TEXT = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1}
+
+
+def tiny_clip(kind: str = "vit", seed: int = 0, embed_dim: int = 32):
+    """A 1-layer open_clip.CLIP (ViT 32 px or ModifiedResNet 64 px), QuickGELU, float32."""
+    import open_clip
+
+    torch.manual_seed(seed)
+    if kind == "vit":
+        vision = open_clip.CLIPVisionCfg(layers=1, width=64, patch_size=16, image_size=32)
+    else:
+        vision = open_clip.CLIPVisionCfg(layers=(1, 1, 1, 1), width=8, image_size=64)
+    model = open_clip.CLIP(embed_dim, vision_cfg=vision, text_cfg=open_clip.CLIPTextCfg(**TEXT), quick_gelu=True)
+    with torch.no_grad():  # open_clip zero-initialises some projections; make every output depend on its input
+        for p in model.parameters():
+            if p.dim() > 1 and float(p.abs().sum()) == 0.0:
+                p.normal_(0, 0.02)
+    return model.eval()
+
+
+def _save(obj, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(obj, path)
+    return path
+
+
+def write_tiny_weights(root: str | Path, seed: int = 0) -> dict[str, list[Path]]:
+    """Write every adapter's files under ``root`` in the authors' formats; returns the paths."""
+    root = Path(root)
+    written: dict[str, list[Path]] = {}
+    # CLIP4CIR: {'epoch', 'CLIP': OpenAI-format state dict} + {'epoch', 'Combiner': state dict}
+    rn = tiny_clip("rn", seed)
+    torch.manual_seed(seed + 1)
+    comb = Combiner(32, 16, 32)
+    written["clip4cir"] = [
+        _save({"epoch": 3, "CLIP": rn.state_dict()}, root / "clip4cir" / "cirr_clip_RN50x4_fullft.pt"),
+        _save({"epoch": 3, "Combiner": comb.state_dict()}, root / "clip4cir" / "cirr_comb_RN50x4_fullft.pt")]
+    # Pic2Word: {'epoch', 'state_dict': CLIP with 'module.', 'state_dict_img2text', 'optimizer'}
+    vit_l = tiny_clip("vit", seed + 2)
+    torch.manual_seed(seed + 3)
+    img2text = IM2TEXT(embed_dim=32, middle_dim=16, output_dim=TEXT["width"])
+    optim = torch.optim.AdamW(img2text.parameters(), lr=1e-4)
+    img2text(torch.randn(2, 32)).sum().backward()
+    optim.step()
+    written["pic2word"] = [_save({
+        "epoch": 1, "name": "pic2word",
+        "state_dict": {f"module.{k}": v for k, v in vit_l.state_dict().items()},
+        "state_dict_img2text": {f"module.{k}": v for k, v in img2text.state_dict().items()},
+        "optimizer": optim.state_dict()}, root / "pic2word" / "pic2word_model.pt")]
+    # SEARLE / SEARLE-XL: {'Phi': state dict}; the OpenAI CLIP backbones beside them
+    vit_b = tiny_clip("vit", seed + 4)
+    torch.manual_seed(seed + 5)
+    phi_b, phi_l = Phi(32, 128, TEXT["width"]), Phi(32, 128, TEXT["width"])
+    written["clip"] = [_save(vit_b.state_dict(), root / "clip" / "ViT-B-32.pt"),
+                       _save(vit_l.state_dict(), root / "clip" / "ViT-L-14.pt")]
+    written["searle"] = [_save({"Phi": phi_b.state_dict()}, root / "searle" / "SEARLE_ViT-B32.pt"),
+                         _save({"Phi": phi_l.state_dict()}, root / "searle" / "SEARLE_ViT-L14.pt")]
+    return written
+
+
+if __name__ == "__main__":
+    target = Path(sys.argv[1] if len(sys.argv) > 1 else "tiny-weights")
+    for name, paths in write_tiny_weights(target).items():
+        print(name, *[str(p) for p in paths])

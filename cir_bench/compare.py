@@ -1,0 +1,166 @@
+"""``cir-bench compare``: Backward Search, its student, the embedding baselines and every
+composed-image-retrieval baseline whose weights are present, on the same query sets, gallery
+and metric engine (the paper's Table 4), and ``cir-bench report``: the comparison tables
+built from the written result files of one or more compare runs.
+
+A baseline without weights is a row "weights missing: <path>", never numbers. Rows computed
+with weights that are not the authors' architecture (e.g. the tiny test weights) carry a mark
+and a footnote saying so.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from cir_bench.config import RunConfig
+
+OWN_METHODS: list[Any] = ["random", "knn", "filtered_knn", {"method": "backward", "lam": 0.0}, "backward",
+                          "student"]
+COMPOSED = ["clip4cir", "pic2word", "searle", "searle-xl"]  # CoIR baselines (template-dependent)
+REFERENCES = ["clip-image", "clip-text", "clip-sum"]  # trivial references (template-independent)
+HEADLINE_TEMPLATE = "T1"
+METRICS = [("precision_at_{k}", "precision@{k} (mAP@{k}, paper def.)"), ("mts_at_{k}", "mTS@{k}"),
+           ("ap_at_{k}_R", "AP@{k} (/R)"), ("ap_at_{k}_minRk", "AP@{k} (/min(R,k))"),
+           ("ap_at_{k}_hits", "AP@{k} (/hits)"), ("ms_per_query", "ms/query")]
+
+
+def plan(baselines: Sequence[str], templates: Sequence[str], weights_dir: str | None, cache_dir: str | None
+         ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Method entries for the baselines whose files are present, and the missing ones."""
+    from baselines import BASELINES
+    from baselines.base import MissingWeightsError, require, resolve_weights_root
+
+    root, how = resolve_weights_root(weights_dir)
+    entries, missing = [], []
+    for name in baselines:
+        cls = BASELINES.get(name)
+        try:
+            require(name, cls.required_files(), root, how)
+        except MissingWeightsError as err:
+            paths = [str((root / f.path).resolve()) for f in cls.required_files() if f.find(root) is None]
+            missing.append({"baseline": name, "paths": paths, "message": str(err)})
+            continue
+        for template in (templates if cls.text_source == "template" else [HEADLINE_TEMPLATE]):
+            label = f"{name}[{template}]" if cls.text_source == "template" else name
+            entries.append({"method": "baseline", "label": label, "baseline": name, "template": template,
+                            "weights_dir": str(root), "cache_dir": cache_dir})
+    return entries, missing
+
+
+def run_compare(cfg: RunConfig, baselines: Sequence[str], templates: Sequence[str], weights_dir: str | None,
+                progress: bool = True, log=print) -> Path:
+    from cir_bench.pipeline import cache_dir_for, run
+
+    entries, missing = plan(baselines, templates, weights_dir, str(cache_dir_for(cfg)))
+    for m in missing:
+        log(f"{m['baseline']}: weights missing: {', '.join(m['paths'])}")
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, methods=list(OWN_METHODS) + entries))
+    out = run(cfg, progress=progress, log=log)
+    (out / "compare.json").write_text(json.dumps({
+        "baselines": list(baselines), "templates": list(templates), "headline_template": HEADLINE_TEMPLATE,
+        "missing": missing}, indent=2))
+    write_report([out], out)
+    return out
+
+
+def _rows(run_dir: Path) -> tuple[pd.DataFrame, dict[str, Any], dict[str, Any]]:
+    metrics = pd.read_csv(run_dir / "metrics.csv")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    extra = json.loads((run_dir / "compare.json").read_text()) if (run_dir / "compare.json").exists() else {}
+    return metrics, manifest, extra
+
+
+def collect(run_dirs: Sequence[Path]) -> tuple[pd.DataFrame, list[dict[str, Any]], dict[str, str]]:
+    """Long table (column = dataset:query set, method, baseline, template, metric values) from
+    the written files; the missing baselines; a note per method label that needs one."""
+    frames, missing, notes = [], [], {}
+    for d in run_dirs:
+        metrics, manifest, extra = _rows(Path(d))
+        dataset = manifest["dataset"]["name"]
+        frame = metrics.copy()
+        frame.insert(0, "column", dataset + ":" + frame["query_set"])
+        frame.insert(0, "run", str(d))
+        params = frame["params"].map(lambda p: json.loads(p) if isinstance(p, str) and p else {})
+        frame["baseline"] = params.map(lambda p: p.get("baseline"))
+        frame["template"] = params.map(lambda p: p.get("template"))
+        frame["row"] = [b if isinstance(b, str) else m for b, m in zip(frame["baseline"], frame["method"])]
+        for label, info in manifest.get("methods", {}).items():
+            for note in info.get("setup", {}).get("notes", []):
+                notes[label.split("[")[0]] = note
+        frames.append(frame)
+        for m in extra.get("missing", []):
+            missing.append({**m, "column": None, "run": str(d)})
+    return pd.concat(frames, ignore_index=True), missing, notes
+
+
+def write_report(run_dirs: Sequence[Path], out: Path, k: int = 10) -> list[Path]:
+    """comparison.md / .csv (wide, headline) / .parquet (long) from the run directories."""
+    long, missing, notes = collect(run_dirs)
+    columns = list(dict.fromkeys(long["column"]))
+    headline = long[(long["template"].isna()) | (long["template"] == HEADLINE_TEMPLATE)]
+    metric_cols = [(m.format(k=k), title.format(k=k)) for m, title in METRICS if m.format(k=k) in long]
+    wide = headline.pivot_table(index="row", columns="column", values=metric_cols[0][0], aggfunc="first",
+                                sort=False)[columns]
+    wide["average"] = wide[columns].mean(axis=1)
+    for metric, _ in metric_cols[1:]:
+        wide[f"{metric} (avg)"] = headline.pivot_table(index="row", columns="column", values=metric,
+                                                       aggfunc="first", sort=False)[columns].mean(axis=1)
+    wide.insert(0, "status", ["computed"] * len(wide))
+    wide.loc[[r for r in wide.index if r in notes], "status"] = "computed with non-author weights (see note)"
+    for m in missing:
+        wide.loc[m["baseline"], "status"] = "weights missing: " + "; ".join(m["paths"])
+    wide.index.name = "method"
+    out.mkdir(parents=True, exist_ok=True)
+    wide.to_csv(out / "comparison.csv")
+    long.to_parquet(out / "comparison.parquet", index=False)
+    (out / "comparison.md").write_text(_markdown(wide, long, columns, metric_cols, missing, notes, k))
+    return [out / "comparison.md", out / "comparison.csv", out / "comparison.parquet"]
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    return "—" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.{digits}f}"
+
+
+def _markdown(wide: pd.DataFrame, long: pd.DataFrame, columns: list[str], metric_cols, missing, notes,
+              k: int) -> str:
+    main_metric, main_title = metric_cols[0]
+    lines = [f"# Comparison: {main_title}", "",
+             f"Headline condition text: template {HEADLINE_TEMPLATE} (baselines/condition_text.py); rows are "
+             "the mean over each column's queries; `average` is the mean over the columns.", "",
+             "| method | " + " | ".join(columns) + " | average |", "|---|" + "---|" * (len(columns) + 1)]
+    missing_rows = {m["baseline"] for m in missing}
+    for row, r in wide.iterrows():
+        if row in missing_rows:
+            lines.append(f"| {row} | " + " | ".join([f"weights missing: {'; '.join(m['paths'])}" for m in missing
+                                                      if m["baseline"] == row][:1] + [""] * len(columns)) + " |")
+            continue
+        mark = " †" if row in notes else ""
+        lines.append(f"| {row}{mark} | " + " | ".join(_fmt(r[c]) for c in columns) + f" | {_fmt(r['average'])} |")
+    lines += ["", f"## Other metrics (average over columns, template {HEADLINE_TEMPLATE})", "",
+              "| method | " + " | ".join(t for _, t in metric_cols[1:]) + " |", "|---|" + "---|" * (len(metric_cols) - 1)]
+    for row, r in wide.iterrows():
+        if row in missing_rows:
+            continue
+        vals = [_fmt(r[f"{m} (avg)"], 2 if m == "ms_per_query" else 3) for m, _ in metric_cols[1:]]
+        lines.append(f"| {row}{' †' if row in notes else ''} | " + " | ".join(vals) + " |")
+    spread = long[long["method"].str.contains(r"\[T\d\]", regex=True)]  # template-dependent rows only
+    if len(spread):
+        lines += ["", f"## Template spread ({main_title}, average over columns)", "",
+                  "| baseline | " + " | ".join(sorted(spread["template"].unique())) + " | mean ± std | max |",
+                  "|---|" + "---|" * (spread["template"].nunique() + 2)]
+        for name, g in spread.groupby("baseline", sort=False):
+            per_t = g.groupby("template")[main_metric].mean()
+            lines.append(f"| {name} | " + " | ".join(_fmt(per_t.get(t)) for t in sorted(spread["template"].unique()))
+                         + f" | {per_t.mean():.3f} ± {per_t.std(ddof=0):.3f} | {per_t.max():.3f} |")
+        lines += ["", "Templates: T1 canonical (\"is in X style\", \"is a X\"), T2 imperative (\"make it …\", "
+                  "\"change it to …\"), T3 bare label; each wrapped in the method's own prompt "
+                  "(Pic2Word `a photo of * , {T}`, SEARLE `a photo of $ that {T}`, CLIP4CIR `{T}`). "
+                  "The exact prompts are in results.parquet (column `prompt`)."]
+    if notes:
+        lines += ["", "† computed, but not with the authors' weights:"] + [f"- {name}: {note}" for name, note in notes.items()]
+    return "\n".join(lines) + "\n"

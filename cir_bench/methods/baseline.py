@@ -1,0 +1,104 @@
+"""A composed-image-retrieval baseline (baselines/ adapters) as a search method: the same
+queries, database, self-match policy, tie-break and metric engine as every other method.
+
+``setup`` builds the adapter from its weights and embeds the database with it (cached under
+the adapter's ``cache_key`` + the dataset fingerprint); ``search`` then encodes each query's
+reference image with its condition text and ranks the database. The exact prompts fed to
+the model are returned per query (``extras["prompt"]``) and so stored with the results.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cir_bench.data.queries import QuerySet
+from cir_bench.methods.base import Ranking, SearchContext, SearchMethod
+from cir_bench.store import topk_stable
+
+
+class BaselineSearch(SearchMethod):
+    name = "baseline"
+    needs_images = True
+
+    def __init__(self, baseline: str, template: str = "T1", weights_dir: str | None = None,
+                 cache_dir: str | None = None, batch_size: int = 32, options: dict[str, Any] | None = None) -> None:
+        from baselines.condition_text import TEMPLATES
+
+        if template not in TEMPLATES:
+            raise ValueError(f"template must be one of {', '.join(TEMPLATES)}, got {template!r}")
+        self.baseline, self.template = baseline, template
+        self.weights_dir, self.cache_dir = weights_dir, cache_dir
+        self.batch_size, self.options = batch_size, dict(options or {})
+        self.composer = None
+        self.gallery: torch.Tensor | None = None
+        self.info: dict[str, Any] = {}
+
+    def params(self) -> dict[str, Any]:
+        return {"baseline": self.baseline, "template": self.template, **({"options": self.options} if self.options else {})}
+
+    def setup(self, ctx: SearchContext) -> None:
+        from baselines import get_composer
+
+        if self.composer is not None:
+            return
+        t0 = time.perf_counter()
+        self.composer = get_composer(self.baseline, self.weights_dir, device=str(ctx.device),
+                                     batch_size=self.batch_size, **self.options)
+        key = f"{self.composer.cache_key()}-{ctx.dataset.fingerprint()}"
+        root = Path(self.cache_dir) if self.cache_dir else Path(os.environ.get("CIR_BENCH_CACHE",
+                                                                                "~/.cache/cir-bench")).expanduser()
+        path = root / "baselines" / f"{key}.pt"
+        ids = [ctx.dataset.items[p].id for p in ctx.database]
+        gallery = None
+        if path.exists():
+            data = torch.load(path, map_location="cpu", weights_only=True)
+            if data["ids"] == ids:
+                gallery = data["z"]
+        reused = gallery is not None
+        if gallery is None:
+            images = [ctx.dataset.load_image(int(p)) for p in ctx.database]
+            gallery = self.composer.encode_gallery(images)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+            torch.save({"ids": ids, "z": gallery}, tmp)
+            os.replace(tmp, path)
+        self.gallery = gallery
+        self.info = {"gallery_cache": str(path), "gallery_reused": reused, "setup_s": time.perf_counter() - t0,
+                     "weights": self.composer.weights, "notes": list(self.composer.notes),
+                     "describe": self.composer.describe(), "cache_key": key}
+
+    def texts(self, ctx: SearchContext, queries: QuerySet) -> list[str]:
+        """Condition text per query (T of the template, or the label prompt of the references)."""
+        from baselines.condition_text import condition_text, label_text
+
+        out = []
+        for q in range(len(queries)):
+            conds = [(p, ctx.dataset.property(p).classes[int(queries.conditions[q, m])])
+                     for m, p in enumerate(queries.properties)]
+            if self.composer.text_source == "labels":
+                out.append(label_text(ctx.dataset.name, conds))
+            else:
+                out.append(condition_text(ctx.dataset.name, conds, self.template))
+        return out
+
+    def search(self, ctx: SearchContext, queries: QuerySet, k: int) -> Ranking:
+        self.setup(ctx)
+        texts = self.texts(ctx, queries)
+        images = [ctx.dataset.load_image(int(p)) for p in queries.positions]
+        q = self.composer.encode_query(images, texts)
+        sim = self.composer.score(q, self.gallery)
+        exclude = ctx.exclude(queries)
+        if exclude is not None:
+            local = ctx.index.local(exclude)
+            rows = np.nonzero(local >= 0)[0]
+            sim[torch.as_tensor(rows), torch.as_tensor(local[rows])] = float("-inf")
+        k = min(k, sim.shape[1] - (1 if exclude is not None else 0))
+        idx, scores = topk_stable(sim, k)
+        positions = np.asarray(ctx.database)[idx.numpy()]
+        prompts = np.array(self.composer.prompts(texts), dtype=object)
+        return Ranking(positions, scores.numpy(), {"prompt": prompts})

@@ -1,0 +1,242 @@
+"""CoIR baseline adapters built from tiny random modules of the real classes, saved in the
+authors' checkpoint formats and loaded back through the real ``from_weights`` path."""
+from __future__ import annotations
+
+import socket
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+pytest.importorskip("open_clip")
+
+from baselines import BASELINES, get_composer  # noqa: E402
+from baselines.base import BadWeightsError, MissingWeightsError, load_restricted, load_state, \
+    resolve_weights_root  # noqa: E402
+from baselines.clip4cir import Combiner  # noqa: E402
+from baselines.clip_common import encode_text_with_pseudo_tokens, placeholder_id, tokenizer  # noqa: E402
+from baselines.condition_text import ConditionTextError, condition_text, label_text  # noqa: E402
+from baselines.testing import tiny_clip, write_tiny_weights  # noqa: E402
+
+NAMES = ["clip4cir", "pic2word", "searle", "searle-xl", "clip-image", "clip-text", "clip-sum"]
+
+
+@pytest.fixture(scope="module")
+def no_network():
+    """Any connection attempt fails the test: adapters must read local files only."""
+    real = socket.socket.connect
+
+    def refuse(self, address):
+        raise AssertionError(f"network access attempted: {address}")
+
+    socket.socket.connect = refuse
+    yield
+    socket.socket.connect = real
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("weights")
+    write_tiny_weights(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def images() -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    return [Image.fromarray((rng.random((30 + 7 * i, 50, 3)) * 255).astype("uint8")) for i in range(5)]
+
+
+@pytest.fixture(scope="module")
+def composers(weights, no_network):
+    return {name: get_composer(name, weights) for name in NAMES}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_adapter_invariants(composers, images, name):
+    c = composers[name]
+    texts = ["is in flat style", "is red", "is a circle", "is in mosaic style", "is blue"]
+    g = c.encode_gallery(images)
+    q = c.encode_query(images, texts)
+    assert g.dtype == q.dtype == torch.float32 and g.device.type == q.device.type == "cpu"
+    assert g.shape == (5, c.embed_dim) and q.shape == (5, c.embed_dim)
+    assert torch.allclose(g.norm(dim=1), torch.ones(5), atol=1e-5)
+    assert torch.allclose(q.norm(dim=1), torch.ones(5), atol=1e-5)
+    assert torch.equal(q, c.encode_query(images, texts))  # deterministic: dropout is off
+    singles = torch.cat([c.encode_query(images[i:i + 1], texts[i:i + 1]) for i in range(5)])
+    assert torch.allclose(q, singles, atol=1e-5)  # batch invariant
+    assert torch.allclose(g, torch.cat([c.encode_gallery(images[i:i + 1]) for i in range(5)]), atol=1e-5)
+    assert c.score(q, g).shape == (5, 5)
+    other = c.encode_query(images[:1], ["is in hatched style"])
+    if name != "clip-image":  # the image-only reference ignores the condition by design
+        assert not torch.allclose(other, q[:1]), "different conditions gave the same query"
+    if name in ("pic2word", "searle", "searle-xl", "clip4cir", "clip-sum"):
+        moved = c.encode_query(images[1:2], texts[:1])
+        assert not torch.allclose(moved, q[:1]), "a different image gave the same query"
+    assert c.notes and "not the authors'" in c.notes[0]  # tiny weights are labelled as such
+    assert all(len(v["sha256"]) == 64 for v in c.weights.values())
+
+
+def test_pseudo_token_encoder_equals_encode_text_with_the_placeholder_embedding():
+    clip = tiny_clip("vit", 7)
+    tok = tokenizer()
+    for placeholder, prompt in (("$", "a photo of $ that is red"), ("*", "a photo of * , is in flat style")):
+        pid = placeholder_id(tok, placeholder)
+        tokens = tok([prompt, prompt.replace("red", "blue").replace("flat", "dotted")])
+        own = clip.token_embedding.weight[pid].expand(2, -1)
+        with torch.no_grad():
+            assert torch.equal(encode_text_with_pseudo_tokens(clip, tokens, own, pid), clip.encode_text(tokens))
+    assert (placeholder_id(tok, "$"), placeholder_id(tok, "*")) == (259, 265)  # the authors' BPE ids
+
+
+def test_placeholder_must_appear_exactly_once():
+    clip, tok = tiny_clip("vit", 1), tokenizer()
+    tokens = tok(["a photo of $ and $", "a photo of $"])
+    with pytest.raises(ValueError, match="prompt 0 holds the placeholder token 2 times"):
+        encode_text_with_pseudo_tokens(clip, tokens, torch.zeros(2, 64), 259)
+
+
+def test_combiner_matches_the_formula():
+    torch.manual_seed(0)
+    comb = Combiner(8, 6, 10).eval()
+    img, txt = torch.randn(3, 8), torch.randn(3, 8)
+    with torch.no_grad():
+        tp = torch.relu(comb.text_projection_layer(txt))
+        ip = torch.relu(comb.image_projection_layer(img))
+        raw = torch.cat([tp, ip], -1)
+        lam = torch.sigmoid(comb.dynamic_scalar[3](torch.relu(comb.dynamic_scalar[0](raw))))
+        expected = comb.output_layer(torch.relu(comb.combiner_layer(raw))) + lam * txt + (1 - lam) * img
+        assert torch.allclose(comb.combine_features(img, txt), torch.nn.functional.normalize(expected, dim=-1))
+    assert set(comb.state_dict()) >= {"dynamic_scalar.0.weight", "dynamic_scalar.3.weight", "output_layer.bias"}
+
+
+def test_condition_text_templates_and_prompts(composers):
+    conds = [("style", "hatched"), ("color", "red")]
+    assert condition_text("synthart", conds, "T1") == "is in hatched style and is red"
+    assert condition_text("synthart", conds, "T2") == "make it in hatched style and make it red"
+    assert condition_text("synthart", conds, "T3") == "hatched and red"
+    assert condition_text("synthart", [("shape", "hexagon")], "T1") == "is a hexagon"
+    assert condition_text("apy", [("category", "aeroplane")], "T2") == "change it to an airplane"
+    assert condition_text("wikiart", [("style", "Ukiyo_e")], "T1") == "is in Ukiyo-e style"
+    assert label_text("cub", [("bird", "017.Cardinal")]) == "a photo of Cardinal"
+    assert composers["searle"].prompts(["is red"]) == ["a photo of $ that is red"]
+    assert composers["pic2word"].prompts(["is red"]) == ["a photo of * , is red"]
+    assert composers["clip4cir"].prompts(["is red"]) == ["is red"]
+    with pytest.raises(ConditionTextError, match="no phrase for label 'Rococo'"):
+        condition_text("synthart", [("style", "Rococo")])
+    with pytest.raises(ConditionTextError, match="placeholder"):
+        condition_text("csv", [("tag", "a$b")])
+    with pytest.raises(ConditionTextError, match="unknown template"):
+        condition_text("synthart", conds, "T9")
+
+
+def test_missing_weights_name_each_path_source_and_licence(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIR_BENCH_WEIGHTS", str(tmp_path))
+    root, how = resolve_weights_root()
+    assert root == tmp_path and how == "$CIR_BENCH_WEIGHTS"
+    with pytest.raises(MissingWeightsError) as err:
+        get_composer("searle")
+    msg = str(err.value)
+    assert str(tmp_path / "searle" / "SEARLE_ViT-B32.pt") in msg and str(tmp_path / "clip" / "ViT-B-32.pt") in msg
+    assert "CC BY-NC 4.0" in msg and "miccunifi/SEARLE" in msg and "$CIR_BENCH_WEIGHTS" in msg
+    assert "open_clip_model.safetensors" in msg  # the accepted alternative is named too
+    with pytest.raises(MissingWeightsError, match="ABaldrati/CLIP4Cir"):
+        get_composer("clip4cir", tmp_path)
+
+
+def test_html_truncated_and_misshapen_files_are_refused(tmp_path, weights):
+    html = tmp_path / "clip4cir" / "cirr_clip_RN50x4_fullft.pt"
+    html.parent.mkdir(parents=True)
+    html.write_text("<!DOCTYPE html><html>Google Drive - Virus scan warning</html>" * 100)
+    with pytest.raises(BadWeightsError, match="HTML"):
+        load_state(html)
+    good = weights / "searle" / "SEARLE_ViT-B32.pt"
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(BadWeightsError, match="truncated|damaged"):
+        load_state(cut)
+    # a Phi of the wrong shape: the strict load names the keys/shapes
+    bad_root = tmp_path / "w"
+    (bad_root / "searle").mkdir(parents=True)
+    (bad_root / "clip").mkdir()
+    (bad_root / "clip" / "ViT-B-32.pt").write_bytes((weights / "clip" / "ViT-B-32.pt").read_bytes())
+    state = torch.load(good, weights_only=True)["Phi"]
+    state["layers.3.weight"] = torch.zeros(5, 5)
+    torch.save({"Phi": state}, bad_root / "searle" / "SEARLE_ViT-B32.pt")
+    with pytest.raises(BadWeightsError, match=r"layers\.3\.weight: file \(5, 5\)"):
+        get_composer("searle", bad_root)
+    # the wrong dictionary layout names the expected format
+    torch.save({"state_dict": state}, bad_root / "searle" / "SEARLE_ViT-B32.pt")
+    with pytest.raises(BadWeightsError, match="'Phi'"):
+        get_composer("searle", bad_root)
+
+
+class _Scheduler:
+    def __init__(self):
+        self.lr = 0.1
+
+
+def test_restricted_unpickler_stubs_unknown_classes_and_runs_nothing(tmp_path):
+    # a Lightning-style checkpoint holding an object of the authors' module src.tools.scheduler
+    module = types.ModuleType("src.tools.scheduler")
+    _Scheduler.__module__ = "src.tools.scheduler"
+    module.CosineSchedule = _Scheduler
+    _Scheduler.__qualname__ = _Scheduler.__name__ = "CosineSchedule"
+    fake = {"src": types.ModuleType("src"), "src.tools": types.ModuleType("src.tools"), "src.tools.scheduler": module}
+    fake["src"].tools, fake["src.tools"].scheduler = fake["src.tools"], module
+    saved = {k: sys.modules.get(k) for k in fake}
+    sys.modules.update(fake)
+    path = tmp_path / "webvid-covr.ckpt"
+    try:
+        torch.save({"epoch": 1, "model": {"w": torch.ones(3)}, "scheduler": _Scheduler()}, path)
+    finally:
+        for k, v in saved.items():  # the loader must not need the authors' code
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+    with pytest.raises(BadWeightsError, match="weights-only load refuses"):
+        load_state(path)
+    ckpt = load_restricted(path)
+    assert torch.equal(ckpt["model"]["w"], torch.ones(3))
+    assert type(ckpt["scheduler"]).__name__ == "CosineSchedule" and not hasattr(ckpt["scheduler"], "lr")
+
+    # a pickle whose reduce would run a shell command: the stub is built instead, nothing runs
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            import os
+
+            return (os.system, (f"touch {marker}",))
+
+    evil = tmp_path / "evil.ckpt"
+    torch.save({"model": {"w": torch.zeros(600)}, "x": Evil()}, evil)
+    loaded = load_restricted(evil)
+    assert not marker.exists()  # os.system was never called
+    assert type(loaded["x"]).__module__.startswith("cir_bench.stub.")  # an inert stub took its place
+
+
+def test_registry_lists_every_adapter():
+    assert set(NAMES) <= set(BASELINES.names())
+
+
+REAL = {name: BASELINES.get(name).required_files() for name in NAMES}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_real_weights_when_present(name):
+    """Runs only where the authors' files are on disk ($CIR_BENCH_WEIGHTS or ~/.cache/cir-bench/weights)."""
+    root, _ = resolve_weights_root()
+    missing = [f.path for f in REAL[name] if f.find(root) is None]
+    if missing:
+        pytest.skip(f"real weights absent: {', '.join(str(root / m) for m in missing)}")
+    c = get_composer(name, root)
+    assert not c.notes, c.notes  # the real files have the authors' architecture
+    img = Image.new("RGB", (300, 200), (200, 30, 30))
+    q = c.encode_query([img], ["is red"])
+    assert q.shape == (1, c.embed_dim) and torch.isfinite(q).all()
