@@ -7,7 +7,7 @@ import below. ``baselines.testing`` writes tiny random weights in each author's 
 """
 from baselines.base import BASELINES, BadWeightsError, MissingWeightsError, QueryComposer, WeightsFile, \
     get_composer, resolve_weights_root
-from baselines import clip4cir, clip_refs, pic2word, searle  # noqa: F401  (registration)
+from baselines import clip4cir, clip_refs, covr, pic2word, searle  # noqa: F401  (registration)
 
 __all__ = ["BASELINES", "BadWeightsError", "MissingWeightsError", "QueryComposer", "WeightsFile", "get_composer",
            "resolve_weights_root"]

@@ -75,7 +75,69 @@ def write_tiny_weights(root: str | Path, seed: int = 0) -> dict[str, list[Path]]
                        _save(vit_l.state_dict(), root / "clip" / "ViT-L-14.pt")]
     written["searle"] = [_save({"Phi": phi_b.state_dict()}, root / "searle" / "SEARLE_ViT-B32.pt"),
                          _save({"Phi": phi_l.state_dict()}, root / "searle" / "SEARLE_ViT-L14.pt")]
+    written["covr"] = write_tiny_covr(root, seed + 6)
     return written
+
+
+VOCAB = ["[PAD]"] + [f"[unused{i}]" for i in range(3)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"] + \
+    "a an and is in it to of make change style photo that".split() + \
+    "flat outline hatched dotted gradient mosaic circle square triangle star hexagon cross ring diamond".split() + \
+    "red orange yellow green cyan blue purple pink".split()
+
+
+class _FakeScheduler:
+    """Stands in for CoVR's ``src.tools.scheduler.CosineSchedule`` when writing a checkpoint."""
+
+    def __init__(self) -> None:
+        self.base_lr, self.step = 1e-4, 7
+
+
+def write_tiny_covr(root: Path, seed: int = 0) -> list[Path]:
+    """A tiny BLIP retrieval model saved as CoVR's Fabric checkpoint: BLIP key names, the learnt
+    temperature, a position_ids buffer, optimizer state and a pickled object of the authors'
+    scheduler class (module ``src.tools.scheduler``, which does not exist when loading)."""
+    import types
+
+    from transformers import BlipConfig, BlipForImageTextRetrieval
+
+    from baselines.covr import hf_to_blip
+
+    vocab = root / "covr" / "bert-base-uncased" / "vocab.txt"
+    vocab.parent.mkdir(parents=True, exist_ok=True)
+    vocab.write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
+    torch.manual_seed(seed)
+    config = BlipConfig(
+        vision_config=dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=1, intermediate_size=128,
+                           image_size=32, patch_size=16, layer_norm_eps=1e-6),
+        text_config=dict(vocab_size=len(VOCAB) + 2, hidden_size=64, num_hidden_layers=1, num_attention_heads=1,
+                         intermediate_size=128, max_position_embeddings=64, encoder_hidden_size=64,
+                         bos_token_id=len(VOCAB), pad_token_id=0, sep_token_id=VOCAB.index("[SEP]")),
+        image_text_hidden_size=32)
+    model = BlipForImageTextRetrieval(config).eval()
+    with torch.no_grad():  # HF initialises BLIP's vision tower with std 1e-10: the image would not matter
+        for name, p in model.vision_model.named_parameters():
+            if p.dim() > 1 or "embedding" in name:
+                p.normal_(0, 0.05)
+    state = {hf_to_blip(k): v for k, v in model.state_dict().items() if not k.startswith("itm_head.")}
+    state["temp"] = torch.tensor(0.07)
+    state["text_encoder.embeddings.position_ids"] = torch.arange(64)[None]
+    names = ("src", "src.tools", "src.tools.scheduler")
+    saved = {n: sys.modules.get(n) for n in names}
+    mods = {n: types.ModuleType(n) for n in names}
+    mods["src.tools.scheduler"].CosineSchedule = _FakeScheduler
+    _FakeScheduler.__module__, _FakeScheduler.__qualname__ = "src.tools.scheduler", "CosineSchedule"
+    sys.modules.update(mods)
+    try:
+        path = _save({"epoch": 4, "model": state, "optimizer": {"state": {}, "param_groups": [{"lr": 1e-5}]},
+                      "scheduler": _FakeScheduler()}, root / "covr" / "webvid-covr.ckpt")
+    finally:
+        _FakeScheduler.__module__, _FakeScheduler.__qualname__ = __name__, "_FakeScheduler"
+        for n, m in saved.items():
+            if m is None:
+                sys.modules.pop(n, None)
+            else:
+                sys.modules[n] = m
+    return [path, vocab]
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from cir_bench.config import RunConfig
 
 OWN_METHODS: list[Any] = ["random", "knn", "filtered_knn", {"method": "backward", "lam": 0.0}, "backward",
                           "student"]
-COMPOSED = ["clip4cir", "pic2word", "searle", "searle-xl"]  # CoIR baselines (template-dependent)
+COMPOSED = ["clip4cir", "pic2word", "searle", "searle-xl", "covr"]  # CoIR baselines (template-dependent)
 REFERENCES = ["clip-image", "clip-text", "clip-sum"]  # trivial references (template-independent)
 HEADLINE_TEMPLATE = "T1"
 METRICS = [("precision_at_{k}", "precision@{k} (mAP@{k}, paper def.)"), ("mts_at_{k}", "mTS@{k}"),

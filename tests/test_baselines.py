@@ -22,7 +22,7 @@ from baselines.clip_common import encode_text_with_pseudo_tokens, placeholder_id
 from baselines.condition_text import ConditionTextError, condition_text, label_text  # noqa: E402
 from baselines.testing import tiny_clip, write_tiny_weights  # noqa: E402
 
-NAMES = ["clip4cir", "pic2word", "searle", "searle-xl", "clip-image", "clip-text", "clip-sum"]
+NAMES = ["clip4cir", "pic2word", "searle", "searle-xl", "covr", "clip-image", "clip-text", "clip-sum"]
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,7 @@ def test_adapter_invariants(composers, images, name):
     other = c.encode_query(images[:1], ["is in hatched style"])
     if name != "clip-image":  # the image-only reference ignores the condition by design
         assert not torch.allclose(other, q[:1]), "different conditions gave the same query"
-    if name in ("pic2word", "searle", "searle-xl", "clip4cir", "clip-sum"):
+    if name in ("pic2word", "searle", "searle-xl", "clip4cir", "covr", "clip-sum"):
         moved = c.encode_query(images[1:2], texts[:1])
         assert not torch.allclose(moved, q[:1]), "a different image gave the same query"
     assert c.notes and "not the authors'" in c.notes[0]  # tiny weights are labelled as such
@@ -219,6 +219,40 @@ def test_restricted_unpickler_stubs_unknown_classes_and_runs_nothing(tmp_path):
     loaded = load_restricted(evil)
     assert not marker.exists()  # os.system was never called
     assert type(loaded["x"]).__module__.startswith("cir_bench.stub.")  # an inert stub took its place
+
+
+def test_covr_query_path_swaps_cls_for_enc_and_cross_attends(composers, images):
+    from baselines.covr import blip_to_hf, hf_to_blip
+
+    c = composers["covr"]
+    seen = {}
+    real_forward = c.model.text_encoder.forward
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real_forward(*args, **kwargs)
+
+    c.model.text_encoder.forward = spy
+    try:
+        c.encode_query(images[:2], ["is red", "make it in flat style"])
+    finally:
+        c.model.text_encoder.forward = real_forward
+    assert (seen["input_ids"][:, 0] == c.tokenizer.convert_tokens_to_ids("[ENC]")).all()
+    assert c.tokenizer.convert_tokens_to_ids(["[DEC]", "[ENC]"]) == [len(c.tokenizer) - 2, len(c.tokenizer) - 1]
+    assert seen["encoder_hidden_states"].shape[:2] == (2, 5)  # all ViT tokens of the reference (CLS + 2x2)
+    for key in c.model.state_dict():
+        assert blip_to_hf(hf_to_blip(key)) == key
+    assert hf_to_blip("vision_model.encoder.layers.0.self_attn.projection.weight") == "visual_encoder.blocks.0.attn.proj.weight"
+    assert hf_to_blip("vision_model.post_layernorm.bias") == "visual_encoder.norm.bias"
+
+
+def test_covr_refuses_a_file_that_is_not_a_bert_vocabulary(weights, tmp_path):
+    import shutil
+
+    shutil.copytree(weights / "covr", tmp_path / "covr")
+    (tmp_path / "covr" / "bert-base-uncased" / "vocab.txt").write_text("hello\nworld\n" * 10)
+    with pytest.raises(BadWeightsError, match=r"no \[PAD\] line"):
+        get_composer("covr", tmp_path)
 
 
 def test_registry_lists_every_adapter():
