@@ -243,6 +243,12 @@ class QueryComposer(ABC):
     def from_weights(cls, weights_dir: str | Path | None = None, **options: Any) -> "QueryComposer":
         raise NotImplementedError
 
+    @classmethod
+    def from_modules(cls, *modules: Any, **kwargs: Any) -> "QueryComposer":
+        """The adapter around modules built in code (tests, custom checkpoints): the same
+        forward code as ``from_weights``, no files read."""
+        return cls(*modules, **kwargs)
+
     #: where the condition text comes from: "template" (T1/T2/T3) or "labels" (a photo of {labels})
     text_source: str = "template"
 
@@ -251,6 +257,16 @@ class QueryComposer(ABC):
         return {"name": self.name, "prompt_template": self.prompt_template}
 
     # shared behaviour
+    def condition_text(self, dataset: str, conditions: Sequence[Sequence[tuple[str, str]]],
+                       template: str = "T1") -> list[str]:
+        """The exact strings the text encoder receives, one per query: each query's list of
+        (property, label) conditions -> T (baselines/condition_text.py) -> this method's prompt."""
+        from baselines.condition_text import condition_text, label_text
+
+        if self.text_source == "labels":
+            return self.prompts([label_text(dataset, c) for c in conditions])
+        return self.prompts([condition_text(dataset, c, template) for c in conditions])
+
     def prompts(self, texts: Sequence[str]) -> list[str]:
         """The exact strings the text encoder receives for condition texts T."""
         return [self.prompt_template.format(T=t) for t in texts]
@@ -266,10 +282,13 @@ class QueryComposer(ABC):
         return torch.nn.functional.normalize(torch.cat(out), dim=-1).cpu() if out else torch.zeros(0, self.embed_dim)
 
     @torch.inference_mode()
-    def encode_query(self, images: Sequence[Image.Image], texts: Sequence[str]) -> torch.Tensor:
+    def encode_query(self, images: Sequence[Image.Image], texts: Sequence[str], wrapped: bool = False
+                     ) -> torch.Tensor:
+        """Query vectors for reference images and condition texts T (``wrapped``: the texts are
+        already the full prompts, as ``condition_text`` returns them)."""
         if len(images) != len(texts):
             raise ValueError(f"{len(images)} reference images but {len(texts)} condition texts")
-        prompts = self.prompts(texts)
+        prompts = list(texts) if wrapped else self.prompts(texts)
         out = [self._encode_queries(self.preprocess(images[sl]).to(self.device), prompts[sl]).float()
                for sl in self._batches(len(images))]
         return torch.nn.functional.normalize(torch.cat(out), dim=-1).cpu() if out else torch.zeros(0, self.embed_dim)

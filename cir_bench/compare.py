@@ -29,26 +29,30 @@ METRICS = [("precision_at_{k}", "precision@{k} (mAP@{k}, paper def.)"), ("mts_at
            ("ap_at_{k}_hits", "AP@{k} (/hits)"), ("ms_per_query", "ms/query")]
 
 
-def plan(baselines: Sequence[str], templates: Sequence[str], weights_dir: str | None, cache_dir: str | None
+def plan(baselines: Sequence[str], templates: Sequence[str], weights_dir: str | None, cache_dir: str | None,
+         config_dir: str | None = None, options: dict[str, dict[str, Any]] | None = None
          ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Method entries for the baselines whose files are present, and the missing ones."""
     from baselines import BASELINES
     from baselines.base import MissingWeightsError, require, resolve_weights_root
 
-    root, how = resolve_weights_root(weights_dir)
+    root, how = resolve_weights_root(weights_dir, config_dir)
     entries, missing = [], []
     for name in baselines:
         cls = BASELINES.get(name)
+        opts = dict((options or {}).get(name, {}))
+        files = cls.required_files(**opts)
         try:
-            require(name, cls.required_files(), root, how)
+            require(name, files, root, how)
         except MissingWeightsError as err:
-            paths = [str((root / f.path).resolve()) for f in cls.required_files() if f.find(root) is None]
+            paths = [str((root / f.path).resolve()) for f in files if f.find(root) is None]
             missing.append({"baseline": name, "paths": paths, "message": str(err)})
             continue
         for template in (templates if cls.text_source == "template" else [HEADLINE_TEMPLATE]):
             label = f"{name}[{template}]" if cls.text_source == "template" else name
             entries.append({"method": "baseline", "label": label, "baseline": name, "template": template,
-                            "weights_dir": str(root), "cache_dir": cache_dir})
+                            "weights_dir": str(root), "cache_dir": cache_dir,
+                            **({"options": opts} if opts else {})})
     return entries, missing
 
 
@@ -56,7 +60,8 @@ def run_compare(cfg: RunConfig, baselines: Sequence[str], templates: Sequence[st
                 progress: bool = True, log=print) -> Path:
     from cir_bench.pipeline import cache_dir_for, run
 
-    entries, missing = plan(baselines, templates, weights_dir, str(cache_dir_for(cfg)))
+    entries, missing = plan(baselines, templates, weights_dir, str(cache_dir_for(cfg)), cfg.baselines.weights_dir,
+                            cfg.baselines.options)
     for m in missing:
         log(f"{m['baseline']}: weights missing: {', '.join(m['paths'])}")
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, methods=list(OWN_METHODS) + entries))

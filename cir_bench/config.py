@@ -113,6 +113,15 @@ class RayConfig:
 
 
 @dataclass
+class BaselinesConfig:
+    """CoIR baselines of ``cir-bench compare`` (baselines/)."""
+
+    weights_dir: str | None = None  # root of the authors' files; --weights-dir overrides it
+    # per-adapter options, e.g. {clip4cir: {variant: fiq}, clip-sum: {backbone: ViT-B-32}}
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
 class RunConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -122,6 +131,7 @@ class RunConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
     student: StudentSection = field(default_factory=StudentSection)
     ray: RayConfig = field(default_factory=RayConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
     seed: int = 0
     device: str = "auto"
     out: str | None = None

@@ -255,6 +255,30 @@ def test_covr_refuses_a_file_that_is_not_a_bert_vocabulary(weights, tmp_path):
         get_composer("covr", tmp_path)
 
 
+def test_condition_text_gives_the_exact_prompts_per_query(composers):
+    conds = [[("style", "hatched"), ("color", "red")], [("style", "flat"), ("color", "blue")]]
+    assert composers["searle"].condition_text("synthart", conds, "T2") == [
+        "a photo of $ that make it in hatched style and make it red",
+        "a photo of $ that make it in flat style and make it blue"]
+    assert composers["pic2word"].condition_text("synthart", conds[:1], "T3") == ["a photo of * , hatched and red"]
+    assert composers["covr"].condition_text("synthart", conds[:1]) == ["is in hatched style and is red"]
+    assert composers["clip-text"].condition_text("synthart", conds[:1], "T2") == ["a photo of hatched and red"]
+
+
+def test_from_modules_runs_the_same_forward_code_as_from_weights(composers, weights, images):
+    from baselines.clip_common import build_clip
+    from baselines.searle import SEARLE, Phi
+
+    clip, cfg = build_clip(load_state(weights / "clip" / "ViT-B-32.pt"), "clip")
+    state = load_state(weights / "searle" / "SEARLE_ViT-B32.pt")["Phi"]
+    phi = Phi(*Phi.dims(state))
+    phi.load_state_dict(state)
+    built = SEARLE.from_modules(clip, phi, cfg["vision_cfg"]["image_size"])
+    texts = ["is red", "is in flat style"]
+    assert torch.equal(built.encode_query(images[:2], texts), composers["searle"].encode_query(images[:2], texts))
+    assert not built.weights  # nothing was read from disk
+
+
 def test_registry_lists_every_adapter():
     assert set(NAMES) <= set(BASELINES.names())
 

@@ -23,12 +23,17 @@ def weights(tmp_path_factory):
     return root
 
 
-@pytest.fixture
-def no_network(monkeypatch):
+@pytest.fixture(scope="module")
+def no_network():
+    """Any connection attempt fails: compare reads local files only."""
+    real = socket.socket.connect
+
     def refuse(self, address):
         raise AssertionError(f"network access attempted: {address}")
 
-    monkeypatch.setattr(socket.socket, "connect", refuse)
+    socket.socket.connect = refuse
+    yield
+    socket.socket.connect = real
 
 
 def _args(cache_dir, out, weights_dir, extra=()):
@@ -39,7 +44,7 @@ def _args(cache_dir, out, weights_dir, extra=()):
 
 
 @pytest.fixture(scope="module")
-def tiny_compare(cache_dir, tiny_trained, weights, tmp_path_factory):
+def tiny_compare(cache_dir, tiny_trained, weights, tmp_path_factory, no_network):
     out = tmp_path_factory.mktemp("compare") / "tiny"
     assert main(_args(cache_dir, out, weights)) == 0
     return out
@@ -76,9 +81,13 @@ def test_compare_stores_the_exact_prompts_and_weights_provenance(tiny_compare):
     assert setup["describe"]["preprocess"].startswith("targetpad1.25")
 
 
-def test_second_compare_reuses_the_cached_galleries(tiny_compare, cache_dir, weights, tmp_path):
+def test_second_compare_reuses_the_cached_galleries(tiny_compare, cache_dir, weights, tmp_path, monkeypatch):
+    """Weights root from the config key this time (baselines.weights_dir), not --weights-dir."""
+    monkeypatch.delenv("CIR_BENCH_WEIGHTS", raising=False)
     out = tmp_path / "again"
-    assert main(_args(cache_dir, out, weights, ["--baselines", "searle", "--templates", "T1"])) == 0
+    args = [a for a in _args(cache_dir, out, weights) if a not in ("--weights-dir", str(weights))]
+    args += ["--set", f"baselines.weights_dir={weights}", "--baselines", "searle", "--templates", "T1"]
+    assert main(args) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["methods"]["searle[T1]"]["setup"]["gallery_reused"] is True
     before = pd.read_csv(tiny_compare / "metrics.csv").set_index(["query_set", "method"])

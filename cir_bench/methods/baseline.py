@@ -72,25 +72,15 @@ class BaselineSearch(SearchMethod):
                      "weights": self.composer.weights, "notes": list(self.composer.notes),
                      "describe": self.composer.describe(), "cache_key": key}
 
-    def texts(self, ctx: SearchContext, queries: QuerySet) -> list[str]:
-        """Condition text per query (T of the template, or the label prompt of the references)."""
-        from baselines.condition_text import condition_text, label_text
-
-        out = []
-        for q in range(len(queries)):
-            conds = [(p, ctx.dataset.property(p).classes[int(queries.conditions[q, m])])
-                     for m, p in enumerate(queries.properties)]
-            if self.composer.text_source == "labels":
-                out.append(label_text(ctx.dataset.name, conds))
-            else:
-                out.append(condition_text(ctx.dataset.name, conds, self.template))
-        return out
+    def conditions(self, ctx: SearchContext, queries: QuerySet) -> list[list[tuple[str, str]]]:
+        return [[(p, ctx.dataset.property(p).classes[int(queries.conditions[q, m])])
+                 for m, p in enumerate(queries.properties)] for q in range(len(queries))]
 
     def search(self, ctx: SearchContext, queries: QuerySet, k: int) -> Ranking:
         self.setup(ctx)
-        texts = self.texts(ctx, queries)
+        prompts = self.composer.condition_text(ctx.dataset.name, self.conditions(ctx, queries), self.template)
         images = [ctx.dataset.load_image(int(p)) for p in queries.positions]
-        q = self.composer.encode_query(images, texts)
+        q = self.composer.encode_query(images, prompts, wrapped=True)
         sim = self.composer.score(q, self.gallery)
         exclude = ctx.exclude(queries)
         if exclude is not None:
@@ -100,5 +90,4 @@ class BaselineSearch(SearchMethod):
         k = min(k, sim.shape[1] - (1 if exclude is not None else 0))
         idx, scores = topk_stable(sim, k)
         positions = np.asarray(ctx.database)[idx.numpy()]
-        prompts = np.array(self.composer.prompts(texts), dtype=object)
-        return Ranking(positions, scores.numpy(), {"prompt": prompts})
+        return Ranking(positions, scores.numpy(), {"prompt": np.array(prompts, dtype=object)})
