@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 from cir_bench.data.synthart import CONTEXT_FACTORS, SynthArt
 from cir_bench.probe import backbone_features, linear_probe
 
 
-def main() -> None:
+def main(stdout=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--preset", default="default")
@@ -31,8 +32,12 @@ def main() -> None:
         x = backbone_features(args.backbone, pretrained, ds, args.size, args.seed)
         result["seconds"][label] = round(time.perf_counter() - t0, 1)
         result["accuracy"][label] = linear_probe(x, targets, frame["group"], args.seed)
-    print(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2), file=stdout or sys.stdout)
 
 
 if __name__ == "__main__":
-    main()
+    import contextlib
+
+    _json_out = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):  # logs go to stderr: stdout holds only the JSON
+        main(_json_out)

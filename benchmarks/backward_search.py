@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import numpy as np
@@ -24,7 +25,7 @@ from cir_bench.data.queries import build_query_set
 from cir_bench.pipeline import distil_or_load, prepare, teacher
 
 
-def main() -> None:
+def main(stdout=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config")
     ap.add_argument("--set", action="append", default=[])
@@ -101,8 +102,12 @@ def main() -> None:
             "satisfied_rate": float(batched.satisfied.float().mean()),
             "retrieved_similarity_at_10_student_vs_teacher": float(retrieved_sim),
         }
-    print(json.dumps(out, indent=2))
+    print(json.dumps(out, indent=2), file=stdout or sys.stdout)
 
 
 if __name__ == "__main__":
-    main()
+    import contextlib
+
+    _json_out = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):  # logs go to stderr: stdout holds only the JSON
+        main(_json_out)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import sys
 import time
 
 import numpy as np
@@ -34,7 +35,7 @@ def _time(fn, repeat: int) -> float:
     return (time.perf_counter() - t0) / repeat
 
 
-def main() -> None:
+def main(stdout=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config")
     ap.add_argument("--set", action="append", default=[])
@@ -91,7 +92,7 @@ def main() -> None:
     for name, (zz, db) in stores.items():
         sel = torch.as_tensor(db[:256])
         q = zz[sel] + 0.1 * torch.randn(len(sel), zz.shape[1])
-        exact = build_index("exact", zz, db)
+        exact = build_index("exact", zz, db, service.teacher.device)  # on the GPU when there is one
         ref, _ = exact.search(q, 10)
         res = {"exact": {"ms_per_query": 1000 * _time(lambda: exact.search(q, 10), 3) / len(q), "recall_at_10": 1.0}}
         for factory in ("Flat", "HNSW32", "IVF1024,Flat"):
@@ -107,8 +108,12 @@ def main() -> None:
         for k, v in res.items():
             v["speedup_vs_exact"] = res["exact"]["ms_per_query"] / v["ms_per_query"]
         out["index"][name] = res
-    print(json.dumps(out, indent=2))
+    print(json.dumps(out, indent=2), file=stdout or sys.stdout)
 
 
 if __name__ == "__main__":
-    main()
+    import contextlib
+
+    _json_out = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):  # logs go to stderr: stdout holds only the JSON
+        main(_json_out)

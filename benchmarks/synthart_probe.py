@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import sys
 import time
 from dataclasses import replace
 
@@ -30,7 +31,7 @@ def features(images: list[bytes]) -> dict[str, np.ndarray]:
     return {"raw_pixels_16x16": np.stack(raw), "color_histogram_8x8x8": np.stack(hist)}
 
 
-def main() -> None:
+def main(stdout=None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="default")
     ap.add_argument("--n-scenes", type=int)
@@ -56,8 +57,12 @@ def main() -> None:
         for name, x in feats.items():
             acc = RidgeClassifier(alpha=1.0).fit(x[train], y[train]).score(x[test], y[test])
             out["accuracy"].setdefault(name, {})[factor] = round(float(acc), 3)
-    print(json.dumps(out, indent=2))
+    print(json.dumps(out, indent=2), file=stdout or sys.stdout)
 
 
 if __name__ == "__main__":
-    main()
+    import contextlib
+
+    _json_out = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):  # logs go to stderr: stdout holds only the JSON
+        main(_json_out)

@@ -298,3 +298,16 @@ def test_real_weights_when_present(name):
     img = Image.new("RGB", (300, 200), (200, 30, 30))
     q = c.encode_query([img], ["is red"])
     assert q.shape == (1, c.embed_dim) and torch.isfinite(q).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", NAMES)
+def test_adapter_on_cuda_matches_cpu(composers, weights, images, name):
+    gpu = get_composer(name, weights, device="cuda")
+    assert next(gpu.clip.parameters() if hasattr(gpu, "clip") else gpu.model.parameters()).device.type == "cuda"
+    texts = ["is in flat style", "is red", "is a circle", "is in mosaic style", "is blue"]
+    q_gpu, g_gpu = gpu.encode_query(images, texts), gpu.encode_gallery(images)
+    assert q_gpu.device.type == "cpu" and q_gpu.dtype == torch.float32  # outputs come back as CPU float32
+    assert torch.allclose(q_gpu, composers[name].encode_query(images, texts), atol=2e-3)
+    assert torch.allclose(g_gpu, composers[name].encode_gallery(images), atol=2e-3)

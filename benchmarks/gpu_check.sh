@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The device check (one short run on a lent GPU machine; see the device tool's README):
+# CUDA tests, the serving-component and Backward Search benchmarks on CUDA, and a compare run
+# with the tiny-weight adapters on CUDA. Outputs land in $OUT (default ./gpu-out).
+# Packages the GPU image lacks travel as wheels in .whl/ (installed to /tmp/site).
+set -u
+OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 CIR_BENCH_CACHE=/tmp/cir-cache
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site:.
+else
+  export PYTHONPATH=.
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers, open_clip; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" -k "cuda" \
+  tests/test_backward.py tests/test_models.py tests/test_baselines.py tests/test_service.py 2>&1 | tail -25 | tee "$OUT/gpu_tests.txt"
+timeout 240 python3 benchmarks/serve_components.py --set device=cuda --large 500000 > "$OUT/serve_components_cuda.json" 2> "$OUT/serve_components.err"
+tail -3 "$OUT/serve_components.err"
+timeout 150 python3 benchmarks/backward_search.py --set device=cuda --n-queries 300 --loop-queries 60 > "$OUT/backward_search_cuda.json" 2> "$OUT/backward_search.err"
+tail -3 "$OUT/backward_search.err"
+python3 -m baselines.testing /tmp/tiny-weights > /dev/null
+timeout 120 python3 -m cir_bench.cli compare --device cuda --weights-dir /tmp/tiny-weights --no-progress --out /tmp/cmp > "$OUT/compare_cuda.txt" 2>&1
+tail -40 "$OUT/compare_cuda.txt"
