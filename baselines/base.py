@@ -116,9 +116,31 @@ def check_file(path: Path, min_bytes: int = 1024) -> None:
             raise BadWeightsError(f"{path}: damaged member {bad} (truncated download?)")
 
 
-def load_state(path: Path, min_bytes: int = 1024) -> Any:
+def _with_source(spec: WeightsFile | None):
+    """Append where to get the file again to a BadWeightsError (damaged or wrong download)."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def ctx():
+        try:
+            yield
+        except BadWeightsError as err:
+            if spec is None:
+                raise
+            raise BadWeightsError(f"{err}\n  get it again from: {spec.source} (licence: {spec.licence})") from None
+
+    return ctx()
+
+
+def load_state(path: Path, spec: WeightsFile | None = None) -> Any:
     """A checkpoint read without running pickle code: safetensors, TorchScript archives (OpenAI
-    CLIP files: their state dict) or ``torch.load(weights_only=True)``."""
+    CLIP files: their state dict) or ``torch.load(weights_only=True)``. ``spec``: the file's
+    description, so that an error says where to get it again."""
+    with _with_source(spec):
+        return _load_state(path, spec.min_bytes if spec else 1024)
+
+
+def _load_state(path: Path, min_bytes: int) -> Any:
     check_file(path, min_bytes)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -171,9 +193,10 @@ class RestrictedUnpickler(pickle.Unpickler):
         return type(name, (_Stub,), {"__module__": "cir_bench.stub." + module})
 
 
-def load_restricted(path: Path, min_bytes: int = 1024) -> Any:
+def load_restricted(path: Path, spec: WeightsFile | None = None) -> Any:
     """``torch.load`` through ``RestrictedUnpickler`` (for .ckpt files with pickled objects)."""
-    check_file(path, min_bytes)
+    with _with_source(spec):
+        check_file(path, spec.min_bytes if spec else 1024)
 
     class _Module:  # torch.load wants a pickle *module*
         Unpickler = RestrictedUnpickler
@@ -183,7 +206,11 @@ def load_restricted(path: Path, min_bytes: int = 1024) -> Any:
         def load(f: io.BufferedReader, **kw: Any) -> Any:
             return RestrictedUnpickler(f, **kw).load()
 
-    return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_Module)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_Module)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        with _with_source(spec):
+            raise BadWeightsError(f"{path}: cannot be read ({err}); truncated or damaged download?") from None
 
 
 def strict_load(module: torch.nn.Module, state: dict[str, torch.Tensor], what: str) -> None:

@@ -84,7 +84,7 @@ class CLIP4CIR(CLIPComposer):
         files = cls.required_files(variant)
         paths = require(cls.name, files, root, how)
         clip_file, comb_file = (paths[f.path] for f in files)
-        clip_ckpt, comb_ckpt = load_state(clip_file), load_state(comb_file)
+        clip_ckpt, comb_ckpt = load_state(clip_file, files[0]), load_state(comb_file, files[1])
         for ckpt, key, path in ((clip_ckpt, "CLIP", clip_file), (comb_ckpt, "Combiner", comb_file)):
             if not isinstance(ckpt, dict) or key not in ckpt:
                 raise BadWeightsError(f"{path}: expected the authors' format {{'epoch', '{key}': state_dict}}, "

@@ -43,7 +43,7 @@ class CLIPReference(CLIPComposer):
         files = cls.required_files(backbone)
         paths = require(cls.name, files, root, how)
         path = paths[files[0].path]
-        clip, cfg = build_clip(load_state(path), str(path))
+        clip, cfg = build_clip(load_state(path, files[0]), str(path))
         out = cls(clip, cfg["vision_cfg"]["image_size"], backbone, device, batch_size)
         return out.finish(paths, cfg, backbone)
 

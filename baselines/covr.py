@@ -144,7 +144,7 @@ class CoVR(QueryComposer):
         files = cls.required_files(checkpoint)
         paths = require(cls.name, files, root, how)
         ckpt_path, vocab_path = paths[files[0].path], paths[files[1].path]
-        ckpt = load_restricted(ckpt_path)
+        ckpt = load_restricted(ckpt_path, files[0])
         if not isinstance(ckpt, dict) or "model" not in ckpt:
             raise BadWeightsError(f"{ckpt_path}: expected a Lightning Fabric checkpoint with a 'model' state dict, "
                                   f"found {list(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt)}")

@@ -72,7 +72,7 @@ class Pic2Word(CLIPComposer):
         files = cls.required_files()
         paths = require(cls.name, files, root, how)
         path = paths[files[0].path]
-        ckpt = load_state(path)
+        ckpt = load_state(path, files[0])
         if not isinstance(ckpt, dict) or not {"state_dict", "state_dict_img2text"} <= set(ckpt):
             raise BadWeightsError(f"{path}: expected the authors' format {{'epoch', 'state_dict', "
                                   f"'state_dict_img2text', 'optimizer'}}, found keys "

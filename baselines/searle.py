@@ -78,11 +78,11 @@ class SEARLE(CLIPComposer):
         files = cls.required_files()
         paths = require(cls.name, files, root, how)
         phi_path, clip_path = paths[files[0].path], paths[files[1].path]
-        ckpt = load_state(phi_path)
+        ckpt = load_state(phi_path, files[0])
         if not isinstance(ckpt, dict) or "Phi" not in ckpt:
             raise BadWeightsError(f"{phi_path}: expected the authors' format {{'Phi': state_dict}}, found keys "
                                   f"{list(ckpt)[:6] if isinstance(ckpt, dict) else type(ckpt)}")
-        clip, cfg = build_clip(load_state(clip_path), str(clip_path))
+        clip, cfg = build_clip(load_state(clip_path, files[1]), str(clip_path))
         phi = Phi(*Phi.dims(ckpt["Phi"]))
         strict_load(phi, ckpt["Phi"], str(phi_path))
         if phi.layers[0].in_features != cfg["embed_dim"] or phi.layers[6].out_features != cfg["text_cfg"]["width"]:

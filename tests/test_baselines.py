@@ -154,6 +154,9 @@ def test_html_truncated_and_misshapen_files_are_refused(tmp_path, weights):
     html.write_text("<!DOCTYPE html><html>Google Drive - Virus scan warning</html>" * 100)
     with pytest.raises(BadWeightsError, match="HTML"):
         load_state(html)
+    (html.parent / "cirr_comb_RN50x4_fullft.pt").write_bytes(b"x" * 4096)
+    with pytest.raises(BadWeightsError, match=r"(?s)HTML.*get it again from: Google Drive folder .*ABaldrati"):
+        get_composer("clip4cir", tmp_path)  # the adapter's error says where to fetch the file again
     good = weights / "searle" / "SEARLE_ViT-B32.pt"
     cut = tmp_path / "cut.pt"
     cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
