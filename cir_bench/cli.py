@@ -160,13 +160,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Start the Ray Serve app (blocks until Ctrl+C on a local Ray), or stop it."""
-    import dataclasses
-
     from ray import serve
 
     from cir_bench.distributed import ensure_ray
     from cir_bench.service import build_bundle
-    from serve.app import build_app, load_serve_config
+    from serve.app import build_app, load_serve_config, with_index
 
     if args.stop:
         ensure_ray(args.address or "auto")
@@ -179,9 +177,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             **({"port": args.port} if args.port else {})}
     # train or load the model, embeddings and students once, here; the deployments load the files
     bundle = build_bundle(cfg, progress=not args.no_progress)
-    if (sc.get("index") or {}).get("backend"):
-        bundle = dataclasses.replace(bundle, index=sc["index"]["backend"],
-                                     index_options={"chunk": cfg.eval.search_batch, **(sc["index"].get("options") or {})})
+    bundle = with_index(bundle, sc, cfg.eval.search_batch)
     ensure_ray(args.address)
     serve.start(http_options={"host": http.get("host", "127.0.0.1"), "port": int(http.get("port", 8000))})
     serve.run(build_app(bundle, sc), route_prefix="/", name="cir-bench")

@@ -268,6 +268,20 @@ def build_app(bundle, settings: dict[str, Any] | None = None):
     return Ingress.options(**ingress).bind(bundle, encoder, teacher, student, index, settings.get("limits", {}))
 
 
+def with_index(bundle, settings: dict[str, Any], chunk: int = 1024):
+    """The bundle with the serve config's index backend, when the config names one."""
+    import dataclasses
+
+    index = settings.get("index") or {}
+    if not index.get("backend"):
+        return bundle
+    from cir_bench.indexes import INDEXES
+
+    INDEXES.get(index["backend"])  # unknown backend: fail before Serve starts
+    return dataclasses.replace(bundle, index=index["backend"],
+                               index_options={"chunk": chunk, **(index.get("options") or {})})
+
+
 SECTIONS = {"deployments", "batching", "limits", "index", "http"}
 
 

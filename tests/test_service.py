@@ -161,3 +161,24 @@ def test_service_components_on_cuda_match_cpu(service, prepared):
         if method != "teacher":  # one forward pass: scores agree to float precision
             for a, b in zip(cpu, gpu_answers):
                 assert np.allclose([i["score"] for i in a["items"]], [i["score"] for i in b["items"]], atol=1e-4)
+
+
+def test_serve_config_sections_are_checked_and_name_the_index(tmp_path, service):
+    from serve.app import load_serve_config, with_index
+
+    shipped = load_serve_config(None)  # serve/config.yaml
+    assert set(shipped["deployments"]) == {"ingress", "encoder", "teacher", "student", "index"}
+    assert with_index(service.bundle, shipped) is service.bundle  # no index section: the run config's
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("deployments:\n  searcher: {num_replicas: 2}\n")
+    with pytest.raises(ValueError, match=r"unknown deployment\(s\) \['searcher'\]"):
+        load_serve_config(str(bad))
+    bad.write_text("indexes: {}\n")
+    with pytest.raises(ValueError, match=r"unknown section\(s\) \['indexes'\]"):
+        load_serve_config(str(bad))
+    faiss_cfg = tmp_path / "faiss.yaml"
+    faiss_cfg.write_text("index: {backend: faiss, options: {factory: HNSW32, ef_search: 64}}\n")
+    b = with_index(service.bundle, load_serve_config(str(faiss_cfg)))
+    assert b.index == "faiss" and b.index_options["factory"] == "HNSW32"
+    with pytest.raises(KeyError, match="unknown index 'annoy'"):
+        with_index(service.bundle, {"index": {"backend": "annoy"}})
