@@ -56,7 +56,9 @@ def build_clip(state: dict[str, torch.Tensor], what: str) -> tuple[torch.nn.Modu
     """``open_clip.CLIP`` holding ``state`` exactly (float32, QuickGELU as OpenAI trained it)."""
     import open_clip
 
-    state = {k: v for k, v in strip_prefix(state).items() if k not in NON_PARAMETERS}
+    # drop the OpenAI files' extra entries and the causal mask a traced model may carry (derived, not learnt)
+    state = {k: v for k, v in strip_prefix(state).items()
+             if k not in NON_PARAMETERS and k.split(".")[-1] != "attn_mask"}
     cfg = clip_config(state)
     model = open_clip.CLIP(cfg["embed_dim"], vision_cfg=open_clip.CLIPVisionCfg(**cfg["vision_cfg"]),
                            text_cfg=open_clip.CLIPTextCfg(**cfg["text_cfg"]), quick_gelu=True)

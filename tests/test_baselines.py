@@ -314,3 +314,26 @@ def test_adapter_on_cuda_matches_cpu(composers, weights, images, name):
     assert q_gpu.device.type == "cpu" and q_gpu.dtype == torch.float32  # outputs come back as CPU float32
     assert torch.allclose(q_gpu, composers[name].encode_query(images, texts), atol=2e-3)
     assert torch.allclose(g_gpu, composers[name].encode_gallery(images), atol=2e-3)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_clip_backbone_from_torchscript_and_safetensors_files(tmp_path, images):
+    """OpenAI ships CLIP as TorchScript archives, open_clip's hub copies as safetensors: both load
+    bit-exactly into the same open_clip model (here for a tiny CLIP)."""
+    from safetensors.torch import save_file
+
+    from baselines.clip_common import build_clip
+
+    model = tiny_clip("vit", 3)
+    pixels = torch.randn(2, 3, 32, 32)
+    tokens = torch.randint(0, 49408, (2, 77))
+    traced = torch.jit.trace(model, (pixels, tokens), check_trace=False)
+    torch.jit.save(traced, tmp_path / "ViT-B-32.pt")
+    (tmp_path / "ViT-B-32").mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()},
+              str(tmp_path / "ViT-B-32" / "open_clip_model.safetensors"))
+    for path in (tmp_path / "ViT-B-32.pt", tmp_path / "ViT-B-32" / "open_clip_model.safetensors"):
+        clip, _ = build_clip(load_state(path), str(path))
+        with torch.no_grad():
+            assert torch.equal(clip.encode_image(pixels), model.encode_image(pixels))
+            assert torch.equal(clip.encode_text(tokens), model.encode_text(tokens))
