@@ -150,7 +150,12 @@ def _load_state(path: Path, min_bytes: int) -> Any:
         with zipfile.ZipFile(path) as z:
             names = z.namelist()
         if any(n.endswith("constants.pkl") for n in names):  # TorchScript (OpenAI CLIP .pt)
-            return {k: v.float() for k, v in torch.jit.load(str(path), map_location="cpu").state_dict().items()}
+            import warnings
+
+            with warnings.catch_warnings():  # deprecated in torch, but it is how OpenAI ships CLIP
+                warnings.simplefilter("ignore", FutureWarning)
+                module = torch.jit.load(str(path), map_location="cpu")
+            return {k: v.float() for k, v in module.state_dict().items()}
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:

@@ -316,7 +316,7 @@ def test_adapter_on_cuda_matches_cpu(composers, weights, images, name):
     assert torch.allclose(g_gpu, composers[name].encode_gallery(images), atol=2e-3)
 
 
-@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning", "ignore::FutureWarning")
 def test_clip_backbone_from_torchscript_and_safetensors_files(tmp_path, images):
     """OpenAI ships CLIP as TorchScript archives, open_clip's hub copies as safetensors: both load
     bit-exactly into the same open_clip model (here for a tiny CLIP)."""
