@@ -3,7 +3,7 @@
     get_composer("searle", weights_dir=...)  ->  encode_gallery / encode_query / score
 
 One module per method; adding one is one file plus its ``BASELINES.register`` line and an
-import below. ``baselines.testing`` writes tiny random weights in each author's format.
+import below. (tests/tiny_weights.py writes tiny random weights in each author's format.)
 """
 from baselines.base import BASELINES, BadWeightsError, MissingWeightsError, QueryComposer, WeightsFile, \
     get_composer, resolve_weights_root

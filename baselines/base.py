@@ -2,7 +2,7 @@
 
 An adapter (``QueryComposer``) turns a reference image plus condition text into a query
 vector, and database images into gallery vectors, in its own embedding space; the harness
-(cir_bench.methods.baseline) ranks and scores them with the same code as every other method.
+(cir_bench.search.baseline) ranks and scores them with the same code as every other method.
 
 Weights are never downloaded. The root folder is, first hit wins: an explicit argument
 (``--weights-dir``), the config key ``baselines.weights_dir``, ``$CIR_BENCH_WEIGHTS``,
@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import torch
 from PIL import Image
 
+from cir_bench.paths import default_weights_dir, file_sha256
 from cir_bench.registry import Registry
 
 BASELINES: Registry[type["QueryComposer"]] = Registry("baseline")  # classes with from_weights
@@ -67,7 +68,7 @@ def resolve_weights_root(explicit: str | Path | None = None, config: str | Path 
         return Path(config).expanduser(), "config baselines.weights_dir"
     if os.environ.get("CIR_BENCH_WEIGHTS"):
         return Path(os.environ["CIR_BENCH_WEIGHTS"]).expanduser(), "$CIR_BENCH_WEIGHTS"
-    return Path("~/.cache/cir-bench/weights").expanduser(), "default ~/.cache/cir-bench/weights"
+    return default_weights_dir(), "default <cache root>/weights"
 
 
 def require(name: str, files: Sequence[WeightsFile], root: Path, how: str) -> dict[str, Path]:
@@ -86,8 +87,6 @@ def require(name: str, files: Sequence[WeightsFile], root: Path, how: str) -> di
 
 
 def sha256(path: Path) -> str:
-    from cir_bench.store import file_sha256
-
     return file_sha256(path)
 
 

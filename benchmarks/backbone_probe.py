@@ -11,7 +11,7 @@ import sys
 import time
 
 from cir_bench.data.synthart import CONTEXT_FACTORS, SynthArt
-from cir_bench.probe import backbone_features, linear_probe
+from cir_bench.train.probe import backbone_features, linear_probe
 
 
 def main(stdout=None) -> None:

@@ -20,6 +20,6 @@ timeout 240 python3 benchmarks/serve_components.py --set device=cuda --large 500
 tail -3 "$OUT/serve_components.err"
 timeout 150 python3 benchmarks/backward_search.py --set device=cuda --n-queries 300 --loop-queries 60 > "$OUT/backward_search_cuda.json" 2> "$OUT/backward_search.err"
 tail -3 "$OUT/backward_search.err"
-python3 -m baselines.testing /tmp/tiny-weights > /dev/null
+python3 -m tests.tiny_weights /tmp/tiny-weights > /dev/null
 timeout 120 python3 -m cir_bench.cli compare --device cuda --weights-dir /tmp/tiny-weights --no-progress --out /tmp/cmp > "$OUT/compare_cuda.txt" 2>&1
 tail -40 "$OUT/compare_cuda.txt"

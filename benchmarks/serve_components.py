@@ -22,9 +22,9 @@ import numpy as np
 import torch
 
 from cir_bench.config import load_config
-from cir_bench.indexes import build_index
+from cir_bench.index import build_index
 from cir_bench.pipeline import load_dataset
-from cir_bench.service import SearchService, build_bundle, example_requests
+from cir_bench.serving import SearchService, build_bundle, example_requests
 
 
 def _time(fn, repeat: int) -> float:

@@ -35,39 +35,44 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace) -> RunConfig:
-    from cir_bench.tasks import PAPER_RECIPE, task_overrides
+    """The run config of a command, validated before any work. Precedence, whatever the
+    order on the command line: defaults < --task < --paper-recipe < --config FILE < named
+    flags < --set (in the order given)."""
+    from cir_bench.config import PAPER_RECIPE, apply_mapping, apply_overrides, read_yaml, select_dataset, \
+        task_preset, validate
+    from cir_bench.pipeline.checks import check_run_config
 
-    overrides = []
+    cfg = RunConfig()
     if args.task:
-        overrides += task_overrides(args.task)
+        apply_mapping(cfg, task_preset(args.task))
     if args.paper_recipe:
-        overrides += PAPER_RECIPE
-    overrides += list(args.set)
+        apply_mapping(cfg, PAPER_RECIPE)
+    if args.config:
+        try:
+            apply_mapping(cfg, read_yaml(args.config))
+        except ConfigError as err:
+            raise ConfigError(f"{args.config}: {err}") from None
     if args.dataset:
-        overrides.append(f"dataset.name={args.dataset}")
-        if args.dataset != "synthart" and not args.preset:
-            overrides.append("dataset.options={}")
+        select_dataset(cfg, args.dataset)
     if args.root:
-        overrides.append(f"dataset.root={args.root}")
+        cfg.dataset.root = args.root
     if args.preset:
-        overrides.append(f"dataset.options.preset={args.preset}")
-    if args.address:
-        overrides.append(f"ray.address={args.address}")
-    if args.ray_embed:
-        overrides.append("ray.embed=true")
+        cfg.dataset.options = {**cfg.dataset.options, "preset": args.preset}
     if args.skip_bad_images:
-        overrides.append("dataset.options.skip_bad_images=true")
-    for flag, key in (("seed", "seed"), ("device", "device"), ("cache_dir", "cache_dir")):
-        value = getattr(args, flag)
-        if value is not None:
-            overrides.append(f"{key}={value}")
-    if getattr(args, "out", None):
-        overrides.append(f"out={args.out}")
+        cfg.dataset.options = {**cfg.dataset.options, "skip_bad_images": True}
+    if args.address:
+        cfg.ray.address = args.address
+    if args.ray_embed:
+        cfg.ray.embed = True
+    for flag in ("seed", "device", "cache_dir", "out"):
+        if getattr(args, flag, None) is not None:
+            setattr(cfg, flag, getattr(args, flag))
     if getattr(args, "methods", None):
-        overrides.append(f"eval.methods=[{args.methods}]")
+        cfg.eval.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if getattr(args, "lambdas", None):
-        overrides.append(f"eval.lambdas=[{args.lambdas}]")
-    return load_config(args.config, overrides)
+        apply_overrides(cfg, [f"eval.lambdas=[{args.lambdas}]"])
+    apply_overrides(cfg, list(args.set))
+    return check_run_config(validate(cfg), need_out=hasattr(args, "out"))
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -89,7 +94,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from cir_bench.device import pick_device
+    from cir_bench.models import pick_device
     from cir_bench.pipeline import load_dataset, train_or_load
 
     cfg = build_config(args)
@@ -101,7 +106,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from cir_bench.device import pick_device
+    from cir_bench.models import pick_device
     from cir_bench.pipeline import embed, load_dataset, train_or_load
 
     cfg = build_config(args)
@@ -136,10 +141,13 @@ def cmd_queries(args: argparse.Namespace) -> int:
 
 
 def cmd_tune(args: argparse.Namespace) -> int:
-    from cir_bench.tune_report import write_tune_report
-    from cir_bench.tuning import Experiment, run_experiment
+    from cir_bench.report.tune_tables import write_tune_report
+    from cir_bench.tune import Experiment
+    from cir_bench.tune.runner import run_experiment
 
-    exp = Experiment.load(args.config)
+    import tune_configs
+
+    exp = Experiment.load(tune_configs.resolve(args.config))
     storage = Path(args.storage_path)
     t0 = time.perf_counter()
     tidy, errors = run_experiment(exp, storage, resume=args.resume, address=args.address,
@@ -162,26 +170,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Start the Ray Serve app (blocks until Ctrl+C on a local Ray), or stop it."""
     from ray import serve
 
-    from cir_bench.distributed import ensure_ray
-    from cir_bench.service import build_bundle
-    from serve.app import build_app, load_serve_config, with_index
+    from cir_bench.embed.ray_extract import ensure_ray
+    from cir_bench.serving import build_bundle
+    from serve.app import build_app, with_index
+    from serve.settings import load_serve_config
 
     if args.stop:
         ensure_ray(args.address or "auto")
         serve.shutdown()
         print("cir-bench serve: stopped")
         return 0
+    sc = load_serve_config(args.serve_config)  # both configs are checked before any work
     cfg = build_config(args)
-    sc = load_serve_config(args.serve_config)
-    http = {**sc.get("http", {}), **({"host": args.host} if args.host else {}),
-            **({"port": args.port} if args.port else {})}
+    host, port = args.host or sc.http.host, args.port or sc.http.port
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"--port must be in 1..65535, got {port}")
     # train or load the model, embeddings and students once, here; the deployments load the files
     bundle = build_bundle(cfg, progress=not args.no_progress)
     bundle = with_index(bundle, sc, cfg.eval.search_batch)
     ensure_ray(args.address)
-    serve.start(http_options={"host": http.get("host", "127.0.0.1"), "port": int(http.get("port", 8000))})
+    serve.start(http_options={"host": host, "port": int(port)})
     serve.run(build_app(bundle, sc), route_prefix="/", name="cir-bench")
-    url = f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}"
+    url = f"http://{host}:{port}"
     print(f"cir-bench serve: {url}  (POST /search, GET /healthz, GET /properties, GET /stats, OpenAPI at /docs)",
           flush=True)
     if args.address:
@@ -202,7 +212,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
-    from cir_bench.loadtest import default_stages, run_loadtest
+    from cir_bench.serving.loadtest import default_stages, run_loadtest
 
     def floats(text: str) -> list[float]:
         return [float(v) for v in text.split(",") if v.strip()]
@@ -229,7 +239,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     """Backward Search vs the CoIR baselines on one dataset; writes comparison.md/.csv/.parquet."""
     from baselines import BASELINES
     from baselines.condition_text import TEMPLATES
-    from cir_bench.compare import COMPOSED, REFERENCES, run_compare
+    from cir_bench.pipeline.compare import COMPOSED, REFERENCES, run_compare
 
     cfg = build_config(args)
     names = _names(args.baselines, COMPOSED + REFERENCES)
@@ -250,7 +260,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     """The comparison tables of one or more `cir-bench compare`/`run` directories, from their files."""
-    from cir_bench.compare import write_report
+    from cir_bench.report import write_report
 
     dirs = [Path(d) for d in args.runs]
     for d in dirs:
@@ -288,7 +298,7 @@ def cmd_check_weights(args: argparse.Namespace) -> int:
 
 def cmd_list(args: argparse.Namespace) -> int:
     from cir_bench.data import DATASETS
-    from cir_bench.methods import METHODS
+    from cir_bench.search import METHODS
     from cir_bench.metrics import METRICS
     from cir_bench.models import BACKBONES
 
@@ -350,8 +360,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_queries)
 
     p = sub.add_parser("tune", help="Ray Tune: backbone/size grid, λ sweep and λ calibration (tune_configs/*.yaml)")
-    p.add_argument("config", nargs="?", default=str(Path(__file__).resolve().parent.parent / "tune_configs"
-                                                     / "quick.yaml"), help="experiment YAML (default quick.yaml)")
+    p.add_argument("config", nargs="?", default="quick",
+                   help="experiment YAML file, or the name of a shipped one: quick (default), table3, lambda_sweep")
     p.add_argument("--storage-path", default="runs/tune", help="experiment directory root (default runs/tune)")
     p.add_argument("--resume", action="store_true", help="resume an interrupted experiment; finished trials stay")
     p.add_argument("--address", help="join an existing Ray cluster (default: start a local one)")

@@ -1,4 +1,14 @@
-"""Run configuration: dataclasses loadable from YAML, with ``key.sub=value`` CLI overrides.
+"""Run configuration: typed dataclasses loadable from YAML, with ``key.sub=value`` overrides.
+
+Every value is checked when it is set (type, allowed choices) and the whole config is
+validated (ranges, finiteness) when it is loaded, before any work: a mistyped or
+out-of-range value fails at once with its key named.
+
+Precedence, whatever the order of the flags on the command line (``cli.build_config``):
+defaults < ``--task`` < ``--paper-recipe`` < ``--config FILE`` < named flags (``--dataset``,
+``--root``, ``--preset``, ``--seed``, ...) < ``--set KEY=VALUE`` (in the order given).
+Dataset options belong to a dataset: a ``--dataset`` that changes the dataset drops the
+options set for the previous one (before any ``--set dataset.options.*``).
 
 Every random choice in a run takes its seed from here (``RunConfig.seed`` unless a section
 sets its own), so a config file plus the package versions reproduce a run.
@@ -6,10 +16,12 @@ sets its own), so a config file plus the package versions reproduce a run.
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Mapping, Union
 
 import yaml
 
@@ -18,11 +30,25 @@ class ConfigError(ValueError):
     """A configuration file or override names an unknown key or holds a bad value."""
 
 
+def bounded(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, ge: float | None = None,
+             gt: float | None = None, le: float | None = None, lt: float | None = None,
+             items: bool = False) -> Any:
+    """A field with bounds checked by ``validate`` (``items``: the bounds apply to each
+    element of a list or each value of a mapping)."""
+    meta = {k: v for k, v in {"ge": ge, "gt": gt, "le": le, "lt": lt}.items() if v is not None}
+    meta["items"] = items
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
 @dataclass
 class DatasetConfig:
     name: str = "synthart"
     root: str | None = None  # folder of a dataset on disk (real datasets)
-    options: dict[str, Any] = field(default_factory=lambda: {"preset": "default"})
+    # loader options (`cir-bench list datasets`; README "Datasets on disk"); SynthArt: preset
+    # (tiny | small | default, default "default") and generator parameters
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -30,28 +56,28 @@ class ModelConfig:
     backbone: str = "small_cnn"
     pretrained: bool = False
     weights: str | None = None  # explicit path to backbone weights (pretrained=True)
-    embed_dim: int = 128
+    embed_dim: int = bounded(128, ge=1)
     finetune: bool = True  # False: backbone frozen (eval mode, no gradients)
-    input_size: int | None = None  # None: the dataset's native size, else the backbone's
-    head_hidden: list[int] = field(default_factory=lambda: [256, 128])
-    encoder_dropout: float = 0.1
-    head_dropout: float = 0.2  # the authors' heads use 0.4; 0.2 fits the small demo set better
+    input_size: int | None = bounded(None, ge=8)  # None: the dataset's native size, else the backbone's
+    head_hidden: list[int] = bounded(factory=lambda: [256, 128], ge=1, items=True)
+    encoder_dropout: float = bounded(0.1, ge=0, lt=1)
+    head_dropout: float = bounded(0.2, ge=0, lt=1)  # the authors' heads use 0.4; 0.2 fits the small demo set
 
 
 @dataclass
 class TrainConfig:
     # defaults sized for the SynthArt demo on 2 CPU cores; the paper trains 100 epochs
-    # with StepLR(30, 0.1) and weight decay 1e-4 (tune_configs carry that recipe)
-    epochs: int = 40
-    batch_size: int = 64
-    lr: float = 3e-3
-    weight_decay: float = 1e-5
-    lr_step: int = 30  # StepLR step size in epochs
-    lr_gamma: float = 0.1
-    val_fraction: float = 0.1  # held out of the train split for the val accuracy
-    property_weights: dict[str, float] = field(default_factory=dict)  # w_i of Eq 1; default 1
+    # with StepLR(30, 0.1) and weight decay 1e-4 (--paper-recipe)
+    epochs: int = bounded(40, ge=1)
+    batch_size: int = bounded(64, ge=1)
+    lr: float = bounded(3e-3, gt=0)
+    weight_decay: float = bounded(1e-5, ge=0)
+    lr_step: int = bounded(30, ge=1)  # StepLR step size in epochs
+    lr_gamma: float = bounded(0.1, gt=0)
+    val_fraction: float = bounded(0.1, ge=0, lt=1)  # held out of the train split for the val accuracy
+    property_weights: dict[str, float] = bounded(factory=dict, ge=0, items=True)  # w_i of Eq 1; default 1
     augment: bool = False
-    num_workers: int = 0
+    num_workers: int = bounded(0, ge=0)
 
 
 @dataclass
@@ -59,12 +85,12 @@ class QueryConfig:
     # one query set per entry; None: the dataset's default (its first property alone, and
     # its first two together: on SynthArt style, and style+shape like WikiArt-multi)
     sets: list[list[str]] | None = None
-    n_queries: int = 200
-    min_relevant: int = 10
-    min_jaccard: float | None = None  # the paper's tag filter (J >= 0.1), off as in the authors' code
+    n_queries: int = bounded(200, ge=1)
+    min_relevant: int = bounded(10, ge=1)
+    min_jaccard: float | None = bounded(None, ge=0, le=1)  # the paper's tag filter (0.1), off as in the authors' code
     query_split: str = "test"
     database_split: str = "test"  # the paper retrieves from the test split
-    seed: int | None = None  # None: the run seed
+    seed: int | None = bounded(None, ge=0)  # None: the run seed
 
 
 def _default_methods() -> list[Any]:
@@ -74,14 +100,14 @@ def _default_methods() -> list[Any]:
 
 @dataclass
 class EvalConfig:
-    k: int = 10
-    self_match: str = "exclude"  # or "keep" (authors' code)
+    k: int = bounded(10, ge=1)
+    self_match: Literal["exclude", "keep"] = "exclude"  # keep: the authors' code
     # a name, or {method: NAME, label: ..., **params}; "backward" takes its settings from
     # the `search` section, entries may override any of them
     methods: list[Any] = field(default_factory=_default_methods)
-    lambdas: list[float] | None = None  # --lambda: add one Backward Search entry per value
-    search_batch: int = 1024
-    # search backend (cir_bench/indexes.py): "exact" (torch, tie-stable) or "faiss" with
+    lambdas: list[float] | None = bounded(None, ge=0, items=True)  # --lambda: one Backward Search entry each
+    search_batch: int = bounded(1024, ge=1)
+    # search backend (cir_bench/index/): "exact" (torch, tie-stable) or "faiss" with
     # index_options {factory: "Flat" | "HNSW32" | "IVF256,Flat", nprobe, ef_search}
     index: str = "exact"
     index_options: dict[str, Any] = field(default_factory=dict)
@@ -89,16 +115,46 @@ class EvalConfig:
 
 @dataclass
 class SearchConfig:
-    """Backward Search settings (methods/backward.py); also the student's teacher."""
+    """Backward Search (search/backward.py), also the student's teacher. ``preset`` sets every
+    field left at None; a value given here overrides the preset's."""
 
-    preset: str = "paper"
-    lam: float = 0.005  # sum-L1 over 128 dims: 0.005 here is 0.64 in the authors' mean-L1 units
-    overrides: dict[str, Any] = field(default_factory=dict)  # any BackwardSearchConfig field
+    preset: Literal["paper", "authors-code"] = "paper"
+    lam: float = bounded(0.005, ge=0)  # sum-L1 over 128 dims: 0.005 here is 0.64 in the authors' mean-L1 units
+    regularizer: Literal["l1", "l2"] | None = None
+    reduction: Literal["sum", "mean"] | None = None  # over embedding dimensions
+    optimizer: Literal["adam", "sgd"] | None = None
+    lr: float | None = bounded(None, gt=0)
+    max_iter: int | None = bounded(None, ge=0)
+    condition_weights: dict[str, float] = bounded(factory=dict, ge=0, items=True)  # w_m, default 1
+    average_conditions: bool | None = None
+    stopping: Literal["satisfied", "plateau", "none", "authors-code"] | None = None
+    confidence: float | None = bounded(None, ge=0, lt=1)
+    patience: int | None = bounded(None, ge=1)
+    min_delta: float | None = bounded(None, ge=0)
+    batch_size: int | None = bounded(None, ge=1)  # queries per chunk: bounds memory
+
+    def overrides(self) -> dict[str, Any]:
+        """The fields that override the preset (what ``BackwardSearch(preset, **...)`` takes)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+               if f.name not in ("preset", "lam", "condition_weights") and getattr(self, f.name) is not None}
+        if self.condition_weights:
+            out["condition_weights"] = dict(self.condition_weights)
+        return out
 
 
 @dataclass
-class StudentSection:
-    overrides: dict[str, Any] = field(default_factory=dict)  # any StudentConfig field
+class StudentConfig:
+    """The distilled student (models/student.py) and its distillation."""
+
+    hidden: list[int] = bounded(factory=lambda: [256, 128], ge=1, items=True)  # encoder widths; decoder mirrors
+    bottleneck: int = bounded(64, ge=1)
+    dropout: float = bounded(0.1, ge=0, lt=1)
+    # predict z* - z0 and add z0 back (a named deviation: the paper predicts z* directly)
+    residual: bool = True
+    epochs: int = bounded(40, ge=1)
+    batch_size: int = bounded(256, ge=2)  # BatchNorm needs two rows
+    lr: float = bounded(1e-3, gt=0)
+    weight_decay: float = bounded(0.0, ge=0)
 
 
 @dataclass
@@ -107,9 +163,9 @@ class RayConfig:
 
     address: str | None = None  # a Ray cluster (``ray://...`` or ``auto``); None: local Ray
     embed: bool = False
-    actors: int = 2  # actor pool size: one model copy each
-    gpus_per_actor: float = 0.0  # e.g. 0.25 puts four actors on one GPU
-    batch_size: int = 64
+    actors: int = bounded(2, ge=1)  # actor pool size: one model copy each
+    gpus_per_actor: float = bounded(0.0, ge=0)  # e.g. 0.25 puts four actors on one GPU
+    batch_size: int = bounded(64, ge=1)
 
 
 @dataclass
@@ -129,11 +185,11 @@ class RunConfig:
     queries: QueryConfig = field(default_factory=QueryConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
-    student: StudentSection = field(default_factory=StudentSection)
+    student: StudentConfig = field(default_factory=StudentConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
-    seed: int = 0
-    device: str = "auto"
+    seed: int = bounded(0, ge=0)
+    device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
     out: str | None = None
     cache_dir: str | None = None
 
@@ -141,90 +197,270 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+# -- typed setting ------------------------------------------------------------------------------
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (Union, getattr(types, "UnionType", Union))
+
+
 def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """Check a scalar against its declared type; numeric strings such as ``3e-3`` (which
-    YAML 1.1 reads as text) become numbers."""
-    args = typing.get_args(hint)
-    if typing.get_origin(hint) in (Union, getattr(__import__("types"), "UnionType", Union)):
-        if value is None and type(None) in args:
-            return None
+    """``value`` as the declared type ``hint`` of key ``where``, or a ConfigError naming it.
+    Numeric strings such as ``3e-3`` (which YAML 1.1 reads as text) become numbers."""
+    if _is_union(hint):
+        args = typing.get_args(hint)
+        if value is None:
+            if type(None) in args:
+                return None
+            raise ConfigError(f"config key '{where}' must be set (got null)")
         hint = next(a for a in args if a is not type(None))
-    if hint is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"config key '{where}' must be one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    if hint is Any:
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ConfigError(f"config key '{where}' expects a number, got {value!r}")
         try:
             return float(value)
         except ValueError:
             raise ConfigError(f"config key '{where}' expects a number, got {value!r}") from None
-    if hint is int and not isinstance(value, bool):
-        if isinstance(value, int):
+    if hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
             return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
             return int(value)
         raise ConfigError(f"config key '{where}' expects an integer, got {value!r}")
-    if hint is bool and not isinstance(value, bool):
-        raise ConfigError(f"config key '{where}' expects true or false, got {value!r}")
-    if hint is str and value is not None and not isinstance(value, str):
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key '{where}' expects true or false, got {value!r}")
+        return value
+    if hint is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise ConfigError(f"config key '{where}' expects a string, got {value!r}")
         return str(value)
-    origin = typing.get_origin(hint)
-    if origin is list and not isinstance(value, list):
-        raise ConfigError(f"config key '{where}' expects a list, got {value!r}")
-    if origin is dict and not isinstance(value, dict):
-        raise ConfigError(f"config key '{where}' expects a mapping, got {value!r}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"config key '{where}' expects a list, got {value!r}")
+        (item,) = typing.get_args(hint) or (Any,)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{where}' expects a mapping, got {value!r}")
+        _, item = typing.get_args(hint) or (str, Any)
+        if dataclasses.is_dataclass(item):
+            return {str(k): from_mapping(item, v, f"{where}.{k}") for k, v in value.items()}
+        return {str(k): _coerce(v, item, f"{where}.{k}") for k, v in value.items()}
+    if dataclasses.is_dataclass(hint):
+        return from_mapping(hint, value, where)
     return value
 
 
-def _from_dict(cls: type, data: dict[str, Any], where: str) -> Any:
-    if not isinstance(data, dict):
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def apply_mapping(obj: Any, data: Mapping[str, Any], where: str = "") -> Any:
+    """Set every key of ``data`` on the dataclass ``obj`` (nested sections merge, other values
+    replace), checking names and types; returns ``obj``."""
+    if not isinstance(data, Mapping):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    kwargs: dict[str, Any] = {}
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    hints = _hints(type(obj))
     for key, value in data.items():
+        key = str(key)
         if key not in fields:
-            raise ConfigError(
-                f"unknown config key '{where + '.' if where else ''}{key}'; known: {', '.join(fields)}"
-            )
-        default = getattr(cls(), key)
-        if dataclasses.is_dataclass(default):
-            kwargs[key] = _from_dict(type(default), value, f"{where}.{key}" if where else key)
+            hint = ""
+            if key == "overrides" and where in ("search", "student"):
+                hint = f" (its settings are keys of '{where}' itself now, e.g. {where}.lr=0.1)"
+            raise ConfigError(f"unknown config key '{_join(where, key)}'{hint}; known: {', '.join(fields)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current) and isinstance(value, Mapping):
+            apply_mapping(current, value, _join(where, key))
         else:
-            kwargs[key] = _coerce(value, hints[key], f"{where}.{key}" if where else key)
-    return cls(**kwargs)
+            setattr(obj, key, _coerce(value, hints[key], _join(where, key)))
+    return obj
 
 
-def config_from_dict(data: dict[str, Any]) -> RunConfig:
-    return _from_dict(RunConfig, data, "")
+def from_mapping(cls: type, data: Any, where: str = "") -> Any:
+    """A new ``cls`` (defaults) with ``data`` applied."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
+    return apply_mapping(cls(), data, where)
 
 
-def _set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = data
+def set_value(cfg: Any, dotted: str, value: Any) -> Any:
+    """Set ``a.b.c`` on a config; a key inside a mapping field (``dataset.options.split``) sets
+    that entry of the mapping. Returns ``cfg``."""
+    keys = dotted.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"override key '{dotted}' is not of the form section.key")
+    obj, path = cfg, ""
+    for i, key in enumerate(keys):
+        names = [f.name for f in dataclasses.fields(obj)]
+        last = i == len(keys) - 1
+        child = getattr(obj, key) if key in names else None
+        if last or key not in names:  # an unknown key raises in apply_mapping, named
+            apply_mapping(obj, {key: value}, path)
+            return cfg
+        if isinstance(child, dict):  # the rest of the key names an entry of the mapping
+            updated = dict(child)
+            _set_in_dict(updated, keys[i + 1:], value)
+            setattr(obj, key, _coerce(updated, _hints(type(obj))[key], _join(path, key)))
+            return cfg
+        if not dataclasses.is_dataclass(child):
+            raise ConfigError(f"override '{dotted}': '{_join(path, key)}' is not a section")
+        obj, path = child, _join(path, key)
+    return cfg
+
+
+def _set_in_dict(d: dict[str, Any], keys: list[str], value: Any) -> None:
     for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override '{dotted}': '{key}' is not a section")
-    node[keys[-1]] = value
+        nxt = d.get(key)
+        d[key] = dict(nxt) if isinstance(nxt, dict) else {}
+        d = d[key]
+    d[keys[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``key.sub=value`` with the value read as YAML (``3``, ``true``, ``[a, b]``, ``{x: 1}``)."""
+    if "=" not in item:
+        raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+    key, raw = item.split("=", 1)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"override '{item}': the value is not valid YAML ({err})") from None
 
 
 def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
-    """Apply ``a.b=value`` overrides; values are parsed as YAML (``3``, ``true``, ``[a, b]``)."""
-    data = cfg.to_dict()
+    """Apply ``a.b=value`` overrides in order (later ones win)."""
     for item in overrides:
-        if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
-        key, raw = item.split("=", 1)
-        _set_path(data, key.strip(), yaml.safe_load(raw))
-    return config_from_dict(data)
+        set_value(cfg, *parse_override(item))
+    return cfg
+
+
+# -- validation ---------------------------------------------------------------------------------
+_BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
+           "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
+
+
+def _check_number(value: Any, bounds: Mapping[str, float], where: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"config key '{where}' must be a finite number, got {value}")
+    for op, bound in bounds.items():
+        sign, holds = _BOUNDS[op]
+        if not holds(value, bound):
+            raise ConfigError(f"config key '{where}' must be {sign} {bound:g}, got {value:g}")
+
+
+def validate(obj: Any, where: str = "") -> Any:
+    """Check every bound and every float for finiteness, recursively; returns ``obj``."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = _join(where, f.name)
+        meta = {k: v for k, v in f.metadata.items() if k != "items"}
+        if dataclasses.is_dataclass(value):
+            validate(value, key)
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                if dataclasses.is_dataclass(v):
+                    validate(v, f"{key}.{k}")
+                else:
+                    _check_number(v, meta if f.metadata.get("items") else {}, f"{key}.{k}")
+        elif isinstance(value, list):
+            for i, v in enumerate(value):
+                _check_number(v, meta if f.metadata.get("items") else {}, f"{key}[{i}]")
+        else:
+            _check_number(value, meta, key)
+    if isinstance(obj, RunConfig):
+        _check_device(obj.device)
+    return obj
+
+
+def _check_device(device: str) -> None:
+    d = str(device)
+    if d in ("auto", "cpu", "cuda", "mps") or (d.startswith("cuda:") and d[5:].isdigit()):
+        return
+    raise ConfigError(f"config key 'device' must be auto, cpu, cuda or cuda:N, got {device!r}")
+
+
+# -- files --------------------------------------------------------------------------------------
+def read_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} {path} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path}: expected a mapping at the top, got {type(data).__name__}")
+    return data
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults, then the YAML file, then the overrides; validated."""
     cfg = RunConfig()
     if path is not None:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file not found: {path}")
         try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from None
-        cfg = config_from_dict(data)
-    return apply_overrides(cfg, overrides or [])
+            apply_mapping(cfg, read_yaml(path))
+        except ConfigError as err:
+            raise ConfigError(str(err) if str(path) in str(err) else f"{path}: {err}") from None
+    apply_overrides(cfg, overrides or [])
+    return validate(cfg)
+
+
+def config_from_dict(data: Mapping[str, Any]) -> RunConfig:
+    return validate(from_mapping(RunConfig, data))
+
+
+# -- named presets ------------------------------------------------------------------------------
+# ``--task NAME`` reproduces a query task of the paper's Table 1 (dataset + query set: 1000 test
+# queries, class-balanced, condition != own class, >= 10 relevant items); ``--paper-recipe`` the
+# paper's model and training settings (Implementations section): ImageNet ConvNeXt-base, frozen
+# backbone, d = 256, 100 epochs, Adam with weight decay 1e-4, StepLR(30, 0.1), 224 px, crop + flips.
+_TASK_QUERIES = {"n_queries": 1000, "min_relevant": 10, "query_split": "test", "database_split": "test"}
+TASKS: dict[str, dict[str, Any]] = {
+    "cub-bird": {"dataset": {"name": "cub", "options": {}}, "queries": {"sets": [["bird"]], **_TASK_QUERIES}},
+    "apy-category": {"dataset": {"name": "apy", "options": {}},
+                     "queries": {"sets": [["category"]], **_TASK_QUERIES}},
+    "wikiart-style": {"dataset": {"name": "wikiart", "options": {}},
+                      "queries": {"sets": [["style"]], **_TASK_QUERIES}},
+    "wikiart-multi": {"dataset": {"name": "wikiart", "options": {}},
+                      "queries": {"sets": [["style", "genre"]], **_TASK_QUERIES}},
+}
+
+PAPER_RECIPE: dict[str, Any] = {
+    "model": {"backbone": "convnext_base", "pretrained": True, "finetune": False, "embed_dim": 256,
+              "input_size": 224, "head_dropout": 0.4},
+    "train": {"epochs": 100, "lr": 1e-3, "weight_decay": 1e-4, "lr_step": 30, "lr_gamma": 0.1, "augment": True},
+}
+
+
+def task_preset(name: str) -> dict[str, Any]:
+    if name not in TASKS:
+        raise ConfigError(f"unknown task '{name}'; available: {', '.join(TASKS)}")
+    return TASKS[name]
+
+
+def select_dataset(cfg: RunConfig, name: str) -> RunConfig:
+    """Switch to dataset ``name``; the options of another dataset do not carry over."""
+    if name != cfg.dataset.name:
+        cfg.dataset.options = {}
+    cfg.dataset.name = str(name)
+    return cfg

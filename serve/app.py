@@ -1,7 +1,9 @@
 """Ray Serve application: a FastAPI ingress composing four deployments through handles.
 
-    Ingress  validates (cir_bench.service.RequestParser), then per request:
-             z0 <- Encoder (uploads) or Index.vectors (item ids)
+    Ingress  validates (cir_bench.serving.RequestParser), then answers through the same
+             orchestration as the in-process service (cir_bench.serving.orchestrate.answer),
+             with the stages called through the deployments' handles:
+             z0 <- Encoder (uploads) or Index.vector (item ids)
              z  <- Teacher (Backward Search) | Student | z0 (knn)
              top-k <- Index
     Encoder  image bytes -> z0                 @serve.batch
@@ -15,6 +17,7 @@ and the other fields as form fields, ``conditions`` as a JSON object), GET /heal
 Bad requests get a 4xx naming the field; the service keeps serving.
 """
 
+import asyncio
 import json
 import time
 from typing import Any
@@ -25,10 +28,11 @@ from fastapi.responses import JSONResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from serve.settings import STAGES
+
 api = FastAPI(title="cir-bench conditional search",
               description="Backward Search (teacher), its distilled student and kNN over one embedding store.")
 
-STAGES = ("encoder", "teacher", "student", "index")
 
 
 class _Batched:
@@ -50,7 +54,7 @@ class _Batched:
 @serve.deployment
 class Encoder(_Batched):
     def __init__(self, bundle, batching: dict[str, Any]) -> None:
-        from cir_bench.service import ImageEncoder
+        from cir_bench.serving import ImageEncoder
 
         self.encoder = ImageEncoder(bundle, _device(bundle))
         self._setup_batching(self.embed, batching)
@@ -64,7 +68,7 @@ class Encoder(_Batched):
 @serve.deployment
 class Teacher(_Batched):
     def __init__(self, bundle, batching: dict[str, Any]) -> None:
-        from cir_bench.service import TeacherSearch
+        from cir_bench.serving import TeacherSearch
 
         self.teacher = TeacherSearch(bundle, _device(bundle))
         self._setup_batching(self.invert, batching)
@@ -78,7 +82,7 @@ class Teacher(_Batched):
 @serve.deployment
 class Student(_Batched):
     def __init__(self, bundle, batching: dict[str, Any]) -> None:
-        from cir_bench.service import StudentSearch
+        from cir_bench.serving import StudentSearch
 
         self.student = StudentSearch(bundle, _device(bundle))
         self._setup_batching(self.transform, batching)
@@ -92,7 +96,7 @@ class Student(_Batched):
 @serve.deployment
 class Index(_Batched):
     def __init__(self, bundle, batching: dict[str, Any]) -> None:
-        from cir_bench.service import IndexSearch
+        from cir_bench.serving import IndexSearch
 
         self.index = IndexSearch(bundle, _device(bundle))
         self._setup_batching(self.search, batching)
@@ -113,6 +117,38 @@ def _device(bundle) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+class HandleStages:
+    """``Stages`` (cir_bench.serving.orchestrate) through deployment handles: each item goes
+    to its deployment on its own, and ``@serve.batch`` there batches concurrent requests."""
+
+    def __init__(self, handles: dict[str, DeploymentHandle], z0: np.ndarray | None) -> None:
+        self.handles, self.z0 = handles, z0
+
+    @staticmethod
+    async def _each(method, items: list) -> list:
+        async def one(item):
+            return await method.remote(item)
+
+        return list(await asyncio.gather(*[one(item) for item in items]))
+
+    async def embed(self, images: list[bytes]) -> list[np.ndarray]:
+        return await self._each(self.handles["encoder"].embed, images)
+
+    async def vectors(self, positions: list[int]) -> list[np.ndarray]:
+        if self.z0 is not None:  # small stores are kept in the ingress: no hop
+            return [self.z0[p] for p in positions]
+        return await self._each(self.handles["index"].vector, positions)
+
+    async def invert(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return await self._each(self.handles["teacher"].invert, jobs)
+
+    async def transform(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return await self._each(self.handles["student"].transform, jobs)
+
+    async def rank(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return await self._each(self.handles["index"].search, jobs)
+
+
 def _error(field: str, message: str, status: int = 422) -> JSONResponse:
     return JSONResponse({"error": f"{field}: {message}", "field": field}, status_code=status)
 
@@ -122,7 +158,7 @@ def _error(field: str, message: str, status: int = 422) -> JSONResponse:
 class Ingress:
     def __init__(self, bundle, encoder: DeploymentHandle, teacher: DeploymentHandle, student: DeploymentHandle,
                  index: DeploymentHandle, limits: dict[str, Any]) -> None:
-        from cir_bench.service import RequestParser, ServiceLimits
+        from cir_bench.serving import RequestParser, ServiceLimits
 
         limits = dict(limits)
         ingress_store_mb = float(limits.pop("ingress_store_mb", 256))
@@ -139,9 +175,10 @@ class Ingress:
             if os.path.getsize(bundle.store) <= ingress_store_mb * 2 ** 20:
                 from pathlib import Path
 
-                from cir_bench.store import EmbeddingStore
+                from cir_bench.embed import EmbeddingStore
 
                 self.z0 = EmbeddingStore.load(Path(bundle.store)).z.numpy()
+        self.stages = HandleStages(self.handles, self.z0)
         # a JSON body holds the image as base64 (4/3 of its size) plus small fields
         self.max_body = self.limits.max_image_bytes * 4 // 3 + 64 * 1024
 
@@ -155,7 +192,7 @@ class Ingress:
 
     @api.get("/examples")
     async def examples(self, n: int = 32) -> list:
-        from cir_bench.service import example_requests
+        from cir_bench.serving import example_requests
 
         return example_requests(self.catalog, max(1, min(int(n), 1000)))
 
@@ -165,7 +202,7 @@ class Ingress:
 
     @api.post("/search")
     async def search(self, request: Request) -> JSONResponse:
-        from cir_bench.service import RequestError
+        from cir_bench.serving import RequestError
 
         t0 = time.perf_counter()
         size = request.headers.get("content-length")
@@ -179,10 +216,13 @@ class Ingress:
             parsed = self.parser.parse(body)
         except RequestError as err:
             return _error(err.field, str(err).split(": ", 1)[1])
-        return JSONResponse(await self._run(parsed, t0))
+        from cir_bench.serving.orchestrate import answer
+
+        (result,) = await answer([parsed], self.stages, self.catalog, t0)
+        return JSONResponse(result)
 
     async def _body(self, request: Request) -> Any:
-        from cir_bench.service import RequestError
+        from cir_bench.serving import RequestError
 
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
@@ -217,89 +257,29 @@ class Ingress:
         except Exception:
             raise RequestError("body", "not valid JSON") from None
 
-    async def _run(self, parsed: dict[str, Any], t0: float) -> dict[str, Any]:
-        from cir_bench.service import format_answer, rank_job, search_job
+def build_app(bundle, settings=None):
+    """The application for a ``ServeBundle`` (cir_bench.serving.build_bundle); ``settings``:
+    the checked serve config (serve/settings.py): deployments, batching, limits."""
+    import dataclasses
 
-        t_parse = time.perf_counter()
-        if "image_bytes" in parsed:
-            z0 = await self.handles["encoder"].embed.remote(parsed["image_bytes"])
-        elif self.z0 is not None:
-            z0 = self.z0[parsed["position"]]
-        else:
-            z0 = await self.handles["index"].vector.remote(parsed["position"])
-        t_embed = time.perf_counter()
-        method = parsed["method"]
-        if method == "teacher":
-            searched = await self.handles["teacher"].invert.remote(search_job(parsed, z0))
-        elif method == "student":
-            searched = await self.handles["student"].transform.remote(search_job(parsed, z0))
-        else:
-            searched = {"z": z0, "batch_size": 1}
-        t_search = time.perf_counter()
-        ranked = await self.handles["index"].search.remote(rank_job(self.catalog, parsed, searched["z"]))
-        t_rank = time.perf_counter()
-        res = format_answer(self.catalog, parsed, ranked, searched)
-        res["timing_ms"] = {"parse": 1000 * (t_parse - t0), "embed": 1000 * (t_embed - t_parse),
-                            "search": 1000 * (t_search - t_embed), "rank": 1000 * (t_rank - t_search),
-                            "total": 1000 * (time.perf_counter() - t0)}
-        return res
+    from serve.settings import ServeSettings
+
+    settings = settings or ServeSettings()
+
+    def bind(cls, name: str):
+        return cls.options(**settings.deployment(name)).bind(bundle, dataclasses.asdict(settings.batch(name)))
+
+    encoder, teacher, student, index = (bind(Encoder, "encoder"), bind(Teacher, "teacher"),
+                                        bind(Student, "student"), bind(Index, "index"))
+    return Ingress.options(**settings.deployment("ingress")).bind(bundle, encoder, teacher, student, index,
+                                                                  dataclasses.asdict(settings.limits))
 
 
-DEFAULT_DEPLOYMENT = {"num_replicas": 1, "max_ongoing_requests": 64, "ray_actor_options": {"num_cpus": 0.25}}
-
-
-def build_app(bundle, settings: dict[str, Any] | None = None):
-    """The application for a ``ServeBundle`` (cir_bench.service.build_bundle); ``settings`` is
-    the parsed serve config (serve/config.yaml): deployments, batching, limits."""
-    settings = settings or {}
-    deployments = settings.get("deployments", {})
-    batching = settings.get("batching", {})
-
-    def options(name: str, default: dict[str, Any]) -> dict[str, Any]:
-        return {**default, **deployments.get(name, {})}
-
-    encoder = Encoder.options(**options("encoder", DEFAULT_DEPLOYMENT)).bind(bundle, batching.get("encoder", {}))
-    teacher = Teacher.options(**options("teacher", DEFAULT_DEPLOYMENT)).bind(bundle, batching.get("teacher", {}))
-    student = Student.options(**options("student", DEFAULT_DEPLOYMENT)).bind(bundle, batching.get("student", {}))
-    index = Index.options(**options("index", DEFAULT_DEPLOYMENT)).bind(bundle, batching.get("index", {}))
-    # the ingress only awaits the others: let it hold many requests so that they can meet in
-    # one batch downstream (Serve's default of 5 ongoing requests per replica caps the batch)
-    ingress = options("ingress", {"max_ongoing_requests": 256, "ray_actor_options": {"num_cpus": 0.25}})
-    return Ingress.options(**ingress).bind(bundle, encoder, teacher, student, index, settings.get("limits", {}))
-
-
-def with_index(bundle, settings: dict[str, Any], chunk: int = 1024):
+def with_index(bundle, settings, chunk: int = 1024):
     """The bundle with the serve config's index backend, when the config names one."""
     import dataclasses
 
-    index = settings.get("index") or {}
-    if not index.get("backend"):
+    if not settings.index.backend:
         return bundle
-    from cir_bench.indexes import INDEXES
-
-    INDEXES.get(index["backend"])  # unknown backend: fail before Serve starts
-    return dataclasses.replace(bundle, index=index["backend"],
-                               index_options={"chunk": chunk, **(index.get("options") or {})})
-
-
-SECTIONS = {"deployments", "batching", "limits", "index", "http"}
-
-
-def load_serve_config(path: str | None) -> dict[str, Any]:
-    """serve/config.yaml: per-deployment replicas, ongoing limit and actor resources, batching,
-    limits, the index backend, HTTP host and port."""
-    from pathlib import Path
-
-    import yaml
-
-    path = path or str(Path(__file__).with_name("config.yaml"))
-    data = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
-    if not isinstance(data, dict) or set(data) - SECTIONS:
-        raise ValueError(f"{path}: unknown section(s) {sorted(set(data) - SECTIONS) if isinstance(data, dict) else data}; "
-                         f"known: {sorted(SECTIONS)}")
-    for section in ("deployments", "batching"):
-        unknown = set(data.get(section) or {}) - set(STAGES) - ({"ingress"} if section == "deployments" else set())
-        if unknown:
-            raise ValueError(f"{path}: {section}: unknown deployment(s) {sorted(unknown)}; known: "
-                             f"{sorted(STAGES) + (['ingress'] if section == 'deployments' else [])}")
-    return data
+    return dataclasses.replace(bundle, index=settings.index.backend,
+                               index_options={"chunk": chunk, **settings.index.options})

@@ -1,13 +1,22 @@
-"""Shared fixtures: a session cache with SynthArt tiny and one tiny trained model."""
+"""Shared fixtures: a session cache with SynthArt tiny and one tiny trained model, tiny
+author-format baseline weights, a network guard, local Ray; and helpers for comparing
+results the way a user does (tests/equivalence.py)."""
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 torch.set_num_threads(2)
+
+# The user's weights root, read before the session cache fixture points $CIR_BENCH_CACHE (and
+# with it the default weights folder) at a temporary folder: real-weight tests look here.
+USER_WEIGHTS_ROOT = Path(os.environ.get("CIR_BENCH_WEIGHTS") or Path(os.environ.get("CIR_BENCH_CACHE")
+                         or Path.home() / ".cache" / "cir-bench").expanduser() / "weights")
 
 
 @pytest.fixture(scope="session")
@@ -33,7 +42,7 @@ def tiny_overrides(cache_dir: Path, out: Path | None = None) -> list[str]:
         "queries.n_queries=40",
         "queries.sets=[[style], [style, shape]]",
         "queries.min_relevant=2",  # tiny has ~2 test items per (style, shape) pair
-        "student.overrides={epochs: 3}",
+        "student.epochs=3",
         "device=cpu",
     ]
     if out is not None:
@@ -59,8 +68,40 @@ def tiny_trained(tiny_config, tiny):
 def local_ray():
     """``ray.init(num_cpus=2)`` once per test session."""
     ray = pytest.importorskip("ray")
-    from cir_bench.distributed import ensure_ray
+    from cir_bench.embed.ray_extract import ensure_ray
 
     ensure_ray(num_cpus=2)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def no_network():
+    """Any connection attempt fails the test: adapters and compare read local files only."""
+    real = socket.socket.connect
+
+    def refuse(self, address):
+        raise AssertionError(f"network access attempted: {address}")
+
+    socket.socket.connect = refuse
+    yield
+    socket.socket.connect = real
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Tiny random weights in every baseline author's format (tests/tiny_weights.py)."""
+    pytest.importorskip("open_clip")
+    from .tiny_weights import write_tiny_weights
+
+    root = tmp_path_factory.mktemp("tiny-weights")
+    write_tiny_weights(root)
+    return root
+
+
+def queries_from_requests(parsed) -> "QuerySet":
+    """The QuerySet equivalent of parsed item-id requests (to compare with the offline methods)."""
+    from cir_bench.data.queries import QuerySet
+
+    return QuerySet(list(parsed[0]["properties"]), np.array([p["position"] for p in parsed]),
+                    np.array([p["classes"] for p in parsed]))

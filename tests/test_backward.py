@@ -7,10 +7,10 @@ import torch
 
 from cir_bench.data.base import UnknownLabelError
 from cir_bench.data.queries import QuerySet
-from cir_bench.methods import SearchContext, get_method
-from cir_bench.methods.backward import BackwardSearch
+from cir_bench.search import SearchContext, get_method
+from cir_bench.search.backward import BackwardSearch
 from cir_bench.pipeline import embed
-from cir_bench.store import CosineIndex
+from cir_bench.index import ExactIndex
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_batched_equals_per_query(setup, stopping):
     preset = "authors-code" if stopping == "authors-code" else "paper"
     bs = BackwardSearch(preset=preset, lam=0.5, stopping=stopping, max_iter=40)
     batch = bs.invert(model.heads, z0, ["style"], cond)
-    index = CosineIndex(store.z, np.arange(len(ds)))
+    index = ExactIndex(store.z, np.arange(len(ds)))
     top_batch, _ = index.search(batch.z, 10)
     for i in range(12):
         alone = bs.invert(model.heads, z0[i:i + 1], ["style"], cond[i:i + 1])
@@ -74,7 +74,7 @@ def test_batched_equals_per_query(setup, stopping):
 
 def _ctx(ds, store, model):
     db = ds.split_indices("test")
-    return SearchContext(ds, store, CosineIndex(store.z, db), db, torch.device("cpu"), 0, "exclude", model)
+    return SearchContext(ds, store, ExactIndex(store.z, db), db, torch.device("cpu"), 0, "exclude", model)
 
 
 def test_zero_iterations_is_knn_and_overlap_grows_with_lambda(setup):
@@ -123,13 +123,16 @@ def test_authors_code_preset_reproduces_the_public_code(setup):
 
 
 def test_student_roundtrip_and_search(setup, tmp_path):
-    from cir_bench.distill import distill_student
-    from cir_bench.methods.student import Student, StudentConfig, StudentSearch
+    from cir_bench.train import distill_student
+    from cir_bench.models.student import Student, StudentConfig
+    from cir_bench.search.student import StudentSearch
 
     ds, store, model = setup
     train = torch.as_tensor(ds.split_indices("train"))
-    student, history = distill_student(model.heads, store.z[train], ["style"], [6], BackwardSearch(lam=0.0),
-                                       StudentConfig(epochs=3), seed=0, device=torch.device("cpu"))
+    teacher = BackwardSearch(lam=0.0)
+    student, history = distill_student(lambda z0, c: teacher.invert(model.heads, z0, ["style"], c).z,
+                                       store.z[train], ["style"], [6], StudentConfig(epochs=3), seed=0,
+                                       device=torch.device("cpu"))
     assert len(history) == 3 and history[-1]["mse"] < history[0]["mse"]
     path = student.save(tmp_path / "s.pt", {"note": 1})
     back = Student.load(path)
@@ -181,6 +184,6 @@ def test_backward_search_on_cuda_matches_cpu(setup):
     finally:
         model.to("cpu")
     assert gpu.z.device.type == "cuda"
-    index = CosineIndex(store.z, np.arange(len(ds)))
+    index = ExactIndex(store.z, np.arange(len(ds)))
     same = (index.search(cpu.z, 10)[0] == index.search(gpu.z.cpu(), 10)[0]).all(dim=1).float().mean()
     assert float(same) >= 0.9  # float rounding differs between devices; lists must agree

@@ -2,7 +2,6 @@
 authors' checkpoint formats and loaded back through the real ``from_weights`` path."""
 from __future__ import annotations
 
-import socket
 import sys
 import types
 from pathlib import Path
@@ -20,29 +19,14 @@ from baselines.base import BadWeightsError, MissingWeightsError, load_restricted
 from baselines.clip4cir import Combiner  # noqa: E402
 from baselines.clip_common import encode_text_with_pseudo_tokens, placeholder_id, tokenizer  # noqa: E402
 from baselines.condition_text import ConditionTextError, condition_text, label_text  # noqa: E402
-from baselines.testing import tiny_clip, write_tiny_weights  # noqa: E402
+from .tiny_weights import tiny_clip  # noqa: E402
 
 NAMES = ["clip4cir", "pic2word", "searle", "searle-xl", "covr", "clip-image", "clip-text", "clip-sum"]
 
 
 @pytest.fixture(scope="module")
-def no_network():
-    """Any connection attempt fails the test: adapters must read local files only."""
-    real = socket.socket.connect
-
-    def refuse(self, address):
-        raise AssertionError(f"network access attempted: {address}")
-
-    socket.socket.connect = refuse
-    yield
-    socket.socket.connect = real
-
-
-@pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("weights")
-    write_tiny_weights(root)
-    return root
+def weights(tiny_weights):
+    return tiny_weights
 
 
 @pytest.fixture(scope="module")
@@ -292,7 +276,9 @@ REAL = {name: BASELINES.get(name).required_files() for name in NAMES}
 @pytest.mark.parametrize("name", NAMES)
 def test_real_weights_when_present(name):
     """Runs only where the authors' files are on disk ($CIR_BENCH_WEIGHTS or ~/.cache/cir-bench/weights)."""
-    root, _ = resolve_weights_root()
+    from .conftest import USER_WEIGHTS_ROOT
+
+    root = USER_WEIGHTS_ROOT
     missing = [f.path for f in REAL[name] if f.find(root) is None]
     if missing:
         pytest.skip(f"real weights absent: {', '.join(str(root / m) for m in missing)}")

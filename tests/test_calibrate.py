@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from cir_bench.calibrate import calibrate
+from cir_bench.tune.calibrate import calibrate
 
 
 def sigmoid_log(lam: float, scale: float = 1.0) -> float:

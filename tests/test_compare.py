@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import socket
 
 import pandas as pd
 import pytest
@@ -15,25 +14,8 @@ from .conftest import tiny_overrides  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
-    from baselines.testing import write_tiny_weights
-
-    root = tmp_path_factory.mktemp("tiny-weights")
-    write_tiny_weights(root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def no_network():
-    """Any connection attempt fails: compare reads local files only."""
-    real = socket.socket.connect
-
-    def refuse(self, address):
-        raise AssertionError(f"network access attempted: {address}")
-
-    socket.socket.connect = refuse
-    yield
-    socket.socket.connect = real
+def weights(tiny_weights):
+    return tiny_weights
 
 
 def _args(cache_dir, out, weights_dir, extra=()):
@@ -125,7 +107,7 @@ def test_compare_on_the_default_preset(cache_dir, weights, tmp_path, no_network)
     out = tmp_path / "default"
     args = ["compare", "--no-progress", "--weights-dir", str(weights), "--out", str(out),
             "--set", f"cache_dir={cache_dir}", "--set", "train.epochs=1", "--set", "device=cpu",
-            "--set", "student.overrides={epochs: 2}", "--set", "queries.n_queries=100",
+            "--set", "student.epochs=2", "--set", "queries.n_queries=100",
             "--baselines", "searle,clip4cir,clip-sum", "--templates", "T1,T3"]
     assert main(args) == 0
     wide = pd.read_csv(out / "comparison.csv", index_col=0)

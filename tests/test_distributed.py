@@ -10,9 +10,9 @@ ray = pytest.importorskip("ray")
 
 def test_ray_data_extraction_matches_in_process(local_ray, tiny, tiny_trained):
     from cir_bench.data.transforms import build_transform
-    from cir_bench.distributed import extract_embeddings_ray
+    from cir_bench.embed.ray_extract import extract_embeddings_ray
     from cir_bench.models import BACKBONES
-    from cir_bench.store import extract_embeddings
+    from cir_bench.embed import extract_embeddings
 
     spec = BACKBONES.get("small_cnn")
     args = {"input_size": 64, "mean": spec.mean, "std": spec.std, "square": False}

@@ -142,7 +142,7 @@ def test_run_end_to_end_on_each_replica(name, builder, extra, tmp_path, cache_di
     args = ["run", "--no-progress", "--dataset", name, "--root", str(root), "--out", str(out),
             "--cache-dir", str(cache_dir), "--device", "cpu",
             "--set", "train.epochs=2", "--set", "model.input_size=32", "--set", "queries.n_queries=6",
-            "--set", "queries.min_relevant=2", "--set", "student.overrides={epochs: 2}",
+            "--set", "queries.min_relevant=2", "--set", "student.epochs=2",
             "--set", "train.batch_size=8", "--set", "eval.k=5", *extra]
     code = main(args)
     captured = capsys.readouterr()

@@ -82,7 +82,7 @@ def test_frozen_backbone_gets_no_gradient():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_model_runs_on_cuda():
-    from cir_bench.device import pick_device
+    from cir_bench.models import pick_device
 
     dev = pick_device("auto")
     model = build_model(ModelConfig(embed_dim=64), {"style": 6}).to(dev).eval()
@@ -92,7 +92,7 @@ def test_model_runs_on_cuda():
 
 def test_packaged_efficientnet_lite0_beats_random_init_on_synthart(tiny):
     from cir_bench.data.synthart import CONTEXT_FACTORS
-    from cir_bench.probe import backbone_features, linear_probe
+    from cir_bench.train.probe import backbone_features, linear_probe
 
     frame = tiny.to_frame()
     targets = {f: frame[f"factor_{f}"] for f in ("style", "shape")}

@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from cir_bench import pipeline
+import cir_bench.pipeline.steps  # noqa: F401  (patched below)
 from cir_bench.cli import main
 from cir_bench.config import load_config
 from cir_bench.results import RESULT_FILES
@@ -39,8 +40,8 @@ def test_run_writes_files_and_second_run_reuses_cache(cache_dir, tmp_path, tiny_
     def boom(*a, **k):
         raise AssertionError("should have been served from the cache")
 
-    monkeypatch.setattr(pipeline, "train_model", boom)
-    monkeypatch.setattr(pipeline, "extract_embeddings", boom)
+    monkeypatch.setattr(pipeline.steps, "train_model", boom)
+    monkeypatch.setattr(pipeline.steps, "extract_embeddings", boom)
     out2 = pipeline.run(load_config(None, tiny_overrides(cache_dir, tmp_path / "run2")), progress=False,
                         log=lambda *_: None)
     m2 = json.loads((out2 / "manifest.json").read_text())
@@ -135,7 +136,7 @@ def test_training_is_deterministic_so_cache_keys_are_content_based(tmp_path):
     import torch
 
     from cir_bench.pipeline import load_dataset, train_or_load
-    from cir_bench.store import file_sha256
+    from cir_bench.paths import file_sha256
 
     hashes = []
     for run in ("a", "b"):

@@ -24,7 +24,7 @@ def server(local_ray, cache_dir, tiny_trained):
     sock.close()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     from cir_bench.config import load_config
-    from cir_bench.service import build_bundle
+    from cir_bench.serving import build_bundle
 
     bundle = build_bundle(load_config(None, tiny_overrides(cache_dir)))
     small = {"max_ongoing_requests": 32, "ray_actor_options": {"num_cpus": 0.2}}
@@ -34,14 +34,16 @@ def server(local_ray, cache_dir, tiny_trained):
                 # 0: item-id queries fetch z0 from the Index deployment (the CLI test below
                 # serves with the default, where the ingress holds the small store)
                 "limits": {"max_image_bytes": 100_000, "ingress_store_mb": 0}}
-    serve.run(app_module.build_app(bundle, settings), route_prefix="/", name="cir-bench-test")
+    from serve.settings import settings_from_dict
+
+    serve.run(app_module.build_app(bundle, settings_from_dict(settings)), route_prefix="/", name="cir-bench-test")
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
 
 @pytest.fixture(scope="module")
 def local_service(tiny_config, tiny, tiny_trained):
-    from cir_bench.service import SearchService, build_bundle
+    from cir_bench.serving import SearchService, build_bundle
 
     service = SearchService(build_bundle(tiny_config, dataset=tiny))
     service.dataset = tiny
@@ -196,7 +198,7 @@ def test_loadtest_short_staged_run_writes_json_csv_plot(server, tmp_path, capsys
 
 
 def test_loadtest_refuses_non_loopback_targets():
-    from cir_bench.loadtest import check_loopback
+    from cir_bench.serving.loadtest import check_loopback
 
     check_loopback("http://127.0.0.1:8000")
     check_loopback("http://localhost:8000")

@@ -7,12 +7,14 @@ import io
 import numpy as np
 import pytest
 
-from cir_bench.methods import get_method
-from cir_bench.methods.backward import BackwardSearch
-from cir_bench.methods.student import StudentSearch
-from cir_bench.methods.student import Student
+from cir_bench.search import get_method
+from cir_bench.search.backward import BackwardSearch
+from cir_bench.search.student import StudentSearch
+from cir_bench.models.student import Student
 from cir_bench.pipeline import prepare
-from cir_bench.service import RequestError, SearchService, ServiceLimits, build_bundle, queries_from_requests
+from cir_bench.serving import RequestError, SearchService, ServiceLimits, build_bundle
+
+from .conftest import queries_from_requests
 
 
 @pytest.fixture(scope="module")
@@ -123,7 +125,7 @@ def test_run_config_selects_the_faiss_backend(tiny_config, tiny, prepared):
     """eval.index=faiss reaches prepare(): knn over a FAISS Flat index ranks as the exact one."""
     import dataclasses
 
-    from cir_bench.indexes import FaissIndex
+    from cir_bench.index import FaissIndex
 
     pytest.importorskip("faiss")
     cfg = dataclasses.replace(tiny_config, eval=dataclasses.replace(tiny_config.eval, index="faiss",
@@ -138,7 +140,7 @@ def test_run_config_selects_the_faiss_backend(tiny_config, tiny, prepared):
 
 
 def service_parse(prepared, request):
-    from cir_bench.service import Catalog, RequestParser
+    from cir_bench.serving import Catalog, RequestParser
 
     catalog = Catalog.from_dataset(prepared.dataset, prepared.ctx.database, "exclude")
     return RequestParser(catalog, [], ServiceLimits()).parse(request)
@@ -163,22 +165,32 @@ def test_service_components_on_cuda_match_cpu(service, prepared):
                 assert np.allclose([i["score"] for i in a["items"]], [i["score"] for i in b["items"]], atol=1e-4)
 
 
-def test_serve_config_sections_are_checked_and_name_the_index(tmp_path, service):
-    from serve.app import load_serve_config, with_index
+def test_serve_config_is_checked_before_serve_starts_naming_file_and_key(tmp_path, service):
+    from cir_bench.config import ConfigError
+    from serve.app import with_index
+    from serve.settings import load_serve_config, settings_from_dict
 
     shipped = load_serve_config(None)  # serve/config.yaml
-    assert set(shipped["deployments"]) == {"ingress", "encoder", "teacher", "student", "index"}
+    assert set(shipped.deployments) == {"ingress", "encoder", "teacher", "student", "index"}
+    assert shipped.deployment("teacher")["ray_actor_options"]["num_cpus"] == 0.5
     assert with_index(service.bundle, shipped) is service.bundle  # no index section: the run config's
     bad = tmp_path / "bad.yaml"
-    bad.write_text("deployments:\n  searcher: {num_replicas: 2}\n")
-    with pytest.raises(ValueError, match=r"unknown deployment\(s\) \['searcher'\]"):
-        load_serve_config(str(bad))
-    bad.write_text("indexes: {}\n")
-    with pytest.raises(ValueError, match=r"unknown section\(s\) \['indexes'\]"):
-        load_serve_config(str(bad))
+    for text, message in [
+        ("deployments:\n  searcher: {num_replicas: 2}\n", r"unknown deployment\(s\) \['searcher'\]"),
+        ("indexes: {}\n", r"unknown config key 'indexes'"),
+        ("deployments:\n  teacher: {num_replicas: 0}\n", r"'deployments.teacher.num_replicas' must be >= 1"),
+        ("batching:\n  teacher: {max_batch_size: many}\n", r"'batching.teacher.max_batch_size' expects an integer"),
+        ("limits: {max_k: 10, max_kk: 3}\n", r"unknown config key 'limits.max_kk'"),
+        ("http: {port: 70000}\n", r"'http.port' must be <= 65535"),
+        ("index: {backend: annoy}\n", r"unknown index 'annoy'"),
+        ("- a list\n", r"expected a mapping"),
+    ]:
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=message) as err:
+            load_serve_config(str(bad))
+        assert str(bad) in str(err.value)
     faiss_cfg = tmp_path / "faiss.yaml"
     faiss_cfg.write_text("index: {backend: faiss, options: {factory: HNSW32, ef_search: 64}}\n")
     b = with_index(service.bundle, load_serve_config(str(faiss_cfg)))
     assert b.index == "faiss" and b.index_options["factory"] == "HNSW32"
-    with pytest.raises(KeyError, match="unknown index 'annoy'"):
-        with_index(service.bundle, {"index": {"backend": "annoy"}})
+    assert settings_from_dict({}).deployment("ingress")["max_ongoing_requests"] == 256

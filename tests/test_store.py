@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from cir_bench.store import CosineIndex, EmbeddingStore, load_or_extract
+from cir_bench.embed import EmbeddingStore, load_or_extract
+from cir_bench.index import ExactIndex
 
 
 def brute_force(z: np.ndarray, db: np.ndarray, q: np.ndarray, k: int, exclude=None):
@@ -25,7 +26,7 @@ def test_topk_matches_numpy(chunk):
     z = rng.normal(size=(300, 16)).astype(np.float32)
     db = np.sort(rng.choice(300, 120, replace=False))
     q = rng.normal(size=(25, 16)).astype(np.float32)
-    index = CosineIndex(torch.from_numpy(z), db, chunk=chunk)
+    index = ExactIndex(torch.from_numpy(z), db, chunk=chunk)
     pos, scores = index.search(torch.from_numpy(q), 10)
     np.testing.assert_array_equal(pos.numpy(), brute_force(z, db, q, 10))
     assert bool((scores[:, :-1] >= scores[:, 1:]).all())
@@ -38,14 +39,14 @@ def test_ties_break_by_id_and_self_match_is_excluded():
     # 40 identical vectors: every score ties, so the order must be the position order
     z = torch.ones(40, 4)
     db = np.arange(0, 40, 2)
-    index = CosineIndex(z, db)
+    index = ExactIndex(z, db)
     pos, _ = index.search(torch.ones(2, 4), 5)
     assert pos.tolist() == [[0, 2, 4, 6, 8]] * 2
     pos, _ = index.search(torch.ones(2, 4), 5, exclude=np.array([0, 4]))
     assert pos.tolist() == [[2, 4, 6, 8, 10], [0, 2, 6, 8, 10]]
     # ties that spill past the top-k window: 30 ties, window is k + 16
     z = torch.cat([torch.ones(30, 4), -torch.ones(10, 4)])
-    index = CosineIndex(z, np.arange(40))
+    index = ExactIndex(z, np.arange(40))
     pos, _ = index.search(torch.ones(1, 4), 3, exclude=np.array([1]))
     assert pos.tolist() == [[0, 2, 3]]
 
@@ -55,7 +56,7 @@ def test_self_match_exclusion_against_numpy():
     z = rng.normal(size=(80, 8)).astype(np.float32)
     db = np.arange(80)
     q_pos = rng.choice(80, 10, replace=False)
-    index = CosineIndex(torch.from_numpy(z), db)
+    index = ExactIndex(torch.from_numpy(z), db)
     pos, _ = index.search(torch.from_numpy(z[q_pos]), 7, exclude=q_pos)
     np.testing.assert_array_equal(pos.numpy(), brute_force(z, db, z[q_pos], 7, exclude=q_pos))
     assert not any(q in row for q, row in zip(q_pos, pos.tolist()))
@@ -84,7 +85,7 @@ def test_faiss_index_matches_exact_index(factory):
     """The FAISS backend (Flat exact, HNSW approximate on a small store) returns the exact
     backend's neighbours, self-match excluded."""
     pytest.importorskip("faiss")
-    from cir_bench.indexes import build_index
+    from cir_bench.index import build_index
 
     rng = np.random.default_rng(3)
     z = torch.from_numpy(rng.normal(size=(500, 16)).astype(np.float32))
@@ -101,7 +102,7 @@ def test_faiss_index_matches_exact_index(factory):
 
 
 def test_unknown_index_backend_names_the_choices():
-    from cir_bench.indexes import build_index
+    from cir_bench.index import build_index
     from cir_bench.registry import UnknownNameError
 
     with pytest.raises(UnknownNameError, match="exact, faiss"):

@@ -46,48 +46,55 @@ def test_tune_two_trials_sweep_calibrate_report(local_ray, tmp_path, cache_dir, 
     assert (out / "lambda_curves.png").stat().st_size > 0
 
 
-def test_resume_finishes_without_rerunning_finished_trials(local_ray, tmp_path, cache_dir, capsys):
-    marker = tmp_path / "fail-now"
+def test_resume_finishes_without_rerunning_finished_trials(local_ray, tmp_path, cache_dir):
+    """A failed trial (max_failures 0) fails the command; --resume runs only that trial again."""
+    import ray.cloudpickle
+
+    from cir_bench.tune import Experiment
+    from cir_bench.tune.runner import run_experiment
+
+    from . import tune_faults
+
+    ray.cloudpickle.register_pickle_by_value(tune_faults)  # workers need not import tests/
+    marker, trace = tmp_path / "fail-now", tmp_path / "trace.jsonl"
     marker.write_text("x")
-    trace = tmp_path / "trace.jsonl"
-    config = _experiment(tmp_path, cache_dir, calibration=None,
-                         debug={"fail_if_file_exists": str(marker), "fail_trial": 1, "trace_file": str(trace)})
+    exp = Experiment.load(_experiment(tmp_path, cache_dir, calibration=None))
     storage = tmp_path / "tune"
-    args = ["tune", config, "--storage-path", str(storage), "--cache-dir", str(cache_dir), "--no-progress"]
-    assert main(args) == 1  # one trial failed (max_failures 0), the other finished
+    kwargs = {"cache_dir": str(cache_dir), "verbose": 0,
+              "trainable": tune_faults.faulty_trainable(str(marker), exp.trials()[1], str(trace))}
+    tidy, errors = run_experiment(exp, storage, **kwargs)
+    assert len(errors) == 1 and "injected failure" in errors[0]
     first = [json.loads(line) for line in trace.read_text().splitlines()]
-    assert len(first) == 1  # the failing trial raised before writing its trace line
+    assert first == [exp.trials()[0]]  # the failing trial raised before writing its trace line
     marker.unlink()
-    assert main(args + ["--resume"]) == 0
+    tidy, errors = run_experiment(exp, storage, resume=True, **kwargs)
+    assert errors == []
     runs = [json.loads(line) for line in trace.read_text().splitlines()]
-    assert len(runs) == 2 and runs[0] != runs[1]  # only the failed trial ran again
-    tidy = pd.read_parquet(storage / "tiny" / "report" / "tune_results.parquet")
+    assert runs == [exp.trials()[0], exp.trials()[1]]  # only the failed trial ran again
     assert set(tidy["model.embed_dim"]) == {32, 64}
 
 
 def test_shipped_experiment_files_parse_and_expand():
-    from pathlib import Path
+    import tune_configs
+    from cir_bench.tune import Experiment, trial_config
 
-    from cir_bench.config import load_config
-    from cir_bench.tuning import Experiment, trial_overrides
-
-    root = Path(__file__).resolve().parent.parent / "tune_configs"
-    table3 = Experiment.load(root / "table3.yaml")
+    assert tune_configs.names() == ["lambda_sweep", "quick", "table3"]
+    table3 = Experiment.load(tune_configs.resolve("table3"))
     assert len(table3.trials()) == 4 * 4 * 2 * 3
-    cfg = load_config(None, trial_overrides(table3, table3.trials()[0], None))
+    cfg = trial_config(table3, table3.trials()[0], None)
     assert cfg.dataset.name == "cub" and cfg.dataset.root == "/data/CUB" and cfg.queries.n_queries == 1000
     assert cfg.model.backbone == "vgg16_bn" and cfg.search.preset == "authors-code"
-    sweep = Experiment.load(root / "lambda_sweep.yaml")
+    sweep = Experiment.load(tune_configs.resolve("lambda_sweep.yaml"))
     assert sweep.calibration is None and len(sweep.lambdas) == 11
-    quick = Experiment.load(root / "quick.yaml")
-    assert load_config(None, trial_overrides(quick, quick.trials()[0], None)).dataset.options == {"preset": "default"}
+    quick = Experiment.load(tune_configs.resolve("quick"))
+    assert trial_config(quick, quick.trials()[0], None).dataset.options == {"preset": "default"}
 
 
 def test_calibration_on_synthart_tiny(tiny_config, tiny, tiny_trained):
-    from cir_bench.calibrate import calibrate
-    from cir_bench.methods.backward import BackwardSearch
+    from cir_bench.tune.calibrate import calibrate
+    from cir_bench.search.backward import BackwardSearch
     from cir_bench.pipeline import make_queries, prepare
-    from cir_bench.tuning import _evaluate
+    from cir_bench.tune.runner import _evaluate
 
     prepared = prepare(tiny_config, progress=False, dataset=tiny)
     queries, _ = make_queries(tiny_config, tiny, ["style"])

@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFilter
 
 from cir_bench.data.base import Dataset, Item, Property, decode_image
-from cir_bench.paths import default_cache_dir
+from cir_bench.paths import atomic_write, cache_root
 
 GENERATOR_VERSION = 2
 
@@ -486,15 +486,13 @@ class SynthArt(Dataset):
                 + ", ".join(SynthArtParams.__dataclass_fields__)
             )
         params = replace(PRESETS[preset], **overrides)
-        folder = Path(cache_dir or default_cache_dir()) / "synthart" / f"{preset}-{params.cache_key()}"
+        folder = cache_root(cache_dir) / "synthart" / f"{preset}-{params.cache_key()}"
         path = folder / "synthart.parquet"
         if not path.exists():
             t0 = time.perf_counter()
             frame = generate(params)
-            folder.mkdir(parents=True, exist_ok=True)
-            tmp = folder / f".synthart.{os.getpid()}.parquet"
-            pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp)
-            os.replace(tmp, path)
+            with atomic_write(path) as tmp:
+                pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp)
             meta = {"params": asdict(params), "version": GENERATOR_VERSION, "n_images": len(frame),
                     "seconds": round(time.perf_counter() - t0, 2)}
             (folder / "meta.json").write_text(json.dumps(meta, indent=2))

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from cir_bench.paths import default_weights_dir
 from cir_bench.registry import Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -53,7 +54,7 @@ def weight_search_paths(filename: str, explicit: str | None = None) -> list[Path
         paths.append(Path(explicit).expanduser())
     if os.environ.get("CIR_BENCH_WEIGHTS"):
         paths.append(Path(os.environ["CIR_BENCH_WEIGHTS"]).expanduser() / filename)
-    paths.append(Path.home() / ".cache" / "cir-bench" / "weights" / filename)
+    paths.append(default_weights_dir() / filename)
     paths.append(Path(torch.hub.get_dir()) / "checkpoints" / filename)
     return paths
 

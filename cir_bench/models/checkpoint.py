@@ -7,13 +7,13 @@ numbers, lists and dicts, so ``torch.load(weights_only=True)`` reads it without 
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
 
 from cir_bench.config import ModelConfig
+from cir_bench.paths import save_torch
 from cir_bench.models.backbones import build_backbone
 from cir_bench.models.model import ConditionalRetrievalModel
 
@@ -32,7 +32,6 @@ def build_model(cfg: ModelConfig, num_classes: Mapping[str, int], load_pretraine
 def save_checkpoint(path: str | Path, model: ConditionalRetrievalModel, cfg: ModelConfig,
                     properties: Mapping[str, Sequence[str]], extra: dict[str, Any] | None = None) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT,
         "model_config": dataclasses.asdict(cfg),
@@ -40,9 +39,7 @@ def save_checkpoint(path: str | Path, model: ConditionalRetrievalModel, cfg: Mod
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "extra": extra or {},
     }
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)  # atomic: a crashed run never leaves a half checkpoint
+    save_torch(payload, path)  # atomic: a crashed run never leaves a half checkpoint
     return path
 
 

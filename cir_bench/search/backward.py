@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from cir_bench.data.base import UnknownLabelError
 from cir_bench.data.queries import QuerySet
-from cir_bench.methods.base import Ranking, SearchContext, SearchMethod
+from cir_bench.search.base import Ranking, SearchContext, SearchMethod
 
 STOPPING_RULES = ("satisfied", "plateau", "none", "authors-code")
 

@@ -6,18 +6,21 @@ Search teacher computes its target z*. Loss: MSE(student(z0, c), z*).
 """
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from cir_bench.methods.backward import BackwardSearch
-from cir_bench.methods.student import Student, StudentConfig
+from cir_bench.models.student import Student, StudentConfig
+
+#: (z0 (B, d), conditions (B, M) class ids) -> the teacher's z* (B, d). The pipeline passes
+#: Backward Search bound to the trained heads; training does not depend on the search stage.
+Teacher = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def distill_student(heads: Mapping[str, torch.nn.Module], z_train: torch.Tensor, properties: Sequence[str],
-                    num_classes: Sequence[int], teacher: BackwardSearch, cfg: StudentConfig, seed: int,
+def distill_student(teacher: Teacher, z_train: torch.Tensor, properties: Sequence[str],
+                    num_classes: Sequence[int], cfg: StudentConfig, seed: int,
                     device: torch.device, progress: bool = False) -> tuple[Student, list[dict]]:
     torch.manual_seed(seed)
     rng = np.random.default_rng([seed, 23])
@@ -28,7 +31,7 @@ def distill_student(heads: Mapping[str, torch.nn.Module], z_train: torch.Tensor,
     history = []
     for epoch in tqdm(range(cfg.epochs), desc="distil student", disable=not progress, unit="epoch"):
         cond = torch.as_tensor(np.stack([rng.integers(c, size=n) for c in num_classes], axis=1), device=device)
-        target = teacher.invert(heads, z_train, properties, cond).z.detach()
+        target = teacher(z_train, cond).detach()
         perm = torch.as_tensor(rng.permutation(n), device=device)
         student.train()
         total = 0.0

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from cir_bench.data.queries import QuerySet
-from cir_bench.methods.base import Ranking, SearchContext, SearchMethod
+from cir_bench.search.base import Ranking, SearchContext, SearchMethod
 
 
 class KNNSearch(SearchMethod):

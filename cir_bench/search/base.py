@@ -14,7 +14,8 @@ import torch
 
 from cir_bench.data.base import Dataset
 from cir_bench.data.queries import QuerySet
-from cir_bench.store import CosineIndex, EmbeddingStore
+from cir_bench.embed.store import EmbeddingStore
+from cir_bench.index.base import SearchIndex
 
 
 @dataclass
@@ -24,7 +25,7 @@ class SearchContext:
 
     dataset: Dataset
     store: EmbeddingStore
-    index: CosineIndex
+    index: SearchIndex  # exact or FAISS (cir_bench.index)
     database: np.ndarray  # item positions of the retrieval database (sorted)
     device: torch.device
     seed: int

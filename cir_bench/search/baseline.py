@@ -8,17 +8,17 @@ the model are returned per query (``extras["prompt"]``) and so stored with the r
 """
 from __future__ import annotations
 
-import os
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from cir_bench.data.queries import QuerySet
-from cir_bench.methods.base import Ranking, SearchContext, SearchMethod
-from cir_bench.store import topk_stable
+from cir_bench.search.base import Ranking, SearchContext, SearchMethod
+from cir_bench.index import rank_scores
+from cir_bench.index.base import result_size
+from cir_bench.paths import cache_root, save_torch
 
 
 class BaselineSearch(SearchMethod):
@@ -50,9 +50,7 @@ class BaselineSearch(SearchMethod):
         self.composer = get_composer(self.baseline, self.weights_dir, device=str(ctx.device),
                                      batch_size=self.batch_size, **self.options)
         key = f"{self.composer.cache_key()}-{ctx.dataset.fingerprint()}"
-        root = Path(self.cache_dir) if self.cache_dir else Path(os.environ.get("CIR_BENCH_CACHE",
-                                                                                "~/.cache/cir-bench")).expanduser()
-        path = root / "baselines" / f"{key}.pt"
+        path = cache_root(self.cache_dir) / "baselines" / f"{key}.pt"
         ids = [ctx.dataset.items[p].id for p in ctx.database]
         gallery = None
         if path.exists():
@@ -63,10 +61,7 @@ class BaselineSearch(SearchMethod):
         if gallery is None:
             images = [ctx.dataset.load_image(int(p)) for p in ctx.database]
             gallery = self.composer.encode_gallery(images)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            torch.save({"ids": ids, "z": gallery}, tmp)
-            os.replace(tmp, path)
+            save_torch({"ids": ids, "z": gallery}, path)
         self.gallery = gallery
         self.info = {"gallery_cache": str(path), "gallery_reused": reused, "setup_s": time.perf_counter() - t0,
                      "weights": self.composer.weights, "notes": list(self.composer.notes),
@@ -83,11 +78,7 @@ class BaselineSearch(SearchMethod):
         q = self.composer.encode_query(images, prompts, wrapped=True)
         sim = self.composer.score(q, self.gallery)
         exclude = ctx.exclude(queries)
-        if exclude is not None:
-            local = ctx.index.local(exclude)
-            rows = np.nonzero(local >= 0)[0]
-            sim[torch.as_tensor(rows), torch.as_tensor(local[rows])] = float("-inf")
-        k = min(k, sim.shape[1] - (1 if exclude is not None else 0))
-        idx, scores = topk_stable(sim, k)
+        idx, scores = rank_scores(sim, result_size(k, sim.shape[1], exclude),
+                                  None if exclude is None else ctx.index.local(exclude))
         positions = np.asarray(ctx.database)[idx.numpy()]
         return Ranking(positions, scores.numpy(), {"prompt": np.array(prompts, dtype=object)})

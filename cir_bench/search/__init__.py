@@ -3,13 +3,13 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from cir_bench.methods.backward import BackwardSearch
-from cir_bench.methods.base import Ranking, SearchContext, SearchMethod
-from cir_bench.methods.baseline import BaselineSearch
-from cir_bench.methods.filtered_knn import FilteredKNN, OracleFilteredKNN
-from cir_bench.methods.knn import KNNSearch
-from cir_bench.methods.random_search import RandomSearch
-from cir_bench.methods.student import StudentSearch
+from cir_bench.search.backward import BackwardSearch
+from cir_bench.search.base import Ranking, SearchContext, SearchMethod
+from cir_bench.search.baseline import BaselineSearch
+from cir_bench.search.filtered_knn import FilteredKNN, OracleFilteredKNN
+from cir_bench.search.knn import KNNSearch
+from cir_bench.search.random_search import RandomSearch
+from cir_bench.search.student import StudentSearch
 from cir_bench.registry import Registry
 
 METHODS: Registry[Callable[..., SearchMethod]] = Registry("search method")

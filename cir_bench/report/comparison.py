@@ -1,7 +1,5 @@
-"""``cir-bench compare``: Backward Search, its student, the embedding baselines and every
-composed-image-retrieval baseline whose weights are present, on the same query sets, gallery
-and metric engine (the paper's Table 4), and ``cir-bench report``: the comparison tables
-built from the written result files of one or more compare runs.
+"""The comparison tables (the paper's Table 4 layout) of ``cir-bench compare`` and
+``cir-bench report``, built from the written result files of one or more runs.
 
 A baseline without weights is a row "weights missing: <path>", never numbers. Rows computed
 with weights that are not the authors' architecture (e.g. the tiny test weights) carry a mark
@@ -9,7 +7,6 @@ and a footnote saying so.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,60 +14,11 @@ from typing import Any, Sequence
 import numpy as np
 import pandas as pd
 
-from cir_bench.config import RunConfig
 
-OWN_METHODS: list[Any] = ["random", "knn", "filtered_knn", {"method": "backward", "lam": 0.0}, "backward",
-                          "student"]
-COMPOSED = ["clip4cir", "pic2word", "searle", "searle-xl", "covr"]  # CoIR baselines (template-dependent)
-REFERENCES = ["clip-image", "clip-text", "clip-sum"]  # trivial references (template-independent)
 HEADLINE_TEMPLATE = "T1"
 METRICS = [("precision_at_{k}", "precision@{k} (mAP@{k}, paper def.)"), ("mts_at_{k}", "mTS@{k}"),
            ("ap_at_{k}_R", "AP@{k} (/R)"), ("ap_at_{k}_minRk", "AP@{k} (/min(R,k))"),
            ("ap_at_{k}_hits", "AP@{k} (/hits)"), ("ms_per_query", "ms/query")]
-
-
-def plan(baselines: Sequence[str], templates: Sequence[str], weights_dir: str | None, cache_dir: str | None,
-         config_dir: str | None = None, options: dict[str, dict[str, Any]] | None = None
-         ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Method entries for the baselines whose files are present, and the missing ones."""
-    from baselines import BASELINES
-    from baselines.base import MissingWeightsError, require, resolve_weights_root
-
-    root, how = resolve_weights_root(weights_dir, config_dir)
-    entries, missing = [], []
-    for name in baselines:
-        cls = BASELINES.get(name)
-        opts = dict((options or {}).get(name, {}))
-        files = cls.required_files(**opts)
-        try:
-            require(name, files, root, how)
-        except MissingWeightsError as err:
-            paths = [str((root / f.path).resolve()) for f in files if f.find(root) is None]
-            missing.append({"baseline": name, "paths": paths, "message": str(err)})
-            continue
-        for template in (templates if cls.text_source == "template" else [HEADLINE_TEMPLATE]):
-            label = f"{name}[{template}]" if cls.text_source == "template" else name
-            entries.append({"method": "baseline", "label": label, "baseline": name, "template": template,
-                            "weights_dir": str(root), "cache_dir": cache_dir,
-                            **({"options": opts} if opts else {})})
-    return entries, missing
-
-
-def run_compare(cfg: RunConfig, baselines: Sequence[str], templates: Sequence[str], weights_dir: str | None,
-                progress: bool = True, log=print) -> Path:
-    from cir_bench.pipeline import cache_dir_for, run
-
-    entries, missing = plan(baselines, templates, weights_dir, str(cache_dir_for(cfg)), cfg.baselines.weights_dir,
-                            cfg.baselines.options)
-    for m in missing:
-        log(f"{m['baseline']}: weights missing: {', '.join(m['paths'])}")
-    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, methods=list(OWN_METHODS) + entries))
-    out = run(cfg, progress=progress, log=log)
-    (out / "compare.json").write_text(json.dumps({
-        "baselines": list(baselines), "templates": list(templates), "headline_template": HEADLINE_TEMPLATE,
-        "missing": missing}, indent=2))
-    write_report([out], out)
-    return out
 
 
 def _rows(run_dir: Path) -> tuple[pd.DataFrame, dict[str, Any], dict[str, Any]]:

@@ -1,34 +1,19 @@
-"""Search backends over the embedding store: one registry, one interface (BEIR's split of
-encoder and search backend).
-
-    exact   CosineIndex: exact cosine top-k in torch, ties to the smaller item id (the default;
-            what every metric in this repository is computed with).
-    faiss   FaissIndex: cosine top-k with a FAISS index built by ``faiss.index_factory`` on the
-            L2-normalised database rows (inner product = cosine). ``factory="Flat"`` is exact up
-            to float summation order; ``"HNSW32"`` or ``"IVF256,Flat"`` are approximate and meant
-            for stores too large for brute force (millions of items).
-
-Every backend takes ``(z, positions, device, **options)`` and answers
-``search(queries, k, exclude) -> (item positions, scores)`` with the self-match left out.
-"""
+"""Cosine top-k through FAISS (CPU), for stores too large for brute force."""
 from __future__ import annotations
-
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cir_bench.registry import Registry
-from cir_bench.store import CosineIndex
-
-INDEXES: Registry = Registry("index")
+from cir_bench.index.base import DatabaseRows, result_size
 
 
-class FaissIndex:
-    """Cosine top-k through FAISS (CPU). Not tie-stable: equal scores may come in any order.
+class FaissIndex(DatabaseRows):
+    """A FAISS index built by ``faiss.index_factory`` on the L2-normalised database rows
+    (inner product = cosine). Not tie-stable: equal scores may come in any order.
 
-    options: ``factory`` (index_factory string, default "Flat"), ``nprobe`` (IVF lists visited),
+    options: ``factory`` (index_factory string, default "Flat": exact up to float summation
+    order; "HNSW32" or "IVF256,Flat" approximate), ``nprobe`` (IVF lists visited),
     ``ef_search`` (HNSW beam), ``seed`` (IVF training sample), ``threads`` (0: FAISS default).
     """
 
@@ -39,12 +24,9 @@ class FaissIndex:
             import faiss
         except ImportError as err:  # faiss-cpu is a dependency; a stripped install may lack it
             raise ImportError("the 'faiss' index needs faiss-cpu: pip install faiss-cpu==1.15.1") from err
-        self._faiss = faiss
+        super().__init__(positions, z.shape[0])
         if threads:
             faiss.omp_set_num_threads(int(threads))
-        self.positions = np.asarray(positions, dtype=np.int64)
-        if len(self.positions) and int(self.positions[-1]) >= z.shape[0]:
-            raise ValueError(f"store has {z.shape[0]} rows but the database names position {self.positions[-1]}")
         x = F.normalize(z[torch.as_tensor(self.positions)].float(), dim=1).cpu().numpy()
         x = np.ascontiguousarray(x, dtype=np.float32)
         self.factory = factory
@@ -64,18 +46,11 @@ class FaissIndex:
         # whole database themselves (filtered_knn): those stay exact whatever the backend
         self.device = torch.device("cpu")
         self.z = torch.from_numpy(x)
-        self._rank_of = {int(p): i for i, p in enumerate(self.positions)}
-
-    def __len__(self) -> int:
-        return len(self.positions)
-
-    def local(self, positions: np.ndarray) -> np.ndarray:
-        return np.array([self._rank_of.get(int(p), -1) for p in positions], dtype=np.int64)
 
     def search(self, queries: torch.Tensor, k: int, exclude: np.ndarray | None = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(self)
-        k = min(k, n - (1 if exclude is not None else 0))
+        k = result_size(k, n, exclude)
         q = np.ascontiguousarray(F.normalize(queries.float(), dim=1).cpu().numpy(), dtype=np.float32)
         extra = 1 if exclude is not None else 0
         scores, rows = self.index.search(q, min(n, k + extra))
@@ -90,13 +65,3 @@ class FaissIndex:
                                    "raise nprobe/ef_search")
             out_pos[i], out_score[i] = self.positions[r], s
         return torch.from_numpy(out_pos), torch.from_numpy(out_score)
-
-
-INDEXES.register("exact")(CosineIndex)
-INDEXES.register("faiss")(FaissIndex)
-
-
-def build_index(name: str, z: torch.Tensor, positions: np.ndarray, device: torch.device | str = "cpu",
-                **options: Any):
-    """The backend ``name`` over the database rows ``positions`` of ``z``."""
-    return INDEXES.get(name)(z, positions, device, **options)

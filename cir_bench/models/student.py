@@ -8,28 +8,15 @@ holds, which a residual learns far more easily from a few thousand embeddings.
 """
 from __future__ import annotations
 
-import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from cir_bench.data.queries import QuerySet
-from cir_bench.methods.base import Ranking, SearchContext, SearchMethod
-
-
-@dataclass(frozen=True)
-class StudentConfig:
-    hidden: tuple[int, ...] = (256, 128)  # encoder widths; the decoder mirrors them
-    bottleneck: int = 64
-    dropout: float = 0.1
-    residual: bool = True
-    epochs: int = 40
-    batch_size: int = 256
-    lr: float = 1e-3
-    weight_decay: float = 0.0
+from cir_bench.config import StudentConfig
+from cir_bench.paths import save_torch
 
 
 def _mlp(widths: Sequence[int], dropout: float) -> list[nn.Module]:
@@ -66,13 +53,10 @@ class Student(nn.Module):
     # -- persistence (weights_only) -----------------------------------------------------
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"format": 1, "kind": "student", "embed_dim": self.embed_dim, "num_classes": self.num_classes,
-                   "properties": self.properties, "config": {**asdict(self.cfg), "hidden": list(self.cfg.hidden)},
+                   "properties": self.properties, "config": asdict(self.cfg),
                    "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}, "extra": extra or {}}
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        save_torch(payload, path)
         return path
 
     @classmethod
@@ -82,39 +66,6 @@ class Student(nn.Module):
             raise ValueError(f"{path}: not a cir-bench student checkpoint")
         cfg = payload["config"]
         model = cls(payload["embed_dim"], payload["num_classes"], payload["properties"],
-                    StudentConfig(**{**cfg, "hidden": tuple(cfg["hidden"])}))
+                    StudentConfig(**{**cfg, "hidden": list(cfg["hidden"])}))
         model.load_state_dict(payload["state_dict"])
         return model.to(device).eval()
-
-
-class StudentSearch(SearchMethod):
-    """Registered as ``student``: the distilled student's z, then cosine top-k.
-
-    The pipeline distils (or loads) the student for the query set's properties and hands
-    it over in ``ctx.cache["students"][tuple(properties)]``.
-    """
-
-    name = "student"
-
-    def __init__(self, student: Student | None = None) -> None:
-        self.student = student
-
-    def _student(self, ctx: SearchContext, queries: QuerySet) -> Student:
-        if self.student is not None:
-            return self.student
-        found = ctx.cache.get("students", {}).get(tuple(queries.properties))
-        if found is None:
-            raise ValueError(f"no distilled student for the properties {queries.properties}; "
-                             "run it through the pipeline, which distils one")
-        return found
-
-    def search(self, ctx: SearchContext, queries: QuerySet, k: int) -> Ranking:
-        student = self._student(ctx, queries).to(ctx.device).eval()
-        if student.properties != list(queries.properties):
-            raise ValueError(f"student was distilled for {student.properties}, queries condition {queries.properties}")
-        z0 = ctx.query_embeddings(queries).to(ctx.device)
-        cond = torch.as_tensor(queries.conditions, device=ctx.device)
-        with torch.no_grad():
-            z = student(z0, cond)
-        pos, score = ctx.index.search(z, k, exclude=ctx.exclude(queries))
-        return Ranking(pos.numpy(), score.numpy())

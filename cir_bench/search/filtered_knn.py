@@ -12,8 +12,9 @@ import numpy as np
 import torch
 
 from cir_bench.data.queries import QuerySet
-from cir_bench.methods.base import Ranking, SearchContext, SearchMethod
-from cir_bench.store import topk_stable
+from cir_bench.search.base import Ranking, SearchContext, SearchMethod
+from cir_bench.index import rank_scores
+from cir_bench.index.base import result_size
 
 BONUS = 3.0
 
@@ -50,11 +51,8 @@ class FilteredKNN(SearchMethod):
             sim = q[sl] @ ctx.index.z.to(ctx.device).T
             match = (labels[None, :, :] == cond[sl, None, :]).all(dim=2)
             ranked = sim + BONUS * match  # cosine is in [-1, 1]: every match outranks every miss
-            if ex_local is not None:
-                ex = ex_local[sl]
-                rows = torch.nonzero(ex >= 0).flatten()
-                ranked[rows, ex[rows]] = float("-inf")
-            idx, _ = topk_stable(ranked, min(k, ranked.shape[1] - (exclude is not None)))
+            idx, _ = rank_scores(ranked, result_size(k, ranked.shape[1], exclude),
+                                 None if ex_local is None else ex_local[sl])
             out_pos.append(torch.as_tensor(ctx.index.positions).cpu()[idx.cpu()])
             out_score.append(torch.gather(sim, 1, idx).cpu())
         return Ranking(torch.cat(out_pos).numpy(), torch.cat(out_score).numpy())

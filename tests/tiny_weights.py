@@ -1,11 +1,11 @@
-"""Tiny random weights in each author's checkpoint format, for tests and demos.
+"""Test scaffolding: tiny random weights in each author's checkpoint format.
 
 The modules are the real classes (open_clip.CLIP, Combiner, IM2TEXT, Phi) at toy sizes, saved
 exactly as the authors save theirs, so ``from_weights`` reads them through the real path.
 Numbers computed with them are *not* the baselines' numbers: every adapter built from them
 carries a note saying its architecture is not the authors'.
 
-    python -m baselines.testing DIR     # writes the tiny weights under DIR
+    python -m tests.tiny_weights DIR     # from the checkout: writes the tiny weights under DIR
 """
 from __future__ import annotations
 

@@ -21,6 +21,8 @@ from typing import Any
 
 import pandas as pd
 
+from cir_bench.paths import atomic_write
+
 RESULT_FILES = ("results.parquet", "metrics.csv", "items.parquet", "manifest.json")
 PACKAGES = ("cir-bench", "torch", "torchvision", "numpy", "pandas", "pyarrow", "scikit-learn", "pillow", "ray",
             "seaborn")
@@ -52,13 +54,19 @@ def git_revision(path: Path | None = None) -> dict[str, Any]:
 
 def write_run(out: Path, results: pd.DataFrame, metrics: pd.DataFrame, items: pd.DataFrame,
               manifest: dict[str, Any]) -> None:
+    """Write the four run files, each atomically; the manifest last, so a directory with a
+    manifest holds a complete run."""
     out.mkdir(parents=True, exist_ok=True)
-    results.to_parquet(out / "results.parquet", index=False)
-    metrics.to_csv(out / "metrics.csv", index=False)
-    items.to_parquet(out / "items.parquet", index=False)
+    with atomic_write(out / "results.parquet") as tmp:
+        results.to_parquet(tmp, index=False)
+    with atomic_write(out / "metrics.csv") as tmp:
+        metrics.to_csv(tmp, index=False)
+    with atomic_write(out / "items.parquet") as tmp:
+        items.to_parquet(tmp, index=False)
     manifest = {**manifest, "packages": package_versions(), "git": git_revision(),
                 "command": sys.argv, "files": list(RESULT_FILES)}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    with atomic_write(out / "manifest.json") as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2, default=str))
 
 
 def format_metrics_table(run_dir: Path, columns: list[str] | None = None) -> str:

@@ -1,0 +1,181 @@
+"""``cir-bench run``: the whole chain on one dataset, dataset -> train -> embed/index ->
+query sets -> search -> score -> result files."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cir_bench.config import RunConfig
+from cir_bench.metrics import build_eval_inputs, evaluate, find_twins, retrieved_similarity_at_k, summarize
+from cir_bench.models import pick_device
+from cir_bench.paths import file_sha256
+from cir_bench.pipeline.steps import backward_label, distil_or_load, load_dataset, make_queries, prepare, \
+    teacher_label
+from cir_bench.results import write_run
+from cir_bench.search import METHODS, get_method
+from cir_bench.train import seed_everything
+
+
+def default_out_dir(cfg: RunConfig) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{stamp}-{cfg.dataset.name}"
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One entry of the method list: a unique label, the registry name, its parameters."""
+
+    label: str
+    name: str
+    params: dict[str, Any]
+
+
+def method_specs(cfg: RunConfig) -> list[MethodSpec]:
+    entries: list[Any] = list(cfg.eval.methods)
+    for lam in cfg.eval.lambdas or []:
+        entries.append({"method": "backward", "lam": float(lam)})
+    specs: list[MethodSpec] = []
+    for entry in entries:
+        if isinstance(entry, str):
+            name, label, params = entry, None, {}
+        elif isinstance(entry, dict) and "method" in entry:
+            params = dict(entry)
+            name, label = params.pop("method"), params.pop("label", None)
+        else:
+            raise ValueError(f"eval.methods entry {entry!r} is neither a name nor a mapping with 'method'")
+        METHODS.get(name)  # unknown names fail here, before any work
+        if name == "backward":
+            params = {"preset": cfg.search.preset, "lam": float(cfg.search.lam), **cfg.search.overrides(), **params}
+            label = label or backward_label(params['lam'])
+        specs.append(MethodSpec(label or name, name, params))
+    seen: set[str] = set()
+    unique = []
+    for spec in specs:  # --lambda may repeat a lambda already listed
+        if spec.label not in seen:
+            seen.add(spec.label)
+            unique.append(spec)
+    return unique
+
+
+def run(cfg: RunConfig, progress: bool = True, log=print) -> Path:
+    """The whole pipeline; returns the run directory holding the result files."""
+    t_start = time.perf_counter()
+    device = pick_device(cfg.device)
+    seed_everything(cfg.seed)
+    out = Path(cfg.out) if cfg.out else default_out_dir(cfg)
+    specs = method_specs(cfg)
+    timings: dict[str, float] = {}
+
+    t0 = time.perf_counter()
+    dataset = load_dataset(cfg)
+    timings["dataset_s"] = time.perf_counter() - t0
+    query_sets = cfg.queries.sets or dataset.default_query_sets()
+    for props in query_sets:
+        for p in props:
+            dataset.property(p)  # unknown property: fail before training
+    log(f"dataset {dataset.name}: {len(dataset)} items, properties "
+        + ", ".join(f"{p.name}({p.num_classes})" for p in dataset.properties) + f"; device {device}")
+
+    t0 = time.perf_counter()
+    prepared = prepare(cfg, progress, dataset)
+    trained, store, hit, ctx = prepared.trained, prepared.store, prepared.embeddings_reused, prepared.ctx
+    database = ctx.database
+    timings["train_embed_s"] = time.perf_counter() - t0
+    final = trained.history[-1] if trained.history else {}
+    log(("reused checkpoint " if trained.reused else "trained ") + str(trained.checkpoint))
+    if final:
+        log("accuracy " + ", ".join(f"{k}={v:.3f}" for k, v in final.items() if "acc" in k))
+    log(("reused" if hit else "extracted") + f" embeddings {store.fingerprint} ({tuple(store.z.shape)})")
+
+    ids = np.array([it.id for it in dataset.items])
+    result_frames, metric_rows, query_info, student_info = [], [], {}, {}
+    methods: dict[str, Any] = {}  # one instance per label across query sets (setup runs once)
+    for props in query_sets:
+        set_name = "+".join(props)
+        queries, query_file = make_queries(cfg, dataset, list(props))
+        query_info[set_name] = {"file": str(query_file), "n": len(queries)}
+        twins = find_twins(dataset, queries, database)
+        log(f"query set {set_name}: {len(queries)} queries, database {len(database)} items "
+            f"(split '{cfg.queries.database_split}'), self-match {cfg.eval.self_match}")
+        if any(s.name == "student" for s in specs):
+            t0 = time.perf_counter()
+            student, info = distil_or_load(cfg, dataset, trained, store, list(props), device, progress)
+            ctx.cache.setdefault("students", {})[tuple(props)] = student
+            student_info[set_name] = {**info, "teacher": teacher_label(cfg)}
+            timings[f"distil_{set_name}_s"] = time.perf_counter() - t0
+        qframe = queries.to_frame(dataset)
+        conditions = [queries.conditions_json(dataset, q) for q in range(len(queries))]
+        rankings = {}
+        for spec in specs:
+            method = methods.get(spec.label) or get_method(spec.name, **spec.params)
+            methods[spec.label] = method
+            t_setup = time.perf_counter()
+            method.setup(ctx)  # e.g. a baseline's gallery: done once, not counted per query
+            setup_s = time.perf_counter() - t_setup
+            t0 = time.perf_counter()
+            ranking = method.search(ctx, queries, cfg.eval.k)
+            elapsed = time.perf_counter() - t0
+            rankings[spec.label] = ranking
+            inputs = build_eval_inputs(dataset, queries, ranking.positions, database, cfg.eval.self_match, twins)
+            per_query = evaluate(inputs, ks=(cfg.eval.k,))
+            summary: dict[str, Any] = {"query_set": set_name, "method": spec.label, "name": spec.name,
+                                       "n_queries": len(queries), **summarize(per_query)}
+            if "iterations" in ranking.extras:
+                it = ranking.extras["iterations"].astype(float)
+                summary.update(mean_iterations=float(it.mean()), std_iterations=float(it.std()),
+                               satisfied_rate=float(ranking.extras["satisfied"].mean()))
+            if spec.name == "student" and teacher_label(cfg) in rankings:
+                sim = retrieved_similarity_at_k(rankings[teacher_label(cfg)].positions, ranking.positions,
+                                                cfg.eval.k)
+                per_query[f"retrieved_similarity_at_{cfg.eval.k}"] = sim
+                summary[f"retrieved_similarity_at_{cfg.eval.k}"] = float(sim.mean())
+            summary["ms_per_query"] = 1000.0 * elapsed / max(len(queries), 1)
+            summary["setup_s"] = setup_s
+            summary["params"] = json.dumps(spec.params, sort_keys=True)
+            metric_rows.append(summary)
+            frame = qframe.copy()
+            frame.insert(0, "method", spec.label)
+            frame.insert(0, "query_set", set_name)
+            frame["conditions"] = conditions
+            frame["ranked_ids"] = [ids[row].tolist() for row in ranking.positions]
+            frame["scores"] = [row.astype(float).tolist() for row in ranking.scores]
+            for key, values in ranking.extras.items():
+                frame[key] = values
+            for col in per_query.columns:
+                frame[f"metric_{col}"] = per_query[col].to_numpy()
+            result_frames.append(frame)
+            log(f"  {spec.label:<24} precision@{cfg.eval.k}={summary[f'precision_at_{cfg.eval.k}']:.3f} "
+                f"({summary['ms_per_query']:.2f} ms/query)")
+
+    items = dataset.to_frame()
+    manifest = {
+        "created": datetime.now(timezone.utc).isoformat(),
+        "config": cfg.to_dict(),
+        "seed": cfg.seed,
+        "device": str(device),
+        "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint(), "n_items": len(dataset),
+                    "root": cfg.dataset.root, "report": dataset.report,
+                    "properties": {p.name: list(p.classes) for p in dataset.properties}},
+        "policies": {"self_match": cfg.eval.self_match, "ties": "score desc, then item id asc",
+                     "averaging": "micro (mean over queries)", "relevance": "ground-truth label == condition "
+                     "for every conditioned property", "database_split": cfg.queries.database_split},
+        "checkpoint": {"path": str(trained.checkpoint), "sha256": file_sha256(trained.checkpoint),
+                       "reused": trained.reused, "train_seconds": trained.seconds},
+        "training_history": trained.history,
+        "embeddings": {"fingerprint": store.fingerprint, "reused": hit, "dim": int(store.z.shape[1])},
+        "queries": query_info,
+        "methods": {s.label: {"name": s.name, "params": s.params,
+                              **({"setup": methods[s.label].setup_info()} if s.label in methods
+                                 and methods[s.label].setup_info() else {})} for s in specs},
+        "students": student_info,
+        "timings": {**timings, "total_s": time.perf_counter() - t_start},
+    }
+    write_run(out, pd.concat(result_frames, ignore_index=True), pd.DataFrame(metric_rows), items, manifest)
+    return out

@@ -1,0 +1,176 @@
+"""The four components of the search service, framework-free. The Ray Serve app
+(serve/app.py) deploys each separately; ``SearchService`` composes them in one process. Both
+run them through the same orchestration (cir_bench.serving.orchestrate).
+
+    ImageEncoder   uploaded image bytes -> z0                    (the model's backbone+encoder)
+    TeacherSearch  (z0, condition) -> z by Backward Search        (the model's heads)
+    StudentSearch  (z0, condition) -> z in one forward pass       (the distilled students)
+    IndexSearch    z -> top-k item ids and scores; z0 of an item  (the embedding store)
+
+Each component loads its own part from the files named by a ``ServeBundle`` (checkpoint,
+embedding store, students), so a deployment holds only what it needs. On a multi-node
+cluster the cache folder holding those files must be on a shared filesystem.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from cir_bench.data.base import decode_image
+from cir_bench.data.transforms import build_transform
+from cir_bench.serving.requests import Catalog
+
+
+@dataclass
+class ServeBundle:
+    """The files and settings the components are built from (what ``build_bundle`` writes)."""
+
+    catalog: Catalog
+    checkpoint: str
+    store: str
+    students: dict[tuple[str, ...], str]
+    transform: dict[str, Any]  # build_transform kwargs
+    search: dict[str, Any]  # {"preset", "lam", "overrides"}
+    index: str = "exact"
+    index_options: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+
+
+def build_bundle(cfg, progress: bool = False, dataset=None) -> ServeBundle:
+    """Train or load everything a run config names (the cache makes that a load), distil or
+    load one student per query set, and return the files the components load."""
+    from cir_bench.models import BACKBONES
+    from cir_bench.pipeline import cache_dir_for, distil_or_load, prepare
+    from cir_bench.embed import store_path
+    from cir_bench.train.trainer import resolve_input_size
+
+    prepared = prepare(cfg, progress=progress, dataset=dataset)
+    ds = prepared.dataset
+    students = {}
+    for props in cfg.queries.sets or ds.default_query_sets():
+        _, info = distil_or_load(cfg, ds, prepared.trained, prepared.store, list(props), prepared.device,
+                                 progress=progress)
+        students[tuple(props)] = info["path"]
+    spec = BACKBONES.get(cfg.model.backbone)
+    return ServeBundle(
+        catalog=Catalog.from_dataset(ds, prepared.ctx.database, cfg.eval.self_match),
+        checkpoint=str(prepared.trained.checkpoint),
+        store=str(store_path(cache_dir_for(cfg), prepared.store.fingerprint)),
+        students=students,
+        transform={"input_size": resolve_input_size(cfg.model, ds), "mean": list(spec.mean), "std": list(spec.std),
+                   "square": ds.square_resize},
+        search={"preset": cfg.search.preset, "lam": float(cfg.search.lam), "overrides": cfg.search.overrides()},
+        index=cfg.eval.index, index_options={"chunk": cfg.eval.search_batch, **cfg.eval.index_options},
+        device=str(prepared.device),
+    )
+
+
+# -- the four components ----------------------------------------------------------------------
+class ImageEncoder:
+    """Uploaded image bytes -> z0 (eval mode, one batch per call)."""
+
+    def __init__(self, bundle: ServeBundle, device: str | None = None) -> None:
+        from cir_bench.models import load_checkpoint
+
+        self.device = torch.device(device or bundle.device)
+        self.model, _ = load_checkpoint(bundle.checkpoint, self.device)
+        self.transform = build_transform(**bundle.transform)
+
+    @torch.no_grad()
+    def embed(self, images: Sequence[bytes]) -> np.ndarray:
+        x = torch.stack([self.transform(decode_image(b, "upload")) for b in images]).to(self.device)
+        return self.model.embed(x).float().cpu().numpy()
+
+
+def _groups(jobs: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> dict[tuple, list[int]]:
+    groups: dict[tuple, list[int]] = {}
+    for i, job in enumerate(jobs):
+        groups.setdefault(tuple(tuple(job[k]) if isinstance(job[k], list) else job[k] for k in keys), []).append(i)
+    return groups
+
+
+class TeacherSearch:
+    """(z0, condition) -> z by Backward Search. ``invert_many`` runs one batched inversion per
+    (property set, λ) group: concurrent requests share it."""
+
+    def __init__(self, bundle: ServeBundle, device: str | None = None) -> None:
+        from cir_bench.models import load_checkpoint
+
+        self.device = torch.device(device or bundle.device)
+        model, _ = load_checkpoint(bundle.checkpoint, self.device)
+        for p in model.parameters():
+            p.requires_grad_(False)  # only z is differentiated
+        self.heads = model.heads
+        self.settings = bundle.search
+
+    def invert_many(self, jobs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """jobs: {"z0": (d,) array, "properties": [...], "classes": [...], "lambda": float | None}."""
+        from cir_bench.search.backward import BackwardSearch
+
+        out: list[dict[str, Any]] = [{}] * len(jobs)
+        for (props, lam), idx in _groups(jobs, ("properties", "lambda")).items():
+            lam = float(self.settings["lam"] if lam is None else lam)
+            bs = BackwardSearch(self.settings["preset"], lam=lam, **self.settings["overrides"])
+            z0 = torch.as_tensor(np.stack([jobs[i]["z0"] for i in idx]), dtype=torch.float32, device=self.device)
+            cond = torch.as_tensor([jobs[i]["classes"] for i in idx], device=self.device)
+            inv = bs.invert(self.heads, z0, list(props), cond)
+            z, its, sat = inv.z.float().cpu().numpy(), inv.iterations.cpu().numpy(), inv.satisfied.cpu().numpy()
+            for row, i in enumerate(idx):
+                out[i] = {"z": z[row], "iterations": int(its[row]), "satisfied": bool(sat[row]), "lambda": lam,
+                          "batch_size": len(idx)}
+        return out
+
+
+class StudentSearch:
+    """(z0, condition) -> z with the distilled student of the condition's property set."""
+
+    def __init__(self, bundle: ServeBundle, device: str | None = None) -> None:
+        from cir_bench.models.student import Student
+
+        self.device = torch.device(device or bundle.device)
+        self.students = {tuple(props): Student.load(path, self.device).eval()
+                         for props, path in bundle.students.items()}
+
+    @torch.no_grad()
+    def transform_many(self, jobs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = [{}] * len(jobs)
+        for (props,), idx in _groups(jobs, ("properties",)).items():
+            z0 = torch.as_tensor(np.stack([jobs[i]["z0"] for i in idx]), dtype=torch.float32, device=self.device)
+            cond = torch.as_tensor([jobs[i]["classes"] for i in idx], device=self.device)
+            z = self.students[tuple(props)](z0, cond).float().cpu().numpy()
+            for row, i in enumerate(idx):
+                out[i] = {"z": z[row], "batch_size": len(idx)}
+        return out
+
+
+class IndexSearch:
+    """Top-k over the database rows of the embedding store (backend from cir_bench.index)."""
+
+    def __init__(self, bundle: ServeBundle, device: str | None = None) -> None:
+        from cir_bench.index import build_index
+        from cir_bench.embed import EmbeddingStore
+
+        store = EmbeddingStore.load(Path(bundle.store))
+        if store.ids != bundle.catalog.ids:
+            raise ValueError(f"{bundle.store}: its item ids do not match the dataset's")
+        self.z = store.z
+        device = torch.device(device or bundle.device)
+        self.index = build_index(bundle.index, store.z, bundle.catalog.database, device, **bundle.index_options)
+
+    def vectors(self, positions: Sequence[int]) -> np.ndarray:
+        return self.z[torch.as_tensor(list(positions), dtype=torch.long)].numpy()
+
+    def search_many(self, jobs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+        """jobs: {"z": (d,), "k": int, "exclude": item position or -1}; one top-k for all."""
+        z = torch.as_tensor(np.stack([j["z"] for j in jobs]), dtype=torch.float32)
+        exclude = np.array([j.get("exclude", -1) for j in jobs])
+        pos, scores = self.index.search(z, max(j["k"] for j in jobs),
+                                        exclude=exclude if (exclude >= 0).any() else None)
+        return [{"positions": pos[i, : j["k"]].tolist(), "scores": scores[i, : j["k"]].tolist()}
+                for i, j in enumerate(jobs)]
+
+

@@ -1,0 +1,97 @@
+"""The one orchestration of a search request, used by the in-process ``SearchService`` and by
+the Ray Serve ingress (serve/app.py) alike; only the ``Stages`` differ (direct calls to the
+components, or calls through deployment handles):
+
+    z0     <- stages.embed (uploaded images) | stages.vectors (item ids)
+    z      <- stages.invert (teacher: Backward Search) | stages.transform (student) | z0 (knn)
+    top-k  <- stages.rank
+
+Requests that reach a stage together go to it as one list, so a stage may batch them.
+"""
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Mapping, Protocol, Sequence
+
+import numpy as np
+
+from cir_bench.serving.requests import METHODS, Catalog
+
+
+class Stages(Protocol):
+    """The four components behind one interface; each call takes and returns a list."""
+
+    async def embed(self, images: list[bytes]) -> list[np.ndarray]: ...
+
+    async def vectors(self, positions: list[int]) -> list[np.ndarray]: ...
+
+    async def invert(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]: ...
+
+    async def transform(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]: ...
+
+    async def rank(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]: ...
+
+
+def search_job(parsed: Mapping[str, Any], z0: np.ndarray) -> dict[str, Any]:
+    return {"z0": z0, "properties": list(parsed["properties"]), "classes": list(parsed["classes"]),
+            "lambda": parsed["lambda"]}
+
+
+def rank_job(catalog: Catalog, parsed: Mapping[str, Any], z: np.ndarray) -> dict[str, Any]:
+    exclude = parsed.get("position", -1) if catalog.self_match == "exclude" else -1
+    return {"z": z, "k": parsed["k"], "exclude": exclude}
+
+
+def format_answer(catalog: Catalog, parsed: Mapping[str, Any], ranked: Mapping[str, Any],
+                  searched: Mapping[str, Any]) -> dict[str, Any]:
+    items = []
+    for p, s in zip(ranked["positions"], ranked["scores"]):
+        item = catalog.item(p)
+        items.append({"id": item["id"], "score": s, "labels": item["labels"]})
+    res: dict[str, Any] = {"method": parsed["method"], "items": items, "batch_size": searched.get("batch_size", 1)}
+    if parsed["method"] == "teacher":
+        res.update(iterations=searched["iterations"], satisfied=searched["satisfied"], **{"lambda": searched["lambda"]})
+    return res
+
+
+async def _nothing() -> list:
+    return []
+
+
+async def answer(parsed: Sequence[Mapping[str, Any]], stages: Stages, catalog: Catalog, t0: float,
+                 t_parse: float | None = None) -> list[dict[str, Any]]:
+    """Answers to validated requests (``RequestParser.parse`` output), in order, each with
+    server-side timing per stage in ms (``t0``: when the request arrived; ``t_parse``: when
+    validation ended)."""
+    t_parse = time.perf_counter() if t_parse is None else t_parse
+    n = len(parsed)
+    uploads = [i for i in range(n) if "image_bytes" in parsed[i]]
+    items = [i for i in range(n) if "position" in parsed[i]]
+    embedded, looked_up = await asyncio.gather(
+        stages.embed([parsed[i]["image_bytes"] for i in uploads]) if uploads else _nothing(),
+        stages.vectors([parsed[i]["position"] for i in items]) if items else _nothing())
+    z0: dict[int, np.ndarray] = {**dict(zip(uploads, embedded)), **dict(zip(items, looked_up))}
+    t_embed = time.perf_counter()
+
+    groups = {m: [i for i in range(n) if parsed[i]["method"] == m] for m in METHODS}
+    calls = {"teacher": stages.invert, "student": stages.transform}
+    methods = [m for m in METHODS if groups[m] and m in calls]
+    answers = await asyncio.gather(*[calls[m]([search_job(parsed[i], z0[i]) for i in groups[m]]) for m in methods])
+    searched: dict[int, Mapping[str, Any]] = {}
+    for m, out in zip(methods, answers):
+        searched.update(zip(groups[m], out))
+    for i in groups["knn"]:
+        searched[i] = {"z": z0[i], "batch_size": len(groups["knn"])}
+    t_search = time.perf_counter()
+
+    ranked = await stages.rank([rank_job(catalog, parsed[i], searched[i]["z"]) for i in range(n)]) if n else []
+    t_rank = time.perf_counter()
+    results = []
+    for i in range(n):
+        res = format_answer(catalog, parsed[i], ranked[i], searched[i])
+        res["timing_ms"] = {"parse": 1000 * (t_parse - t0), "embed": 1000 * (t_embed - t_parse),
+                            "search": 1000 * (t_search - t_embed), "rank": 1000 * (t_rank - t_search),
+                            "total": 1000 * (time.perf_counter() - t0)}
+        results.append(res)
+    return results

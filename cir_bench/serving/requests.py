@@ -1,0 +1,167 @@
+"""Requests to the search service: what the service knows of the dataset (``Catalog``), the
+limits, validation (``RequestParser``: every malformed field raises ``RequestError`` naming
+the field, so the HTTP layer answers 4xx and keeps serving) and example requests.
+
+A request (JSON)::
+
+    {"item_id": "00012-flat"}  or  {"image": "<base64 bytes>"},
+    "conditions": {"style": "hatched"}, "method": "teacher" | "student" | "knn",
+    "k": 10, "lambda": 0.005  (optional, teacher only)
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from cir_bench.data.base import BadImageError, decode_image
+
+METHODS = ("teacher", "student", "knn")
+FIELDS = {"item_id", "image", "conditions", "method", "k", "lambda"}
+
+
+class RequestError(ValueError):
+    """A bad request: ``field`` names the offending field."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+
+
+@dataclass
+class ServiceLimits:
+    max_k: int = 100
+    max_image_bytes: int = 5 * 1024 * 1024
+
+
+# -- what the service knows of the dataset -----------------------------------------------------
+@dataclass
+class Catalog:
+    """Item ids, their labels and the properties: all that validation and answers need of the
+    dataset (small and picklable; no images)."""
+
+    ids: list[str]
+    labels: dict[str, np.ndarray]  # property -> class id per item
+    classes: dict[str, list[str]]  # property -> class names (index = class id)
+    excluded: dict[str, list[str]]  # classes that are not valid conditions
+    database: np.ndarray  # item positions searched
+    self_match: str = "exclude"
+
+    def __post_init__(self) -> None:
+        self._index = {item_id: i for i, item_id in enumerate(self.ids)}
+
+    @classmethod
+    def from_dataset(cls, dataset, database: np.ndarray, self_match: str) -> "Catalog":
+        return cls([it.id for it in dataset.items], {p.name: dataset.labels(p.name) for p in dataset.properties},
+                   {p.name: list(p.classes) for p in dataset.properties},
+                   {p.name: list(p.excluded) for p in dataset.properties}, np.asarray(database), self_match)
+
+    def properties(self) -> dict[str, list[str]]:
+        return {name: [c for c in classes if c not in self.excluded[name]] for name, classes in self.classes.items()}
+
+    def position(self, item_id: str) -> int:
+        return self._index[item_id]
+
+    def item(self, position: int) -> dict[str, Any]:
+        return {"id": self.ids[position],
+                "labels": {name: self.classes[name][int(lab[position])] for name, lab in self.labels.items()}}
+
+
+# -- validation -------------------------------------------------------------------------------
+class RequestParser:
+    """Checks a request body against the catalog; returns the parsed request or raises
+    ``RequestError`` naming the field."""
+
+    def __init__(self, catalog: Catalog, student_sets: Sequence[tuple[str, ...]], limits: ServiceLimits) -> None:
+        self.catalog = catalog
+        self.student_sets = [tuple(s) for s in student_sets]
+        self.limits = limits
+
+    def parse(self, request: Any) -> dict[str, Any]:
+        if not isinstance(request, dict):
+            raise RequestError("body", f"expected a JSON object, got {type(request).__name__}")
+        unknown = set(request) - FIELDS
+        if unknown:
+            raise RequestError(sorted(unknown)[0], f"unknown field; allowed: {', '.join(sorted(FIELDS))}")
+        has_id, has_img = request.get("item_id") is not None, request.get("image") is not None
+        if has_id == has_img:
+            raise RequestError("item_id", "give exactly one of item_id or image")
+        method = request.get("method", "teacher")
+        if method not in METHODS:
+            raise RequestError("method", f"must be one of {', '.join(METHODS)}, got {method!r}")
+        k = request.get("k", 10)
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.limits.max_k:
+            raise RequestError("k", f"must be an integer in 1..{self.limits.max_k}, got {k!r}")
+        lam = request.get("lambda")
+        if lam is not None and (not isinstance(lam, (int, float)) or isinstance(lam, bool) or lam < 0
+                                or not np.isfinite(lam)):
+            raise RequestError("lambda", f"must be a number >= 0, got {lam!r}")
+        conditions = request.get("conditions")
+        if not isinstance(conditions, dict) or not conditions:
+            raise RequestError("conditions", "must be a non-empty object {property: label}")
+        valid = self.catalog.properties()
+        props, classes = [], []
+        for prop, label in conditions.items():
+            if prop not in valid:
+                raise RequestError("conditions", f"unknown property '{prop}'; valid: {', '.join(valid)}")
+            if not isinstance(label, str) or label not in valid[prop]:
+                raise RequestError(f"conditions.{prop}", f"unknown label {label!r}; valid: {', '.join(valid[prop])}")
+            props.append(prop)
+            classes.append(self.catalog.classes[prop].index(label))
+        if method == "student" and tuple(props) not in self.student_sets:
+            raise RequestError("method", f"no student for conditions on {props}; students exist for "
+                               f"{[list(s) for s in self.student_sets] or 'none'}")
+        out = {"method": method, "k": k, "lambda": None if lam is None else float(lam), "properties": props,
+               "classes": classes}
+        if has_id:
+            if not isinstance(request["item_id"], str):
+                raise RequestError("item_id", "must be a string")
+            try:
+                out["position"] = self.catalog.position(request["item_id"])
+            except KeyError:
+                raise RequestError("item_id", f"unknown item id {request['item_id']!r}") from None
+        else:
+            out["image_bytes"] = self.image_bytes(request["image"])
+        return out
+
+    def image_bytes(self, value: Any) -> bytes:
+        """Raw bytes (multipart) or base64 (JSON) -> checked, decodable image bytes."""
+        limit = self.limits.max_image_bytes
+        if isinstance(value, (bytes, bytearray)):
+            data = bytes(value)
+        elif isinstance(value, str):
+            if len(value) > limit * 4 // 3 + 4:
+                raise RequestError("image", f"larger than {limit} bytes")
+            try:
+                data = base64.b64decode(value, validate=True)
+            except (binascii.Error, ValueError):
+                raise RequestError("image", "not valid base64") from None
+        else:
+            raise RequestError("image", "must be a base64 string")
+        if len(data) > limit:
+            raise RequestError("image", f"larger than {limit} bytes")
+        try:
+            decode_image(data, "upload")
+        except BadImageError as err:
+            raise RequestError("image", str(err)) from None
+        return data
+
+
+def example_requests(catalog: Catalog, n: int = 32, seed: int = 0) -> list[dict[str, Any]]:
+    """Valid request bodies (database items, a condition on the first property that differs
+    from the item's own label): what load tests send."""
+    rng = np.random.default_rng([seed, 61])
+    prop = next(iter(catalog.classes))
+    targets = [c for c, name in enumerate(catalog.classes[prop]) if name not in catalog.excluded[prop]]
+    out = []
+    for pos in rng.choice(catalog.database, size=min(n, len(catalog.database)), replace=False):
+        own = int(catalog.labels[prop][pos])
+        choice = [c for c in targets if c != own]
+        out.append({"item_id": catalog.ids[pos],
+                    "conditions": {prop: catalog.classes[prop][choice[int(rng.integers(len(choice)))]]}, "k": 10})
+    return out
+
+

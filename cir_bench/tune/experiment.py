@@ -1,0 +1,130 @@
+"""Ray Tune experiments: each trial trains (or reuses the cached checkpoint of an identical
+config), embeds, sweeps λ and calibrates λ to a target metric; the results become one tidy
+table (one row per trial × λ) from which the report tables and plots are built.
+
+An experiment file (``tune_configs/*.yaml``)::
+
+    name: quick
+    base: {dataset: {name: synthart, options: {preset: default}}, train: {epochs: 20}}
+    grid: {model.backbone: [small_cnn], model.embed_dim: [64, 128]}   # Cartesian product
+    seeds: [0]
+    lambdas: [0, 0.001, 0.003, 0.01, 0.03]
+    calibration: {metric: mts_at_10, target: 0.18, tolerance: 0.005, lam_min: 1.0e-4,
+                  lam_max: 1.0, max_evals: 8, fraction: 0.5}
+    resources: {cpu: 1, gpu: 0}
+    max_failures: 1
+
+Calibration uses ``fraction`` of each query set (seeded) and reports the test metrics on
+the rest at the calibrated λ; both are in the result.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cir_bench.config import ConfigError, RunConfig, bounded, apply_mapping, from_mapping, read_yaml, set_value, \
+    task_preset, validate
+
+
+@dataclass
+class Calibration:
+    metric: str = "mts_at_10"
+    target: float = 0.18
+    tolerance: float = bounded(0.005, gt=0)
+    lam_min: float = bounded(1e-4, gt=0)
+    lam_max: float = bounded(1.0, gt=0)
+    max_evals: int = bounded(8, ge=2)
+    fraction: float = bounded(0.5, gt=0, lt=1)  # of each query set used to calibrate; the rest is the test half
+
+
+@dataclass
+class Resources:
+    cpu: float = bounded(1.0, ge=0)  # per trial
+    gpu: float = bounded(0.0, ge=0)
+
+
+@dataclass
+class Experiment:
+    name: str = "experiment"
+    base: dict[str, Any] = field(default_factory=dict)  # run config (any key of cir_bench/config.py)
+    grid: dict[str, list[Any]] = field(default_factory=dict)  # dotted key (or `task`) -> values
+    seeds: list[int] = bounded(factory=lambda: [0], ge=0, items=True)
+    lambdas: list[float] = bounded(factory=lambda: [0.0, 0.001, 0.003, 0.01, 0.03], ge=0, items=True)
+    calibration: Calibration | None = field(default_factory=Calibration)
+    resources: Resources = field(default_factory=Resources)
+    max_failures: int = bounded(1, ge=0)
+    report_metric: str = "precision_at_10"
+    roots: dict[str, str] = field(default_factory=dict)  # dataset name -> --root, for a `task` grid
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "") -> "Experiment":
+        exp = from_mapping(cls, data)
+        validate(exp)
+        if exp.calibration is not None and exp.calibration.lam_min >= exp.calibration.lam_max:
+            raise ConfigError("calibration.lam_min must be < calibration.lam_max")
+        if not exp.seeds:
+            raise ConfigError("seeds must list at least one seed")
+        return exp
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Experiment":
+        """Read and check an experiment file, every trial's run config included, before any
+        work; errors name the file and the key."""
+        data = read_yaml(path, "tune config")
+        try:
+            exp = cls.from_dict(data)
+            exp.check()
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+        return exp
+
+    def check(self) -> None:
+        """Every trial's run config is valid (types, ranges, names in the registries)."""
+        from cir_bench.pipeline.checks import check_run_config
+
+        for key, values in self.grid.items():
+            if not isinstance(values, list) or not values:
+                raise ConfigError(f"grid.{key}: expected a non-empty list of values, got {values!r}")
+        for trial in self.trials():
+            try:
+                check_run_config(trial_config(self, trial, None), need_out=False)
+            except ConfigError as err:
+                varying = {k: v for k, v in trial.items() if k != "seed"}
+                raise ConfigError(f"{err} (in the trial {varying or 'base'})") from None
+
+    def trials(self) -> list[dict[str, Any]]:
+        """One dict of dotted overrides per trial: grid product x seeds."""
+        keys = list(self.grid)
+        out = []
+        for values in itertools.product(*(self.grid[k] for k in keys)):
+            for seed in self.seeds:
+                out.append({**dict(zip(keys, values)), "seed": seed})
+        return out
+
+
+def trial_config(exp: Experiment, trial: dict[str, Any], cache_dir: str | None) -> RunConfig:
+    """The run config of one trial: defaults, the experiment's ``base``, then the trial's
+    values; a ``task`` value applies the paper's query task and its dataset root."""
+    cfg = RunConfig()
+    try:
+        apply_mapping(cfg, exp.base, "")
+    except ConfigError as err:
+        raise ConfigError(f"base: {err}") from None
+    for key, value in trial.items():
+        if key == "task":
+            preset = task_preset(value)
+            apply_mapping(cfg, preset)
+            dataset = preset["dataset"]["name"]
+            if dataset not in exp.roots:
+                raise ConfigError(f"task '{value}' needs roots.{dataset}: PATH in the experiment file")
+            cfg.dataset.root = exp.roots[dataset]
+        else:
+            try:
+                set_value(cfg, key, value)
+            except ConfigError as err:
+                raise ConfigError(f"grid.{key}: {err}") from None
+    if cache_dir:
+        cfg.cache_dir = str(cache_dir)
+    return validate(cfg)

@@ -1,0 +1,109 @@
+"""Typed settings of the Ray Serve app (serve/config.yaml), checked when read, before Ray
+starts: unknown sections, deployments or keys, wrong types and out-of-range values fail with
+the file and the key named."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cir_bench.config import ConfigError, bounded, from_mapping, read_yaml, validate
+
+STAGES = ("encoder", "teacher", "student", "index")
+DEPLOYMENTS = ("ingress", *STAGES)
+
+
+@dataclass
+class ActorOptions:
+    num_cpus: float = bounded(0.25, ge=0)
+    num_gpus: float = bounded(0.0, ge=0)  # a replica uses CUDA exactly when it was given a GPU
+
+
+@dataclass
+class Deployment:
+    num_replicas: int = bounded(1, ge=1)
+    max_ongoing_requests: int = bounded(64, ge=1)  # also bounds a batch
+    ray_actor_options: ActorOptions = field(default_factory=ActorOptions)
+
+
+@dataclass
+class Batching:
+    max_batch_size: int = bounded(16, ge=1)
+    batch_wait_timeout_s: float = bounded(0.005, ge=0)
+
+
+@dataclass
+class Limits:
+    max_k: int = bounded(100, ge=1)
+    max_image_bytes: int = bounded(5 * 1024 * 1024, ge=1)  # uploads above this get a 4xx
+    ingress_store_mb: float = bounded(256.0, ge=0)  # stores up to this size are also held by the ingress
+
+
+@dataclass
+class IndexSection:
+    backend: str | None = None  # None: the run config's eval.index
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Http:
+    host: str = "127.0.0.1"
+    port: int = bounded(8000, ge=1, le=65535)
+
+
+def _ingress_default() -> Deployment:
+    # the ingress only awaits the others: let it hold many requests so that they can meet in
+    # one batch downstream (Serve's default of 5 ongoing requests per replica caps the batch)
+    return Deployment(max_ongoing_requests=256)
+
+
+@dataclass
+class ServeSettings:
+    deployments: dict[str, Deployment] = field(default_factory=dict)
+    batching: dict[str, Batching] = field(default_factory=dict)
+    limits: Limits = field(default_factory=Limits)
+    index: IndexSection = field(default_factory=IndexSection)
+    http: Http = field(default_factory=Http)
+
+    def deployment(self, name: str) -> dict[str, Any]:
+        """Ray Serve ``.options(...)`` of one deployment."""
+        default = _ingress_default() if name == "ingress" else Deployment()
+        return dataclasses.asdict(self.deployments.get(name, default))
+
+    def batch(self, name: str) -> Batching:
+        return self.batching.get(name, Batching())
+
+
+def settings_from_dict(data: dict[str, Any]) -> ServeSettings:
+    for section, known in (("deployments", DEPLOYMENTS), ("batching", STAGES)):
+        value = data.get(section) or {}
+        if isinstance(value, dict):
+            unknown = sorted(set(value) - set(known))
+            if unknown:
+                raise ConfigError(f"{section}: unknown deployment(s) {unknown}; known: {list(known)}")
+    data = {k: v for k, v in data.items() if v is not None}
+    settings = validate(from_mapping(ServeSettings, data))
+    if settings.index.backend is not None:
+        from cir_bench.index import INDEXES
+        from cir_bench.registry import UnknownNameError
+
+        try:
+            INDEXES.get(settings.index.backend)
+        except UnknownNameError as err:
+            raise ConfigError(f"config key 'index.backend': {err}") from None
+    return settings
+
+
+def default_path() -> Path:
+    return Path(__file__).with_name("config.yaml")
+
+
+def load_serve_config(path: str | Path | None = None) -> ServeSettings:
+    """serve/config.yaml (or ``path``): per-deployment replicas, ongoing limit and actor
+    resources, batching, limits, the index backend, HTTP host and port."""
+    path = Path(path) if path else default_path()
+    try:
+        return settings_from_dict(read_yaml(path, "serve config"))
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
