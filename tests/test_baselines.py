@@ -50,10 +50,13 @@ def test_adapter_invariants(composers, images, name):
     assert g.shape == (5, c.embed_dim) and q.shape == (5, c.embed_dim)
     assert torch.allclose(g.norm(dim=1), torch.ones(5), atol=1e-5)
     assert torch.allclose(q.norm(dim=1), torch.ones(5), atol=1e-5)
-    assert torch.equal(q, c.encode_query(images, texts))  # deterministic: dropout is off
+    assert torch.equal(q, c.encode_query(images, texts))  # same batch, same process: dropout is off
+    # batch invariant up to float32 rounding: unit vectors through a few transformer layers
+    # (sums over ~10^2-10^3 terms) move by ~1e-6; 1e-4 leaves room for other CPUs' kernels
     singles = torch.cat([c.encode_query(images[i:i + 1], texts[i:i + 1]) for i in range(5)])
-    assert torch.allclose(q, singles, atol=1e-5)  # batch invariant
-    assert torch.allclose(g, torch.cat([c.encode_gallery(images[i:i + 1]) for i in range(5)]), atol=1e-5)
+    assert float((q - singles).norm(dim=1).max()) <= 1e-4
+    gallery_singles = torch.cat([c.encode_gallery(images[i:i + 1]) for i in range(5)])
+    assert float((g - gallery_singles).norm(dim=1).max()) <= 1e-4
     assert c.score(q, g).shape == (5, 5)
     other = c.encode_query(images[:1], ["is in hatched style"])
     if name != "clip-image":  # the image-only reference ignores the condition by design
@@ -72,8 +75,10 @@ def test_pseudo_token_encoder_equals_encode_text_with_the_placeholder_embedding(
         pid = placeholder_id(tok, placeholder)
         tokens = tok([prompt, prompt.replace("red", "blue").replace("flat", "dotted")])
         own = clip.token_embedding.weight[pid].expand(2, -1)
-        with torch.no_grad():
-            assert torch.equal(encode_text_with_pseudo_tokens(clip, tokens, own, pid), clip.encode_text(tokens))
+        with torch.no_grad():  # the same graph through another entry point: equal up to rounding
+            ours, theirs = encode_text_with_pseudo_tokens(clip, tokens, own, pid), clip.encode_text(tokens)
+        assert ours.shape == theirs.shape
+        assert float((ours - theirs).abs().max()) <= 1e-5 * float(theirs.abs().max())
     assert (placeholder_id(tok, "$"), placeholder_id(tok, "*")) == (259, 265)  # the authors' BPE ids
 
 

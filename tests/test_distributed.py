@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from .equivalence import normalised_distance
+
 ray = pytest.importorskip("ray")
 
 
@@ -19,7 +21,11 @@ def test_ray_data_extraction_matches_in_process(local_ray, tiny, tiny_trained):
     local = extract_embeddings(tiny_trained.model, tiny, build_transform(**args), torch.device("cpu"))
     remote = extract_embeddings_ray(tiny_trained.checkpoint, tiny, args, actors=2, batch_size=32)
     assert remote.shape == local.shape
-    np.testing.assert_allclose(remote.numpy(), local.numpy(), atol=1e-5)
+    # batches of 32 on two actors vs 256 in-process: float32 sums in another order. A conv
+    # layer sums ~10^3 terms, so rounding is ~1e-4 of the embedding's scale, not bit-exact.
+    scale = float(local.abs().max())
+    np.testing.assert_allclose(remote.numpy(), local.numpy(), rtol=1e-4, atol=1e-4 * scale)
+    assert float(normalised_distance(remote, local).max()) <= 1e-4
 
 
 def test_run_with_ray_embed(local_ray, tmp_path):

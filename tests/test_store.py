@@ -8,16 +8,21 @@ import torch
 from cir_bench.embed import EmbeddingStore, load_or_extract
 from cir_bench.index import ExactIndex
 
+from .equivalence import assert_same_rankings
+
 
 def brute_force(z: np.ndarray, db: np.ndarray, q: np.ndarray, k: int, exclude=None):
+    """float64 reference: positions and cosine scores, ties by position."""
     zn = z / np.linalg.norm(z, axis=1, keepdims=True)
     qn = q / np.linalg.norm(q, axis=1, keepdims=True)
-    out = []
+    pos, scores = [], []
     for i in range(len(q)):
-        sims = [(float(zn[p] @ qn[i]), p) for p in db if exclude is None or p != exclude[i]]
-        sims.sort(key=lambda t: (-round(t[0], 5), t[1]))  # score desc, then position asc
-        out.append([p for _, p in sims[:k]])
-    return np.array(out)
+        sims = [(float(zn[p].astype(np.float64) @ qn[i].astype(np.float64)), p) for p in db
+                if exclude is None or p != exclude[i]]
+        sims.sort(key=lambda t: (-t[0], t[1]))  # score desc, then position asc
+        pos.append([p for _, p in sims[:k]])
+        scores.append([s for s, _ in sims[:k]])
+    return np.array(pos), np.array(scores)
 
 
 @pytest.mark.parametrize("chunk", [3, 1024])
@@ -28,11 +33,10 @@ def test_topk_matches_numpy(chunk):
     q = rng.normal(size=(25, 16)).astype(np.float32)
     index = ExactIndex(torch.from_numpy(z), db, chunk=chunk)
     pos, scores = index.search(torch.from_numpy(q), 10)
-    np.testing.assert_array_equal(pos.numpy(), brute_force(z, db, q, 10))
+    ref_pos, ref_scores = brute_force(z, db, q, 10)
+    # float32 vs float64 scores: equal lists except where items are tied within rounding
+    assert_same_rankings(pos.tolist(), scores.tolist(), ref_pos.tolist(), ref_scores.tolist())
     assert bool((scores[:, :-1] >= scores[:, 1:]).all())
-    zn = z / np.linalg.norm(z, axis=1, keepdims=True)
-    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
-    np.testing.assert_allclose(scores.numpy(), np.einsum("qd,qkd->qk", qn, zn[pos.numpy()]), atol=1e-5)
 
 
 def test_ties_break_by_id_and_self_match_is_excluded():
@@ -57,8 +61,9 @@ def test_self_match_exclusion_against_numpy():
     db = np.arange(80)
     q_pos = rng.choice(80, 10, replace=False)
     index = ExactIndex(torch.from_numpy(z), db)
-    pos, _ = index.search(torch.from_numpy(z[q_pos]), 7, exclude=q_pos)
-    np.testing.assert_array_equal(pos.numpy(), brute_force(z, db, z[q_pos], 7, exclude=q_pos))
+    pos, scores = index.search(torch.from_numpy(z[q_pos]), 7, exclude=q_pos)
+    ref_pos, ref_scores = brute_force(z, db, z[q_pos], 7, exclude=q_pos)
+    assert_same_rankings(pos.tolist(), scores.tolist(), ref_pos.tolist(), ref_scores.tolist())
     assert not any(q in row for q, row in zip(q_pos, pos.tolist()))
     kept, _ = index.search(torch.from_numpy(z[q_pos]), 1)
     assert kept[:, 0].tolist() == q_pos.tolist()  # self-match "keep": the query is its own top hit
@@ -96,8 +101,10 @@ def test_faiss_index_matches_exact_index(factory):
     exclude = np.arange(20)
     p1, s1 = exact.search(q, 10, exclude=exclude)
     p2, s2 = approx.search(q, 10, exclude=exclude)
-    assert (p1 == p2).float().mean() >= (1.0 if factory == "Flat" else 0.95)
-    assert torch.allclose(s1[p1 == p2], s2[p1 == p2], atol=1e-5)
+    if factory == "Flat":  # exact up to float summation order
+        assert_same_rankings(p1.tolist(), s1.tolist(), p2.tolist(), s2.tolist())
+    else:  # approximate: most neighbours found, with the exact scores
+        assert_same_rankings(p1.tolist(), s1.tolist(), p2.tolist(), s2.tolist(), min_identical=0.8, min_overlap=0.8)
     assert not any(int(e) in row for e, row in zip(exclude, p2.tolist()))
 
 
