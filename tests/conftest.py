@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# the machines have 2 cores; OMP_NUM_THREADS=1 runs the suite single-threaded (tests must pass both ways)
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))
 
 # The user's weights root, read before the session cache fixture points $CIR_BENCH_CACHE (and
 # with it the default weights folder) at a temporary folder: real-weight tests look here.
