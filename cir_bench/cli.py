@@ -38,20 +38,25 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     """The run config of a command, validated before any work. Precedence, whatever the
     order on the command line: defaults < --task < --paper-recipe < --config FILE < named
     flags < --set (in the order given)."""
-    from cir_bench.config import PAPER_RECIPE, apply_mapping, apply_overrides, read_yaml, select_dataset, \
-        task_preset, validate
+    from cir_bench.config import PAPER_RECIPE, apply_mapping, apply_overrides, blame, flat_keys, parse_override, \
+        read_yaml, select_dataset, task_preset, validate
     from cir_bench.pipeline.checks import check_run_config
 
     cfg = RunConfig()
+    sources: list[tuple[str, set[str]]] = []  # who set which key, to name it in an error
     if args.task:
         apply_mapping(cfg, task_preset(args.task))
+        sources.append((f"--task {args.task}", flat_keys(task_preset(args.task))))
     if args.paper_recipe:
         apply_mapping(cfg, PAPER_RECIPE)
+        sources.append(("--paper-recipe", flat_keys(PAPER_RECIPE)))
     if args.config:
+        data = read_yaml(args.config)
         try:
-            apply_mapping(cfg, read_yaml(args.config))
+            apply_mapping(cfg, data)
         except ConfigError as err:
             raise ConfigError(f"{args.config}: {err}") from None
+        sources.append((args.config, flat_keys(data)))
     if args.dataset:
         select_dataset(cfg, args.dataset)
     if args.root:
@@ -72,7 +77,11 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     if getattr(args, "lambdas", None):
         apply_overrides(cfg, [f"eval.lambdas=[{args.lambdas}]"])
     apply_overrides(cfg, list(args.set))
-    return check_run_config(validate(cfg), need_out=hasattr(args, "out"))
+    sources.append(("--set", {parse_override(o)[0] for o in args.set}))
+    try:
+        return check_run_config(validate(cfg), need_out=hasattr(args, "out"))
+    except ConfigError as err:
+        raise blame(err, sources) from None
 
 
 def cmd_run(args: argparse.Namespace) -> int:

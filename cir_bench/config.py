@@ -413,16 +413,49 @@ def read_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
     return data
 
 
+def flat_keys(data: Mapping[str, Any], prefix: str = "") -> set[str]:
+    """The dotted keys a mapping sets (``{"a": {"b": 1}}`` -> ``{"a", "a.b"}``)."""
+    out: set[str] = set()
+    for key, value in data.items():
+        dotted = _join(prefix, str(key))
+        out.add(dotted)
+        if isinstance(value, Mapping):
+            out |= flat_keys(value, dotted)
+    return out
+
+
+def blame(err: ConfigError, sources: list[tuple[str, set[str]]]) -> ConfigError:
+    """``err`` prefixed with the source (a file, ``--set``, a preset) that last set its key."""
+    import re
+
+    match = re.search(r"config key '([^'\[]+)", str(err))
+    if not match:
+        return err
+    key = match.group(1)
+    for label, keys in reversed(sources):
+        if any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in keys):
+            return err if str(err).startswith(label) else ConfigError(f"{label}: {err}")
+    return err
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults, then the YAML file, then the overrides; validated."""
+    """Defaults, then the YAML file, then the overrides; validated. An error names the file
+    when the file set the offending key."""
     cfg = RunConfig()
+    sources: list[tuple[str, set[str]]] = []
     if path is not None:
+        data = read_yaml(path)
         try:
-            apply_mapping(cfg, read_yaml(path))
+            apply_mapping(cfg, data)
         except ConfigError as err:
-            raise ConfigError(str(err) if str(path) in str(err) else f"{path}: {err}") from None
+            raise ConfigError(f"{path}: {err}") from None
+        sources.append((str(path), flat_keys(data)))
     apply_overrides(cfg, overrides or [])
-    return validate(cfg)
+    sources.append(("--set", {parse_override(o)[0] for o in overrides or []}))
+    try:
+        return validate(cfg)
+    except ConfigError as err:
+        raise blame(err, sources) from None
 
 
 def config_from_dict(data: Mapping[str, Any]) -> RunConfig:

@@ -31,10 +31,20 @@ def _files_loader(module: str) -> Callable[..., Dataset]:
     return factory
 
 
-DATASETS.register("csv")(_files_loader("csv_folder"))
-DATASETS.register("cub")(_files_loader("cub"))
-DATASETS.register("apy")(_files_loader("apy"))
-DATASETS.register("wikiart")(_files_loader("wikiart"))
+_MODULES = {"csv": "csv_folder", "cub": "cub", "apy": "apy", "wikiart": "wikiart"}
+for _name, _module in _MODULES.items():
+    DATASETS.register(_name)(_files_loader(_module))
+
+
+def check_dataset_options(name: str, options: dict[str, Any]) -> None:
+    """Fail on an unknown or badly typed option of dataset ``name`` before any work."""
+    DATASETS.get(name)
+    if name == "synthart":
+        from cir_bench.data.synthart import check_options
+
+        check_options(options)
+    else:
+        importlib.import_module(f"cir_bench.data.{_MODULES[name]}").check(dict(options))
 
 
 def get_dataset(name: str, root: str | None = None, options: dict[str, Any] | None = None,
@@ -42,4 +52,4 @@ def get_dataset(name: str, root: str | None = None, options: dict[str, Any] | No
     return DATASETS.get(name)(root, dict(options or {}), cache_dir)
 
 
-__all__ = ["DATASETS", "get_dataset", "Dataset", "Item", "Property", "BadImageError", "UnknownLabelError"]
+__all__ = ["DATASETS", "check_dataset_options", "get_dataset", "Dataset", "Item", "Property", "BadImageError", "UnknownLabelError"]

@@ -17,7 +17,8 @@ from typing import Any
 from PIL import Image
 
 from cir_bench.data.base import Item, Property
-from cir_bench.data.files import DatasetLayoutError, FileDataset, ImageSource, find_file, read_lines, require_dir
+from cir_bench.data.files import checked_options, DatasetLayoutError, FileDataset, find_file, ImageSource, \
+    read_lines, require_dir
 
 
 class APY(FileDataset):
@@ -79,4 +80,9 @@ class APY(FileDataset):
 
 
 def load(root: str | None, options: dict[str, Any]) -> APY:
-    return APY.load(root, **options)
+    return APY.load(root, **checked_options("apy", APY.load, options))
+
+
+def check(options: dict[str, Any]) -> dict[str, Any]:
+    """The options checked (names, types, fractions) without reading any file."""
+    return checked_options("apy", APY.load, options)

@@ -17,7 +17,7 @@ import numpy as np
 import pandas as pd
 
 from cir_bench.data.base import Item, Property
-from cir_bench.data.files import DatasetLayoutError, FileDataset, ImageSource, find_file, require_dir
+from cir_bench.data.files import checked_options, DatasetLayoutError, FileDataset, find_file, ImageSource, require_dir
 
 RESERVED = ("path", "tags", "split", "id")
 
@@ -76,4 +76,9 @@ class CSVFolder(FileDataset):
 
 
 def load(root: str | None, options: dict[str, Any]) -> CSVFolder:
-    return CSVFolder.load(root, **options)
+    return CSVFolder.load(root, **checked_options("csv", CSVFolder.load, options))
+
+
+def check(options: dict[str, Any]) -> dict[str, Any]:
+    """The options checked (names, types, fractions) without reading any file."""
+    return checked_options("csv", CSVFolder.load, options)

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 
 from cir_bench.data.base import Item, Property
-from cir_bench.data.files import DatasetLayoutError, FileDataset, ImageSource, find_file, read_lines, require_dir
+from cir_bench.data.files import checked_options, DatasetLayoutError, FileDataset, find_file, ImageSource, \
+    read_lines, require_dir
 
 
 def _id_table(path: Path, what: str, n_fields: int = 2) -> dict[int, list[str]]:
@@ -114,4 +115,9 @@ class CUB(FileDataset):
 
 
 def load(root: str | None, options: dict[str, Any]) -> CUB:
-    return CUB.load(root, **options)
+    return CUB.load(root, **checked_options("cub", CUB.load, options))
+
+
+def check(options: dict[str, Any]) -> dict[str, Any]:
+    """The options checked (names, types, fractions) without reading any file."""
+    return checked_options("cub", CUB.load, options)

@@ -7,10 +7,11 @@ counts them (``Dataset.report``, written to the run manifest) instead of failing
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 from PIL import Image
 
@@ -111,3 +112,32 @@ class FileDataset(Dataset):
             st = os.stat(src.path)
             h.update(f"{src.path}|{st.st_size}|{int(st.st_mtime)}|{src.box}".encode())
         return h.hexdigest()
+
+
+def checked_options(dataset: str, loader: Callable[..., Any], options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` checked against the keyword parameters of ``loader`` (name, type of the
+    default, fractions in (0, 1)), so that a typo or a bad value fails before any file is
+    read, naming the config key."""
+    params = {name: p for name, p in inspect.signature(loader).parameters.items()
+              if p.kind is inspect.Parameter.KEYWORD_ONLY or (p.default is not inspect.Parameter.empty)}
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        where = f"config key 'dataset.options.{key}'"
+        if key not in params:
+            raise ValueError(f"{where}: unknown option of dataset '{dataset}'; known: {', '.join(params)}")
+        default = params[key].default
+        if isinstance(default, bool):
+            if not isinstance(value, bool):
+                raise ValueError(f"{where} expects true or false, got {value!r}")
+        elif isinstance(default, (int, float)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{where} expects a number, got {value!r}")
+            if isinstance(default, int) and not float(value).is_integer():
+                raise ValueError(f"{where} expects an integer, got {value!r}")
+            value = type(default)(value)
+            if key.endswith("fraction") and not 0.0 < value < 1.0:
+                raise ValueError(f"{where} must be in (0, 1), got {value}")
+        elif isinstance(default, str) and not isinstance(value, str):
+            raise ValueError(f"{where} expects a string, got {value!r}")
+        out[key] = value
+    return out

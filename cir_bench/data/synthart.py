@@ -477,14 +477,7 @@ class SynthArt(Dataset):
         verbose: bool = False,
         **overrides: Any,
     ) -> "SynthArt":
-        if preset not in PRESETS:
-            raise ValueError(f"unknown SynthArt preset '{preset}'; available: {', '.join(PRESETS)}")
-        unknown = set(overrides) - set(SynthArtParams.__dataclass_fields__)
-        if unknown:
-            raise ValueError(
-                f"unknown SynthArt option(s) {sorted(unknown)}; known: preset, "
-                + ", ".join(SynthArtParams.__dataclass_fields__)
-            )
+        check_options({"preset": preset, **overrides})
         params = replace(PRESETS[preset], **overrides)
         folder = cache_root(cache_dir) / "synthart" / f"{preset}-{params.cache_key()}"
         path = folder / "synthart.parquet"
@@ -503,3 +496,16 @@ class SynthArt(Dataset):
         for data in frame.sort_values("id")["image"]:
             h.update(hashlib.sha256(data).digest())
         return cls(frame, params, h.hexdigest())
+
+
+def check_options(options: dict[str, Any]) -> None:
+    """SynthArt's options: ``preset`` and any generator parameter (``SynthArtParams``)."""
+    preset = options.get("preset", "default")
+    if preset not in PRESETS:
+        raise ValueError(f"config key 'dataset.options.preset': unknown SynthArt preset {preset!r}; "
+                         f"available: {', '.join(PRESETS)}")
+    known = set(SynthArtParams.__dataclass_fields__)
+    unknown = sorted(set(options) - known - {"preset"})
+    if unknown:
+        raise ValueError(f"config key 'dataset.options.{unknown[0]}': unknown SynthArt option; known: preset, "
+                         + ", ".join(SynthArtParams.__dataclass_fields__))

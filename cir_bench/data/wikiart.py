@@ -30,7 +30,8 @@ from typing import Any
 import numpy as np
 
 from cir_bench.data.base import BadImageError, Dataset, Item, Property, decode_image
-from cir_bench.data.files import DatasetLayoutError, FileDataset, ImageSource, find_file, read_lines, require_dir
+from cir_bench.data.files import checked_options, DatasetLayoutError, FileDataset, find_file, ImageSource, \
+    read_lines, require_dir
 
 UNKNOWN_GENRE = "unknown_genre"
 
@@ -224,19 +225,21 @@ def load_parquet(base: Path, test_fraction: float, seed: int, skip_bad_images: b
 
 
 def load(root: str | None, options: dict[str, Any]) -> Dataset:
-    opts = dict(options)
+    return _load(root, **checked_options("wikiart", _load, options))
+
+
+def _load(root: str | None, test_fraction: float = 0.2, seed: int = 777, skip_bad_images: bool = False,
+          tags: str | None = None, layout: str = "auto") -> Dataset:
     base = require_dir(root, "wikiart", "the folder holding wikiart_csv/ and wikiart/, or *.parquet files")
-    test_fraction = float(opts.pop("test_fraction", 0.2))
-    seed = int(opts.pop("seed", 777))
-    skip = bool(opts.pop("skip_bad_images", False))
-    tags = opts.pop("tags", None)
-    layout = opts.pop("layout", "auto")
-    if opts:
-        raise ValueError(f"unknown wikiart option(s) {sorted(opts)}; known: test_fraction, seed, "
-                         "skip_bad_images, tags, layout")
+    skip = skip_bad_images
     has_csv = (base / "wikiart_csv").is_dir() or (base / "style_class.txt").is_file()
     if layout == "artgan" or (layout == "auto" and has_csv):
         return load_artgan(base, test_fraction, seed, skip, tags)
     if layout in ("auto", "parquet"):
         return load_parquet(base, test_fraction, seed, skip)
     raise ValueError(f"wikiart layout must be auto, artgan or parquet, got '{layout}'")
+
+
+def check(options: dict[str, Any]) -> dict[str, Any]:
+    """The options checked (names, types, fractions) without reading any file."""
+    return checked_options("wikiart", _load, options)

@@ -25,6 +25,12 @@ def check_run_config(cfg: RunConfig, need_out: bool = True) -> RunConfig:
             registry.get(name)
         except UnknownNameError as err:
             raise ConfigError(f"config key '{key}': {err}") from None
+    from cir_bench.data import check_dataset_options
+
+    try:
+        check_dataset_options(cfg.dataset.name, cfg.dataset.options)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     if cfg.dataset.name == "synthart" and cfg.dataset.root is not None:
         raise ConfigError("config key 'dataset.root': dataset 'synthart' is generated, it takes no root")
     try:

@@ -1,0 +1,194 @@
+"""The config means what it says: flags applied to the typed config in a fixed precedence,
+every value checked before any work, the tune and serve files checked the same way."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cir_bench.cli import build_config, main, make_parser
+from cir_bench.config import ConfigError, RunConfig, load_config
+
+from . import replicas
+
+
+def _cfg(argv: list[str]) -> RunConfig:
+    return build_config(make_parser().parse_args(argv))
+
+
+@pytest.mark.parametrize("argv", [
+    ["run", "--dataset", "csv", "--root", "{root}", "--set", "dataset.options.test_fraction=0.5"],
+    ["run", "--set", "dataset.options.test_fraction=0.5", "--dataset", "csv", "--root", "{root}"],
+    ["run", "--root", "{root}", "--set", "dataset.options.test_fraction=0.5", "--dataset", "csv"],
+])
+def test_flag_order_does_not_matter(argv, tmp_path):
+    root = replicas.csv_folder(tmp_path / "csv")
+    cfg = _cfg([a.format(root=root) for a in argv])
+    assert cfg.dataset.name == "csv" and cfg.dataset.root == str(root)
+    assert cfg.dataset.options == {"test_fraction": 0.5}
+
+
+def test_switching_dataset_drops_the_previous_datasets_options(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("dataset: {name: synthart, options: {preset: small}}\ntrain: {epochs: 3}\n")
+    root = replicas.csv_folder(tmp_path / "csv")
+    cfg = _cfg(["run", "--config", str(config), "--dataset", "csv", "--root", str(root),
+                "--set", "dataset.options.seed=4"])
+    assert cfg.dataset.options == {"seed": 4} and cfg.train.epochs == 3
+    same = _cfg(["run", "--config", str(config), "--dataset", "synthart", "--preset", "tiny"])
+    assert same.dataset.options == {"preset": "tiny"}  # same dataset: its options stay, the flag wins
+
+
+def test_precedence_task_recipe_file_flags_set(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("model: {embed_dim: 512}\nqueries: {n_queries: 50}\n")
+    root = replicas.cub(tmp_path / "cub")
+    cfg = _cfg(["run", "--set", "model.embed_dim=64", "--task", "cub-bird", "--root", str(root),
+                "--paper-recipe", "--config", str(config), "--seed", "3"])
+    assert cfg.dataset.name == "cub" and cfg.queries.sets == [["bird"]]  # --task
+    assert cfg.model.backbone == "convnext_base" and cfg.train.epochs == 100  # --paper-recipe
+    assert cfg.queries.n_queries == 50  # the file over the task
+    assert cfg.model.embed_dim == 64 and cfg.seed == 3  # --set over all
+
+
+def test_run_records_the_option_whatever_the_flag_order(tmp_path, cache_dir):
+    root = replicas.csv_folder(tmp_path / "csv")
+    out = tmp_path / "run"
+    code = main(["run", "--no-progress", "--set", "dataset.options.test_fraction=0.5", "--dataset", "csv",
+                 "--root", str(root), "--out", str(out), "--cache-dir", str(cache_dir), "--device", "cpu",
+                 "--methods", "knn", "--set", "train.epochs=1", "--set", "model.input_size=32",
+                 "--set", "queries.n_queries=4", "--set", "queries.min_relevant=2", "--set", "eval.k=3"])
+    assert code == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["dataset"]["options"] == {"test_fraction": 0.5}
+
+
+@pytest.mark.parametrize("args, key", [
+    (["--lambda", "nan,inf"], "eval.lambdas[0]"),
+    (["--lambda", "-1"], "eval.lambdas[0]"),
+    (["--set", "search.lam=-1"], "search.lam"),
+    (["--set", "search.lam=.inf"], "search.lam"),
+    (["--set", "eval.k=0"], "eval.k"),
+    (["--set", "train.batch_size=0"], "train.batch_size"),
+    (["--set", "model.embed_dim=0"], "model.embed_dim"),
+    (["--set", "train.epochs=-1"], "train.epochs"),
+    (["--set", "train.lr=fast"], "train.lr"),
+    (["--set", "search.lr_typo=0.1"], "search.lr_typo"),
+    (["--set", "search.overrides={lr: 0.1}"], "search.overrides"),
+    (["--set", "search.stopping=sometimes"], "search.stopping"),
+    (["--set", "student.dropout=1.5"], "student.dropout"),
+    (["--set", "eval.methods=[knn, telepathy]"], "eval.methods"),
+    (["--set", "eval.methods=[{method: knn, lam: 1}]"], "eval.methods"),
+    (["--set", "model.backbone=resnet5000"], "model.backbone"),
+    (["--set", "eval.index=annoy"], "eval.index"),
+    (["--set", "dataset.options.presett=tiny"], "dataset.options.presett"),
+    (["--preset", "huge"], "dataset.options.preset"),
+    (["--set", "device=gpu"], "device"),
+    (["--seed", "-3"], "seed"),
+])
+def test_bad_values_fail_before_any_work_naming_the_key(args, key, tmp_path, capsys):
+    out = tmp_path / "never"
+    t0 = time.perf_counter()
+    assert main(["run", "--no-progress", "--out", str(out), *args]) == 2
+    err = capsys.readouterr().err
+    assert f"'{key}" in err, err
+    assert time.perf_counter() - t0 < 10 and not out.exists()
+
+
+def test_out_must_be_a_writable_folder(tmp_path, capsys):
+    file = tmp_path / "a-file"
+    file.write_text("x")
+    assert main(["run", "--out", str(file)]) == 2
+    assert "'out'" in capsys.readouterr().err
+
+
+def test_dataset_option_values_are_checked(tmp_path, capsys):
+    root = replicas.csv_folder(tmp_path / "csv")
+    assert main(["run", "--dataset", "csv", "--root", str(root), "--set", "dataset.options.test_fraction=1.5"]) == 2
+    assert "'dataset.options.test_fraction' must be in (0, 1)" in capsys.readouterr().err
+    assert main(["run", "--dataset", "csv", "--root", str(root), "--skip-bad-images",
+                 "--set", "dataset.options.skip_bad_images=maybe"]) == 2
+    assert "'dataset.options.skip_bad_images' expects true or false" in capsys.readouterr().err
+
+
+def test_config_file_errors_name_the_file_and_the_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  epochs: 0\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: config key 'train.epochs' must be >= 1"):
+        load_config(bad)
+    bad.write_text("trian: {epochs: 3}\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: unknown config key 'trian'"):
+        load_config(bad)
+    bad.write_text("train: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_search_and_student_sections_are_typed():
+    cfg = load_config(None, ["search.lr=0.1", "search.stopping=satisfied", "student.hidden=[64]",
+                             "search.condition_weights={style: 2}"])
+    assert cfg.search.overrides() == {"lr": 0.1, "stopping": "satisfied", "condition_weights": {"style": 2.0}}
+    assert cfg.student.hidden == [64]
+    from cir_bench.pipeline import teacher
+
+    bs = teacher(cfg)
+    assert bs.config.lr == 0.1 and bs.config.stopping == "satisfied" and bs.config.patience == 10  # preset's
+
+
+def test_search_section_has_every_backward_search_setting():
+    import dataclasses
+
+    from cir_bench.config import SearchConfig
+    from cir_bench.search.backward import BackwardSearchConfig
+
+    assert {f.name for f in dataclasses.fields(SearchConfig)} - {"preset"} == \
+        {f.name for f in dataclasses.fields(BackwardSearchConfig)}
+
+
+def test_tune_file_is_checked_before_ray_naming_file_and_key(tmp_path, capsys):
+    exp = tmp_path / "exp.yaml"
+    exp.write_text("name: x\nbase: {train: {epochs: 2}}\ngrid: {model.embed_dim: [32, 0]}\n")
+    t0 = time.perf_counter()
+    assert main(["tune", str(exp), "--storage-path", str(tmp_path / "t")]) == 2
+    err = capsys.readouterr().err
+    assert "exp.yaml" in err and "'model.embed_dim' must be >= 1" in err and "model.embed_dim': 0" in err
+    assert time.perf_counter() - t0 < 10 and not (tmp_path / "t").exists()
+    for text, message in [("name: x\nbase: {search: {lr_typo: 1}}\n", "unknown config key 'search.lr_typo'"),
+                          ("name: x\ngrid: {model.backbone: [resnet5000]}\n", "model.backbone"),
+                          ("name: x\nresources: {cpu: -1}\n", "'resources.cpu' must be >= 0"),
+                          ("name: x\ncalibration: {lam_min: 2, lam_max: 1}\n", "lam_min must be < "),
+                          ("name: x\nseeds: [0]\nlambdas: [0, -1]\n", "'lambdas[1]' must be >= 0"),
+                          ("nam: x\n", "unknown config key 'nam'")]:
+        exp.write_text(text)
+        assert main(["tune", str(exp), "--storage-path", str(tmp_path / "t")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "exp.yaml" in err, err
+
+
+def test_serve_config_is_checked_before_any_work(tmp_path, capsys):
+    bad = tmp_path / "serve.yaml"
+    bad.write_text("deployments:\n  teacher: {num_replicas: 0}\n")
+    t0 = time.perf_counter()
+    assert main(["serve", "--serve-config", str(bad), "--port", "8799"]) == 2
+    err = capsys.readouterr().err
+    assert "serve.yaml" in err and "'deployments.teacher.num_replicas' must be >= 1" in err
+    assert time.perf_counter() - t0 < 10
+
+
+def test_tune_starts_from_outside_the_checkout(tmp_path):
+    """The shipped experiments are package data: found from any working directory."""
+    code = ("import tune_configs, sys; from cir_bench.tune import Experiment; "
+            "e = Experiment.load(tune_configs.resolve('quick')); print(e.name, len(e.trials()))")
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.split() == ["quick", "2"], done.stderr
+    cli = Path(sys.executable).with_name("cir-bench")
+    if cli.exists():
+        helped = subprocess.run([str(cli), "tune", "--help"], cwd=tmp_path, capture_output=True, text=True,
+                                timeout=120)
+        assert helped.returncode == 0 and "quick (default)" in helped.stdout
+    with pytest.raises(FileNotFoundError, match="quick, table3"):
+        __import__("tune_configs").resolve("no-such-experiment")
