@@ -1,4 +1,4 @@
-"""The composed-image-retrieval adapter seam (baselines.md §8) and the weights convention (§9).
+"""The composed-image-retrieval adapter seam and the weights convention (docs/baselines.md).
 
 An adapter (``QueryComposer``) turns a reference image plus condition text into a query
 vector, and database images into gallery vectors, in its own embedding space; the harness

@@ -1,4 +1,4 @@
-"""The trivial references on one CLIP backbone that reviewers ask for (baselines.md §7):
+"""The trivial references on one CLIP backbone that reviewers ask for (docs/baselines.md):
 
     clip-image  query = normalize(encode_image(ref))                         (condition ignored)
     clip-text   query = normalize(encode_text("a photo of {labels}"))        (image ignored)

@@ -1,6 +1,6 @@
 """Condition text: class label -> readable phrase -> the sentence T every baseline receives.
 
-Committed phrase tables per dataset (baselines.md §7) and the template family, the same
+Committed phrase tables per dataset (docs/baselines.md) and the template family, the same
 strings for every method:
 
     T1 canonical    style: "is in {X} style"      category: "is a {X}"           color: "is {X}"
@@ -40,7 +40,7 @@ FORMS: dict[str, dict[str, str]] = {
     "color": {"T1": "is {X}", "T2": "make it {X}", "T3": "{X}"},
 }
 
-# label -> phrase, per dataset and property (the class names of datasets.md)
+# label -> phrase, per dataset and property (the class names of each dataset's release)
 PHRASES: dict[str, dict[str, dict[str, str]]] = {
     "synthart": {
         "style": {"flat": "flat", "outline": "outline", "hatched": "hatched", "dotted": "dotted",

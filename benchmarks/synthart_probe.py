@@ -1,4 +1,4 @@
-"""Pixel-level linear probes on SynthArt (datasets.md §3.4): is any factor trivially
+"""Pixel-level linear probes on SynthArt (docs/datasets.md): is any factor trivially
 readable from pixel statistics? Prints JSON: accuracy per factor and feature, with chance.
 
     .venv/bin/python benchmarks/synthart_probe.py [--preset default] [--n-scenes 1000 --size 64]

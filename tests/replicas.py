@@ -1,4 +1,4 @@
-"""Tiny replicas of the native dataset layouts (datasets.md §1), written with PIL.
+"""Tiny replicas of the native dataset layouts (docs/datasets.md), written with PIL.
 
 Each has a few JPEGs (one grayscale, one CMYK), a non-ASCII file name and the quirks the
 loaders must survive; images carry a class-dependent colour so a model can learn a little.

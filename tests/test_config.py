@@ -192,3 +192,29 @@ def test_tune_starts_from_outside_the_checkout(tmp_path):
         assert helped.returncode == 0 and "quick (default)" in helped.stdout
     with pytest.raises(FileNotFoundError, match="quick, table3"):
         __import__("tune_configs").resolve("no-such-experiment")
+
+
+def test_wheel_carries_the_shipped_configs(tmp_path):
+    """Installed from a wheel, outside any checkout, `cir-bench tune` finds its default
+    experiment and `cir-bench serve` its settings."""
+    root = Path(__file__).resolve().parent.parent
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(tmp_path / "dist"), str(root)], capture_output=True, text=True, timeout=300)
+    if built.returncode != 0:
+        pytest.skip(f"cannot build a wheel here: {built.stderr[-300:]}")
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    site = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
+                   check=True, capture_output=True, timeout=300)
+    code = ("import cir_bench, tune_configs, serve.settings as s; from cir_bench.tune import Experiment; "
+            "print(cir_bench.__file__); print(Experiment.load(tune_configs.resolve('quick')).name); "
+            "print(len(s.load_serve_config().deployments))")
+    env = {**__import__("os").environ, "PYTHONPATH": str(site)}
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    where, name, deployments = done.stdout.split()
+    assert where.startswith(str(site)) and name == "quick" and deployments == "5"
+    helped = subprocess.run([sys.executable, "-m", "cir_bench.cli", "tune", "--help"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert helped.returncode == 0 and "quick (default)" in helped.stdout

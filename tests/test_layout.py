@@ -71,3 +71,18 @@ def test_no_module_imports_from_a_later_stage(module, path):
         other_rank, other_unit = _unit(imported)
         assert other_unit == unit or other_rank < rank, \
             f"{module} (stage {unit}) imports {imported} (stage {other_unit}): a reach-back up the chain"
+
+
+def test_docs_links_stay_inside_the_repository():
+    """README.md and docs/*.md link only to files of the repository, and those exist."""
+    import re
+
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    assert len(pages) >= 6
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        assert "shared/docs" not in text, f"{page.name} points outside the repository"
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            assert "://" not in target and not target.startswith(("/", "..")), f"{page.name} links to {target}"
+            path = (page.parent / target.split("#")[0]).resolve()
+            assert path.is_relative_to(ROOT) and path.exists(), f"{page.name}: dead link {target}"

@@ -1,4 +1,4 @@
-"""``apy``: aPascal (and optionally aYahoo) objects from the attribute release (datasets.md §1.2).
+"""``apy``: aPascal (and optionally aYahoo) objects from the attribute release (docs/datasets.md).
 
 ``--root`` holds ``attribute_data/`` (apascal_train.txt, apascal_test.txt, ayahoo_test.txt,
 class_names.txt, attribute_names.txt), ``VOCdevkit/VOC2008/JPEGImages/`` and, for aYahoo,

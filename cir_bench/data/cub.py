@@ -1,8 +1,8 @@
-"""``cub``: CUB-200-2011 read from the released files (datasets.md §1.1).
+"""``cub``: CUB-200-2011 read from the released files (docs/datasets.md).
 
 ``--root`` is the folder holding ``CUB_200_2011/`` (or that folder itself). Everything is
 joined by image id, never by line order (the authors' code shifts attributes by one image;
-reference-notes §9.2). Property ``bird`` (species, names from classes.txt). Tags: the
+docs/deviations.md, D15). Property ``bird`` (species, names from classes.txt). Tags: the
 present attributes minus the most frequent ones (those whose frequency over the images is
 above the ``tag_quantile`` quantile of attribute frequencies, computed on the data), plus
 the species. Split: stratified ``test_fraction`` by species with a seed (the paper), or the
@@ -50,7 +50,7 @@ class CUB(FileDataset):
         prop = Property("bird", species)
         col = {c: i for i, c in enumerate(class_ids)}
 
-        # attribute names: datasets.md's search order, else attr_<id>
+        # attribute names: attributes.txt (root, CUB_200_2011/ or its attributes/), else attr_<id>
         names_file = next((p for p in (base / "attributes.txt", cub / "attributes.txt",
                                        cub / "attributes" / "attributes.txt") if p.is_file()), None)
         attr_names = {i: v[0] for i, v in _id_table(names_file, "attributes.txt").items()} if names_file else {}

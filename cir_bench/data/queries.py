@@ -10,7 +10,7 @@ itself excluded) satisfy every condition. Seeded; pairs are unique.
 image-class pair based on tags with a Jaccard similarity of 0.1" are excluded): only
 relevant items whose tag set has Jaccard >= min_jaccard with the query's count towards
 ``min_relevant``. The authors' code inverted this test, so it never filtered
-(reference-notes §9.1); ``None`` (the default) reproduces that.
+(docs/deviations.md, D8); ``None`` (the default) reproduces that.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""SynthArt: the embedded default dataset, generated procedurally (design: datasets.md §3).
+"""SynthArt: the embedded default dataset, generated procedurally (docs/datasets.md).
 
 A WikiArt-like structure whose every factor is known, so "this image, but with style X"
 has an exact answer. Base *scenes* (shape, colour, background, size, cell, distractors,

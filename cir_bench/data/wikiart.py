@@ -1,5 +1,5 @@
 """``wikiart``: WikiArt in the ArtGAN CSV layout or the Hugging Face parquet layout
-(datasets.md §1.3-1.5).
+(docs/datasets.md).
 
 ArtGAN: ``--root`` holds ``wikiart_csv/`` (style_class.txt, style_train.csv, style_val.csv,
 genre_class.txt, genre_train.csv, genre_val.csv; CRLF rows ``Style_Dir/file.jpg,<idx>``) and
@@ -67,7 +67,7 @@ def _label_rows(path: Path, n_classes: int) -> dict[str, int]:
 
 
 def normalise_tags(fields: list[str]) -> frozenset[str]:
-    """The paper's tag normalisation (reference-notes §4.3)."""
+    """The paper's tag normalisation (docs/datasets.md)."""
     text = ",".join(f for f in fields if f and f.lower() != "nan")
     text = text.replace("nan", "").replace(" ", "")
     while ",," in text:

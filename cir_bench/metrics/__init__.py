@@ -1,4 +1,4 @@
-"""Metric registry and engine (metrics.md is the contract).
+"""Metric registry and engine (docs/metrics.md is the contract).
 
 Each metric lives in one function with its formula in the docstring; the registry maps a
 key (``precision_at_k``) to an adapter that reads what the function needs from

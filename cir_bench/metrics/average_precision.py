@@ -1,4 +1,4 @@
-"""Average precision at k, three normalisers (metrics.md): R, min(R, k), and #hits.
+"""Average precision at k, three normalisers (docs/metrics.md): R, min(R, k), and #hits.
 
 All share the numerator sum_{i<=k} P(i) * hits(i), with P(i) the precision at rank i.
 """

@@ -178,7 +178,7 @@ def _strip_vit(m: nn.Module) -> nn.Module:
 
 def _strip_convnext(m: nn.Module) -> nn.Module:
     # Keep torchvision's final LayerNorm2d (the paper's "penultimate layer"); the authors'
-    # code drops it with the classifier (reference-notes §9.8).
+    # code drops it with the classifier (docs/deviations.md, D10).
     m.classifier[2] = nn.Identity()
     return m
 

@@ -1,6 +1,6 @@
 """Encoder (backbone -> FC reduction -> z) plus one classifier head phi per property.
 
-Paper §Methodology and reference-notes.md §1.2-1.3: z = tanh(BN(FC(Dropout(BN(ReLU(FC(h)))))))
+Paper §Methodology and the authors' code: z = tanh(BN(FC(Dropout(BN(ReLU(FC(h)))))))
 and each head is three FC layers with BN and dropout on the hidden layers.
 """
 from __future__ import annotations

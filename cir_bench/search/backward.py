@@ -20,7 +20,7 @@ Presets:
   (``stopping="satisfied"``, offered) leaves z on the decision boundary: on SynthArt
   default it gave precision@10 0.59 against 0.88 for the loss plateau at lambda 0.
 - ``authors-code``: the public code's batched ``InverseMapping.batch_compute``
-  (reference-notes §2.3-2.4): L1 *mean* over dimensions, CE averaged over conditions, total
+  (docs/deviations.md, D1 and D3): L1 *mean* over dimensions, CE averaged over conditions, total
   loss monitored, the vector saved is the post-step one of the best pre-step loss, a query
   freezes after 11 non-improving steps. Published lambda values mean the same thing here.
 """
@@ -198,7 +198,7 @@ class BackwardSearch(SearchMethod):
                     update = cfg.lr * grad
                 z_new = torch.where(a, z - update, z).detach()
                 if cfg.stopping == "authors-code":
-                    # loss measured before the step, vector saved after it (reference-notes §2.4)
+                    # loss measured before the step, vector saved after it (docs/deviations.md, D3)
                     improved = (loss_d <= w["best_loss"]) & (w["counter"] <= cfg.patience) & active
                     w["best_loss"] = torch.where(improved, loss_d, w["best_loss"])
                     w["best_z"] = torch.where(improved[:, None], z_new, w["best_z"])
