@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from cir_bench.config import ConfigError, RunConfig, load_config
+from cir_bench.config import ConfigError, RunConfig
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError, KeyError)
 
@@ -24,7 +24,8 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", help="SynthArt preset: tiny, small, default")
     p.add_argument("--seed", type=int, help="seed of every random choice (default 0)")
     p.add_argument("--device", help="auto (CUDA when present), cpu, cuda, cuda:N")
-    p.add_argument("--cache-dir", help="cache of datasets/checkpoints/embeddings (default $CIR_BENCH_CACHE or ~/.cache/cir-bench)")
+    p.add_argument("--cache-dir", help="cache of datasets/checkpoints/embeddings "
+                   "(default $CIR_BENCH_CACHE or ~/.cache/cir-bench)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config key, e.g. --set train.epochs=5 (repeatable)")
     p.add_argument("--address", help="Ray cluster address: embeddings are extracted there with Ray Data")
@@ -374,7 +375,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage-path", default="runs/tune", help="experiment directory root (default runs/tune)")
     p.add_argument("--resume", action="store_true", help="resume an interrupted experiment; finished trials stay")
     p.add_argument("--address", help="join an existing Ray cluster (default: start a local one)")
-    p.add_argument("--cache-dir", help="shared cache of checkpoints/embeddings (default $CIR_BENCH_CACHE or ~/.cache/cir-bench)")
+    p.add_argument("--cache-dir", help="shared cache of checkpoints/embeddings "
+                   "(default $CIR_BENCH_CACHE or ~/.cache/cir-bench)")
     p.add_argument("--no-progress", action="store_true", help="quiet Tune output")
     p.set_defaults(func=cmd_tune)
 

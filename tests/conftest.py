@@ -100,7 +100,7 @@ def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def queries_from_requests(parsed) -> "QuerySet":
+def queries_from_requests(parsed):
     """The QuerySet equivalent of parsed item-id requests (to compare with the offline methods)."""
     from cir_bench.data.queries import QuerySet
 

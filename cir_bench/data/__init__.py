@@ -52,4 +52,5 @@ def get_dataset(name: str, root: str | None = None, options: dict[str, Any] | No
     return DATASETS.get(name)(root, dict(options or {}), cache_dir)
 
 
-__all__ = ["DATASETS", "check_dataset_options", "get_dataset", "Dataset", "Item", "Property", "BadImageError", "UnknownLabelError"]
+__all__ = ["DATASETS", "check_dataset_options", "get_dataset", "Dataset", "Item", "Property", "BadImageError",
+           "UnknownLabelError"]

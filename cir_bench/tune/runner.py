@@ -77,7 +77,6 @@ def run_experiment(exp: Experiment, storage_path: str | Path, resume: bool = Fal
     """Run (or resume) the experiment with Ray Tune; returns the tidy results table and one
     line per trial that failed (after its ``max_failures`` retries). ``trainable``: the
     function one trial runs (``run_trial``; tests wrap it to inject failures)."""
-    import ray
     from ray import tune
 
     from cir_bench.embed.ray_extract import ensure_ray
