@@ -189,13 +189,19 @@ class BackwardSearch(SearchMethod):
                 a = active[:, None]
                 w["steps"] = w["steps"] + active.float()
                 if cfg.optimizer == "adam":
-                    w["m1"] = torch.where(a, b1 * w["m1"] + (1 - b1) * grad, w["m1"])
-                    w["m2"] = torch.where(a, b2 * w["m2"] + (1 - b2) * grad * grad, w["m2"])
-                    t = w["steps"].clamp(min=1)[:, None]
-                    update = cfg.lr * (w["m1"] / (1 - b1 ** t)) / ((w["m2"] / (1 - b2 ** t)).sqrt() + eps)
+                    # torch.optim.Adam's arithmetic, element-wise: moments by lerp / mul+addcmul,
+                    # bias corrections in float64 (as Python floats there: 1 - 0.999**t in float32
+                    # is off by ~1e-5 relative), step lr/bc1 * m1 / (sqrt(m2)/sqrt(bc2) + eps)
+                    w["m1"] = torch.where(a, torch.lerp(w["m1"], grad, 1 - b1), w["m1"])
+                    w["m2"] = torch.where(a, torch.addcmul(w["m2"] * b2, grad, grad, value=1 - b2), w["m2"])
+                    t = w["steps"].clamp(min=1).double()[:, None]
+                    step_size = (cfg.lr / (1 - b1 ** t)).to(z.dtype)
+                    bc2_sqrt = (1 - b2 ** t).sqrt().to(z.dtype)
+                    # z.addcdiv(m1, denom, value=-step_size), with a step size per row
+                    step = (-step_size * w["m1"]) / (w["m2"].sqrt() / bc2_sqrt + eps)
                 else:
-                    update = cfg.lr * grad
-                z_new = torch.where(a, z - update, z).detach()
+                    step = -cfg.lr * grad
+                z_new = torch.where(a, z + step, z).detach()
                 if cfg.stopping == "authors-code":
                     # loss measured before the step, vector saved after it (docs/deviations.md, D3)
                     improved = (loss_d <= w["best_loss"]) & (w["counter"] <= cfg.patience) & active
