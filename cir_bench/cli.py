@@ -136,7 +136,7 @@ def cmd_queries(args: argparse.Namespace) -> int:
     cfg = build_config(args)
     dataset = load_dataset(cfg)
     frames = []
-    for props in cfg.queries.sets or dataset.default_query_sets():
+    for props in dataset.query_sets(cfg.queries.sets):
         queries, path = make_queries(cfg, dataset, list(props))
         frame = queries.to_frame(dataset)
         frame.insert(0, "query_set", "+".join(props))

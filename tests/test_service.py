@@ -208,3 +208,28 @@ def test_serve_config_is_checked_before_serve_starts_naming_file_and_key(tmp_pat
     b = with_index(service.bundle, load_serve_config(str(faiss_cfg)))
     assert b.index == "faiss" and b.index_options["factory"] == "HNSW32"
     assert settings_from_dict({}).deployment("ingress")["max_ongoing_requests"] == 256
+
+
+def test_condition_order_does_not_matter(service, prepared):
+    """A set of conditions is the same set in any order: the student for style+shape answers
+    {"shape": ..., "style": ...} too, with the same answer (issue: 422 "no student" before)."""
+    ds = prepared.dataset
+    pos = int(ds.split_indices("test")[0])
+    style = ds.property("style").classes[(ds.labels("style")[pos] + 1) % 6]
+    shape = ds.property("shape").classes[(ds.labels("shape")[pos] + 1) % 8]
+    for method in ("student", "teacher"):
+        a = service.search({"item_id": ds.items[pos].id, "conditions": {"shape": shape, "style": style},
+                            "method": method})
+        b = service.search({"item_id": ds.items[pos].id, "conditions": {"style": style, "shape": shape},
+                            "method": method})
+        assert "items" in a, a
+        assert [i["id"] for i in a["items"]] == [i["id"] for i in b["items"]]
+    parsed = service.parser.parse({"item_id": ds.items[pos].id, "conditions": {"shape": shape, "style": style}})
+    assert parsed["properties"] == ["style", "shape"]
+    assert parsed["classes"] == [ds.property("style").index(style), ds.property("shape").index(shape)]
+
+
+def test_query_sets_are_canonical(tiny):
+    assert tiny.query_sets([["shape", "style"], ["style"], ["style", "shape"]]) == [["style", "shape"], ["style"]]
+    with pytest.raises(Exception, match="unknown property 'genre'"):
+        tiny.query_sets([["genre"]])

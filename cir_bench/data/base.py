@@ -95,6 +95,26 @@ class Dataset(ABC):
             if set(it.labels) != names:
                 raise ValueError(f"item {it.id} labels {sorted(it.labels)} != properties {sorted(names)}")
 
+    def canonical_properties(self, names: Sequence[str]) -> list[str]:
+        """``names`` in the dataset's property order, each once: a set of conditions is the
+        same set whatever order it was written in (students, query sets and caches key on it).
+        Unknown names raise ``UnknownLabelError``."""
+        wanted = set(names)
+        for name in wanted:
+            self.property(name)
+        return [p.name for p in self.properties if p.name in wanted]
+
+    def query_sets(self, configured: Sequence[Sequence[str]] | None = None) -> list[list[str]]:
+        """The configured query sets (or the default ones), each in canonical order, each once."""
+        out: list[list[str]] = []
+        for props in configured or self.default_query_sets():
+            canonical = self.canonical_properties(props)
+            if not canonical:
+                raise UnknownLabelError("a query set needs at least one property")
+            if canonical not in out:
+                out.append(canonical)
+        return out
+
     def default_query_sets(self) -> list[list[str]]:
         """The first property alone, and the first two together when there are two."""
         names = [p.name for p in self.properties]

@@ -76,7 +76,7 @@ def run(cfg: RunConfig, progress: bool = True, log=print) -> Path:
     t0 = time.perf_counter()
     dataset = load_dataset(cfg)
     timings["dataset_s"] = time.perf_counter() - t0
-    query_sets = cfg.queries.sets or dataset.default_query_sets()
+    query_sets = dataset.query_sets(cfg.queries.sets)  # canonical property order
     for props in query_sets:
         for p in props:
             dataset.property(p)  # unknown property: fail before training

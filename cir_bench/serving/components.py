@@ -51,7 +51,7 @@ def build_bundle(cfg, progress: bool = False, dataset=None) -> ServeBundle:
     prepared = prepare(cfg, progress=progress, dataset=dataset)
     ds = prepared.dataset
     students = {}
-    for props in cfg.queries.sets or ds.default_query_sets():
+    for props in ds.query_sets(cfg.queries.sets):
         _, info = distil_or_load(cfg, ds, prepared.trained, prepared.store, list(props), prepared.device,
                                  progress=progress)
         students[tuple(props)] = info["path"]

@@ -62,6 +62,10 @@ class Catalog:
     def properties(self) -> dict[str, list[str]]:
         return {name: [c for c in classes if c not in self.excluded[name]] for name, classes in self.classes.items()}
 
+    def canonical(self, properties: Sequence[str]) -> tuple[str, ...]:
+        """``properties`` in the dataset's order (the order of ``classes``)."""
+        return tuple(name for name in self.classes if name in set(properties))
+
     def position(self, item_id: str) -> int:
         return self._index[item_id]
 
@@ -77,7 +81,7 @@ class RequestParser:
 
     def __init__(self, catalog: Catalog, student_sets: Sequence[tuple[str, ...]], limits: ServiceLimits) -> None:
         self.catalog = catalog
-        self.student_sets = [tuple(s) for s in student_sets]
+        self.student_sets = [self.catalog.canonical(s) for s in student_sets]
         self.limits = limits
 
     def parse(self, request: Any) -> dict[str, Any]:
@@ -111,6 +115,10 @@ class RequestParser:
                 raise RequestError(f"conditions.{prop}", f"unknown label {label!r}; valid: {', '.join(valid[prop])}")
             props.append(prop)
             classes.append(self.catalog.classes[prop].index(label))
+        # a set of conditions is the same set in any order: the catalog's property order
+        order = self.catalog.canonical(props)
+        classes = [classes[props.index(p)] for p in order]
+        props = list(order)
         if method == "student" and tuple(props) not in self.student_sets:
             raise RequestError("method", f"no student for conditions on {props}; students exist for "
                                f"{[list(s) for s in self.student_sets] or 'none'}")

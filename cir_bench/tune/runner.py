@@ -47,7 +47,7 @@ def run_trial(config: dict[str, Any]) -> None:
     def method(lam: float) -> BackwardSearch:
         return BackwardSearch(cfg.search.preset, lam=float(lam), **cfg.search.overrides())
 
-    for props in cfg.queries.sets or dataset.default_query_sets():
+    for props in dataset.query_sets(cfg.queries.sets):
         name = "+".join(props)
         queries, _ = make_queries(cfg, dataset, list(props))
         rng = np.random.default_rng([cfg.seed, 53])
