@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Sequence
 
 from cir_bench.config import ConfigError, RunConfig
+from cir_bench.paths import DamagedCacheError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError, KeyError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError, KeyError,
+                                               DamagedCacheError)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:

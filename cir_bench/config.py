@@ -192,6 +192,9 @@ class RunConfig:
     device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
     out: str | None = None
     cache_dir: str | None = None
+    # a cached file that fails its checksum or does not load: rebuild it (named on stderr),
+    # or stop with an error naming it
+    on_damaged_cache: Literal["rebuild", "error"] = "rebuild"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -4,16 +4,20 @@
   students, baseline galleries and (by default) baseline/backbone weights;
 - ``atomic_write`` / ``save_torch``: write a file under a temporary name and rename it into
   place, so a crashed or concurrent run never leaves a half-written file under the final name;
-- ``file_sha256``: the content hash that cache keys and manifests record.
+- ``file_sha256``: the content hash that cache keys and manifests record;
+- ``write_checked`` / ``load_checked``: cached artefacts carry a sha256 sidecar
+  (``<file>.sha256``), written after the file; a file whose bytes do not match it (flipped
+  bits, a truncated copy, a write cut short) is reported as ``DamagedCacheError``, naming it.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import os
+import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 def cache_root(explicit: str | Path | None = None) -> Path:
@@ -61,19 +65,86 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
         raise
 
 
+class DamagedCacheError(RuntimeError):
+    """A cached file that is not what was written: its checksum does not match, it has none
+    (a write cut short) or it does not load."""
+
+    def __init__(self, path: str | Path, reason: str) -> None:
+        super().__init__(f"damaged cache file {path}: {reason}")
+        self.path = Path(path)
+
+
+def checksum_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
+def write_checked(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """``write(tmp)`` then rename onto ``path`` (atomic), then its sha256 sidecar (atomic).
+    A reader that finds the file without a matching sidecar treats it as damaged."""
+    path = Path(path)
+    with atomic_write(path) as tmp:
+        write(tmp)
+        digest = file_sha256(tmp)
+    with atomic_write(checksum_path(path)) as tmp:
+        tmp.write_text(digest + "\n")
+    return path
+
+
+def verify_checked(path: str | Path) -> None:
+    """Raise ``DamagedCacheError`` unless ``path`` matches its sha256 sidecar."""
+    path, sidecar = Path(path), checksum_path(path)
+    if not sidecar.is_file():
+        raise DamagedCacheError(path, "no checksum beside it (written by an older cir-bench, or the write was cut "
+                                      "short)")
+    expected = sidecar.read_text().strip()
+    if file_sha256(path) != expected:
+        raise DamagedCacheError(path, f"its sha256 does not match {sidecar.name} (changed or truncated on disk)")
+
+
+def load_checked(path: str | Path, load: Callable[[Path], Any]) -> Any:
+    """``load(path)`` after checking the file against its sidecar; a load that fails anyway
+    is reported as ``DamagedCacheError`` too."""
+    verify_checked(path)
+    try:
+        return load(Path(path))
+    except Exception as err:  # noqa: BLE001 -- whatever a damaged file makes the reader raise
+        raise DamagedCacheError(path, f"does not load ({type(err).__name__}: {err})") from err
+
+
+def discard(path: str | Path) -> None:
+    """Remove a cached file and its sidecar."""
+    Path(path).unlink(missing_ok=True)
+    checksum_path(path).unlink(missing_ok=True)
+
+
+def load_cached(path: str | Path, load: Callable[[Path], Any], on_damaged: str = "rebuild") -> Any | None:
+    """The cached object at ``path`` or None when there is none. A damaged file is named on
+    stderr, discarded and None returned, so the caller rebuilds it (``on_damaged="error"``:
+    ``DamagedCacheError`` instead)."""
+    if not Path(path).exists():
+        return None
+    try:
+        return load_checked(path, load)
+    except DamagedCacheError as err:
+        if on_damaged == "error":
+            raise
+        print(f"cir-bench: {err}; discarded, rebuilding it", file=sys.stderr, flush=True)
+        discard(path)
+        return None
+
+
 def save_torch(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` atomically. The archive is built in memory, so its bytes do not depend
-    on the file's (temporary) name: identical payloads give identical files, in any process,
-    and content-addressed caches keyed on them are shared."""
+    """``torch.save`` atomically, with a checksum sidecar. The archive is built in memory, so
+    its bytes do not depend on the file's (temporary) name: identical payloads give identical
+    files, in any process, and content-addressed caches keyed on them are shared."""
     import io
 
     import torch
 
     buf = io.BytesIO()
     torch.save(obj, buf)
-    with atomic_write(path) as tmp:
-        tmp.write_bytes(buf.getvalue())
-    return Path(path)
+    return write_checked(path, lambda tmp: tmp.write_bytes(buf.getvalue()))
 
 
 def file_sha256(path: str | Path) -> str:

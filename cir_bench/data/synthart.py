@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFilter
 
 from cir_bench.data.base import Dataset, Item, Property, decode_image
-from cir_bench.paths import atomic_write, cache_root
+from cir_bench.paths import atomic_write, cache_root, load_cached, write_checked
 
 GENERATOR_VERSION = 2
 
@@ -481,17 +481,18 @@ class SynthArt(Dataset):
         params = replace(PRESETS[preset], **overrides)
         folder = cache_root(cache_dir) / "synthart" / f"{preset}-{params.cache_key()}"
         path = folder / "synthart.parquet"
-        if not path.exists():
+        frame = load_cached(path, lambda p: pq.read_table(p).to_pandas())
+        if frame is None:
             t0 = time.perf_counter()
             frame = generate(params)
-            with atomic_write(path) as tmp:
-                pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp)
+            write_checked(path, lambda tmp: pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), tmp))
             meta = {"params": asdict(params), "version": GENERATOR_VERSION, "n_images": len(frame),
                     "seconds": round(time.perf_counter() - t0, 2)}
-            (folder / "meta.json").write_text(json.dumps(meta, indent=2))
+            with atomic_write(folder / "meta.json") as tmp:
+                tmp.write_text(json.dumps(meta, indent=2))
             if verbose:
                 print(f"SynthArt '{preset}': generated {len(frame)} images in {meta['seconds']} s -> {folder}")
-        frame = pq.read_table(path).to_pandas()
+            frame = pq.read_table(path).to_pandas()  # as a later run reads it (column types)
         h = hashlib.sha256()
         for data in frame.sort_values("id")["image"]:
             h.update(hashlib.sha256(data).digest())

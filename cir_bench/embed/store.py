@@ -14,7 +14,7 @@ import torch
 
 from cir_bench.data.base import Dataset
 from cir_bench.data.transforms import ItemImages
-from cir_bench.paths import save_torch
+from cir_bench.paths import load_cached, save_torch
 
 
 @dataclass
@@ -56,17 +56,14 @@ def store_path(cache_dir: Path, fingerprint: str) -> Path:
     return Path(cache_dir) / "embeddings" / f"{fingerprint}.pt"
 
 
-def load_or_extract(cache_dir: Path, fingerprint: str, extract: Callable[[], torch.Tensor], ids: list[str]
-                    ) -> tuple[EmbeddingStore, bool]:
-    """Return the cached store for ``fingerprint`` or build, save and return it.
-
-    The bool says whether the cache was hit.
-    """
+def load_or_extract(cache_dir: Path, fingerprint: str, extract: Callable[[], torch.Tensor], ids: list[str],
+                    on_damaged: str = "rebuild") -> tuple[EmbeddingStore, bool]:
+    """Return the cached store for ``fingerprint`` (checked against its checksum) or build,
+    save and return it. The bool says whether the cache was hit."""
     path = store_path(cache_dir, fingerprint)
-    if path.exists():
-        store = EmbeddingStore.load(path)
-        if store.ids == ids:
-            return store, True
+    store = load_cached(path, EmbeddingStore.load, on_damaged)
+    if store is not None and store.ids == ids and tuple(store.z.shape) == (len(ids), store.z.shape[1]):
+        return store, True
     store = EmbeddingStore(ids, extract(), fingerprint)
     store.save(path)
     return store, False

@@ -28,7 +28,7 @@ from cir_bench.index import build_index
 from cir_bench.models import BACKBONES, load_checkpoint, pick_device, save_checkpoint
 from cir_bench.models.model import ConditionalRetrievalModel
 from cir_bench.models.student import Student
-from cir_bench.paths import atomic_write, cache_root, file_sha256
+from cir_bench.paths import cache_root, file_sha256, load_cached, write_checked
 from cir_bench.search import SearchContext
 from cir_bench.search.backward import BackwardSearch
 from cir_bench.train import distill_student, train_model
@@ -72,8 +72,9 @@ def checkpoint_key(cfg: RunConfig, dataset: Dataset) -> str:
 def train_or_load(cfg: RunConfig, dataset: Dataset, device: torch.device, progress: bool = True) -> TrainedModel:
     """Reuse the cached checkpoint of an identical config, else train and cache it."""
     path = cache_dir_for(cfg) / "checkpoints" / f"{checkpoint_key(cfg, dataset)}.pt"
-    if path.exists():
-        model, payload = load_checkpoint(path, device)
+    cached = load_cached(path, lambda p: load_checkpoint(p, device), cfg.on_damaged_cache)
+    if cached is not None:
+        model, payload = cached
         return TrainedModel(model, path, True, list(payload["extra"].get("history", [])))
     t0 = time.perf_counter()
     model, history = train_model(dataset, cfg.model, cfg.train, device, cfg.seed, progress=progress)
@@ -101,7 +102,7 @@ def embed(cfg: RunConfig, dataset: Dataset, trained: TrainedModel, device: torch
         def extract() -> torch.Tensor:
             return extract_embeddings(trained.model, dataset, build_transform(**transform_args), device,
                                       num_workers=cfg.train.num_workers)
-    return load_or_extract(cache_dir_for(cfg), fp, extract, [it.id for it in dataset.items])
+    return load_or_extract(cache_dir_for(cfg), fp, extract, [it.id for it in dataset.items], cfg.on_damaged_cache)
 
 
 def make_queries(cfg: RunConfig, dataset: Dataset, properties: list[str]) -> tuple[QuerySet, Path]:
@@ -111,12 +112,12 @@ def make_queries(cfg: RunConfig, dataset: Dataset, properties: list[str]) -> tup
     settings = {k: v for k, v in dataclasses.asdict(q).items() if k != "sets"}
     key = _hash({"dataset": dataset.fingerprint(), "properties": properties, "queries": settings, "seed": seed})
     path = cache_dir_for(cfg) / "queries" / f"{dataset.name}-{'+'.join(properties)}-{key}.parquet"
-    if path.exists():
-        return QuerySet.load(path, dataset), path
+    cached = load_cached(path, lambda p: QuerySet.load(p, dataset), cfg.on_damaged_cache)
+    if cached is not None:
+        return cached, path
     qs = build_query_set(dataset, properties, q.n_queries, seed, q.min_relevant, q.query_split, q.database_split,
                          min_jaccard=q.min_jaccard)
-    with atomic_write(path) as tmp:
-        qs.save(tmp, dataset)
+    write_checked(path, lambda tmp: qs.save(tmp, dataset))
     return qs, path
 
 
@@ -169,8 +170,8 @@ def distil_or_load(cfg: RunConfig, dataset: Dataset, trained: TrainedModel, stor
     key = _hash({"checkpoint": file_sha256(trained.checkpoint), "store": store.fingerprint, "props": properties,
                  "teacher": teacher(cfg).params(), "student": dataclasses.asdict(student_cfg), "seed": cfg.seed})
     path = cache_dir_for(cfg) / "students" / f"{key}.pt"
-    if path.exists():
-        student = Student.load(path, device)
+    student = load_cached(path, lambda p: Student.load(p, device), cfg.on_damaged_cache)
+    if student is not None:
         return student, {"path": str(path), "reused": True}
     train_idx = torch.as_tensor(dataset.split_indices("train"))
     t0 = time.perf_counter()

@@ -18,7 +18,7 @@ from cir_bench.data.queries import QuerySet
 from cir_bench.search.base import Ranking, SearchContext, SearchMethod
 from cir_bench.index import rank_scores
 from cir_bench.index.base import result_size
-from cir_bench.paths import cache_root, save_torch
+from cir_bench.paths import cache_root, load_cached, save_torch
 
 
 class BaselineSearch(SearchMethod):
@@ -53,10 +53,9 @@ class BaselineSearch(SearchMethod):
         path = cache_root(self.cache_dir) / "baselines" / f"{key}.pt"
         ids = [ctx.dataset.items[p].id for p in ctx.database]
         gallery = None
-        if path.exists():
-            data = torch.load(path, map_location="cpu", weights_only=True)
-            if data["ids"] == ids:
-                gallery = data["z"]
+        data = load_cached(path, lambda p: torch.load(p, map_location="cpu", weights_only=True))
+        if data is not None and data["ids"] == ids:
+            gallery = data["z"]
         reused = gallery is not None
         if gallery is None:
             images = [ctx.dataset.load_image(int(p)) for p in ctx.database]

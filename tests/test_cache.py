@@ -1,0 +1,93 @@
+"""Cached artefacts are checked on load: a damaged one is named, discarded and rebuilt (or,
+on request, an error); concurrent runs on one fresh cache leave one complete file each."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from cir_bench.cli import main
+
+from .conftest import tiny_overrides
+
+ARGS = ["--set", "eval.methods=[knn, student]", "--set", "queries.sets=[[style]]"]
+
+
+def _run(cache: Path, out: Path, *extra: str) -> int:
+    return main(["run", "--no-progress", *sum((["--set", o] for o in tiny_overrides(cache, out)), []), *ARGS,
+                 *extra])
+
+
+def _only(folder: Path, pattern: str) -> Path:
+    (path,) = [p for p in folder.glob(pattern) if not p.name.endswith(".sha256")]
+    return path
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    out = tmp_path_factory.mktemp("runs") / "first"
+    assert _run(cache, out) == 0
+    return cache, pd.read_csv(out / "metrics.csv")
+
+
+def _same_metrics(a: pd.DataFrame, b: pd.DataFrame) -> None:
+    cols = [c for c in a.columns if c.startswith(("precision", "ap_", "mts", "context"))]
+    pd.testing.assert_frame_equal(a[["method", *cols]], b[["method", *cols]])
+
+
+def test_flipped_bytes_in_embeddings_are_found_and_rebuilt(first, tmp_path, capsys):
+    cache, metrics = first
+    emb = _only(cache / "embeddings", "*.pt")
+    data = bytearray(emb.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 64] = bytes(b ^ 0xFF for b in data[middle:middle + 64])  # same size
+    emb.write_bytes(bytes(data))
+    capsys.readouterr()
+    assert _run(cache, tmp_path / "again") == 0
+    err = capsys.readouterr().err
+    assert f"damaged cache file {emb}" in err and "rebuilding" in err
+    manifest = json.loads((tmp_path / "again" / "manifest.json").read_text())
+    assert manifest["embeddings"]["reused"] is False and manifest["checkpoint"]["reused"] is True
+    _same_metrics(metrics, pd.read_csv(tmp_path / "again" / "metrics.csv"))
+
+
+@pytest.mark.parametrize("folder", ["checkpoints", "students", "queries"])
+def test_truncated_cache_files_are_named_and_rebuilt(first, tmp_path, capsys, folder):
+    cache, metrics = first
+    path = _only(cache / folder, "*")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 3])
+    capsys.readouterr()
+    assert _run(cache, tmp_path / "again") == 0
+    err = capsys.readouterr().err
+    assert f"damaged cache file {path}" in err
+    _same_metrics(metrics, pd.read_csv(tmp_path / "again" / "metrics.csv"))
+    assert path.with_name(path.name + ".sha256").is_file()
+
+
+def test_damaged_cache_can_be_an_error(first, tmp_path, capsys):
+    cache, _ = first
+    path = _only(cache / "students", "*")
+    path.write_bytes(b"not a student")
+    assert _run(cache, tmp_path / "x", "--set", "on_damaged_cache=error") == 2
+    err = capsys.readouterr().err
+    assert f"cir-bench: error: damaged cache file {path}" in err and "sha256 does not match" in err
+
+
+def test_concurrent_runs_on_a_fresh_cache_leave_one_complete_file(tmp_path):
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "cir_bench.cli", "train", "--no-progress",
+           *sum((["--set", o] for o in tiny_overrides(cache)), []), "--set", "train.epochs=1"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-500:] for o in outs]
+    names = sorted(p.name for p in (cache / "checkpoints").iterdir())
+    assert len(names) == 2 and names[1] == names[0] + ".sha256", names  # one checkpoint, its checksum
+    leftovers = [p for p in cache.rglob("*") if p.name.endswith(".tmp")]
+    assert leftovers == []
+    reported = {json.loads(o[0][o[0].index("{"):])["checkpoint"] for o in outs}
+    assert len(reported) == 1
