@@ -43,6 +43,17 @@ class WeightsFile:
     licence: str
     min_bytes: int = 1024  # below this the file is certainly truncated
     alternatives: tuple[str, ...] = ()  # other accepted paths (e.g. open_clip's safetensors copy)
+    kind: str = "checkpoint"  # or "text" (a vocabulary)
+
+    def check(self, path: Path) -> None:
+        """Refuse a file that cannot be these weights, without loading it: an HTML page, a
+        truncated download, a damaged archive, a binary file where text belongs. The error
+        says where to get the file again."""
+        with _with_source(self):
+            if self.kind == "text":
+                check_text_file(path, self.min_bytes)
+            else:
+                check_file(path, self.min_bytes)
 
     def find(self, root: Path) -> Path | None:
         for rel in (self.path, *self.alternatives):
@@ -113,6 +124,19 @@ def check_file(path: Path, min_bytes: int = 1024) -> None:
             raise BadWeightsError(f"{path}: damaged zip archive ({err}); truncated download?") from None
         if bad is not None:
             raise BadWeightsError(f"{path}: damaged member {bad} (truncated download?)")
+
+
+def check_text_file(path: Path, min_bytes: int = 16) -> None:
+    """A text file (a vocabulary): not an HTML page, not truncated, UTF-8."""
+    data = path.read_bytes()
+    if data.lstrip()[:1] == b"<":
+        raise BadWeightsError(f"{path}: an HTML/XML page, not the expected text file; download it again")
+    if len(data) < min_bytes:
+        raise BadWeightsError(f"{path}: {len(data)} bytes, too small (truncated download?)")
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise BadWeightsError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
 def _with_source(spec: WeightsFile | None):

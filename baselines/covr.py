@@ -133,7 +133,8 @@ class CoVR(QueryComposer):
     @staticmethod
     def required_files(checkpoint: str = "webvid-covr.ckpt", **_: Any) -> list[WeightsFile]:
         return [WeightsFile(f"covr/{checkpoint}", SOURCE, LICENCE),
-                WeightsFile("covr/bert-base-uncased/vocab.txt", VOCAB_SOURCE, "Apache-2.0", min_bytes=16)]
+                WeightsFile("covr/bert-base-uncased/vocab.txt", VOCAB_SOURCE, "Apache-2.0", min_bytes=16,
+                            kind="text")]
 
     @classmethod
     def from_weights(cls, weights_dir: str | Path | None = None, checkpoint: str = "webvid-covr.ckpt",

@@ -11,8 +11,9 @@ from typing import Sequence
 from cir_bench.config import ConfigError, RunConfig
 from cir_bench.paths import DamagedCacheError
 
+APP_NAME = "cir-bench"
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError, KeyError,
-                                               DamagedCacheError)
+                                               DamagedCacheError, ConnectionError)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -34,6 +35,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-embed", action="store_true", help="extract embeddings with Ray Data on a local Ray")
     p.add_argument("--skip-bad-images", action="store_true",
                    help="skip missing or undecodable images (counted in the manifest) instead of failing")
+    p.add_argument("--strict-queries", action="store_true",
+                   help="fail when a query set cannot get queries.n_queries queries (default: use those that "
+                   "qualify, skip a default set with none, and warn)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -72,13 +76,19 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         cfg.ray.address = args.address
     if args.ray_embed:
         cfg.ray.embed = True
+    if args.strict_queries:
+        cfg.queries.strict = True
     for flag in ("seed", "device", "cache_dir", "out"):
         if getattr(args, flag, None) is not None:
             setattr(cfg, flag, getattr(args, flag))
     if getattr(args, "methods", None):
         cfg.eval.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     if getattr(args, "lambdas", None):
-        apply_overrides(cfg, [f"eval.lambdas=[{args.lambdas}]"])
+        try:
+            apply_overrides(cfg, [f"eval.lambdas=[{args.lambdas}]"])
+        except ConfigError as err:
+            raise ConfigError(f"--lambda: {err}") from None
+        sources.append(("--lambda", {"eval.lambdas"}))
     apply_overrides(cfg, list(args.set))
     sources.append(("--set", {parse_override(o)[0] for o in args.set}))
     try:
@@ -133,13 +143,12 @@ def cmd_embed(args: argparse.Namespace) -> int:
 def cmd_queries(args: argparse.Namespace) -> int:
     import pandas as pd
 
-    from cir_bench.pipeline import load_dataset, make_queries
+    from cir_bench.pipeline import load_dataset, query_sets
 
     cfg = build_config(args)
     dataset = load_dataset(cfg)
     frames = []
-    for props in dataset.query_sets(cfg.queries.sets):
-        queries, path = make_queries(cfg, dataset, list(props))
+    for props, queries, path in query_sets(cfg, dataset):
         frame = queries.to_frame(dataset)
         frame.insert(0, "query_set", "+".join(props))
         frames.append(frame)
@@ -178,8 +187,32 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse a port something already listens on: Serve's proxy shares a port with another
+    proxy (SO_REUSEPORT), and two apps would then answer in turn."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            raise ConfigError(f"--port {port}: {host}:{port} is not free ({err.strerror}); another cir-bench serve? "
+                              "Stop it (Ctrl+C, or `cir-bench serve --stop --address ADDR`) or pick another "
+                              "--port") from None
+
+
+def _app_running(name: str) -> bool:
+    from ray import serve
+
+    try:
+        return name in serve.status().applications
+    except Exception:  # noqa: BLE001 -- the controller is gone: Serve was shut down
+        return False
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
-    """Start the Ray Serve app (blocks until Ctrl+C on a local Ray), or stop it."""
+    """Start the Ray Serve app (blocks until Ctrl+C, SIGTERM or `serve --stop`), or stop it."""
     from ray import serve
 
     from cir_bench.embed.ray_extract import ensure_ray
@@ -197,27 +230,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
     host, port = args.host or sc.http.host, args.port or sc.http.port
     if not 1 <= port <= 65535:
         raise ConfigError(f"--port must be in 1..65535, got {port}")
+    if not args.address:
+        _check_port_free(host, port)
     # train or load the model, embeddings and students once, here; the deployments load the files
     bundle = build_bundle(cfg, progress=not args.no_progress)
     bundle = with_index(bundle, sc, cfg.eval.search_batch)
     ensure_ray(args.address)
+    if not args.address:
+        _check_port_free(host, port)  # again: another server may have started meanwhile
     serve.start(http_options={"host": host, "port": int(port)})
-    serve.run(build_app(bundle, sc), route_prefix="/", name="cir-bench")
+    serve.run(build_app(bundle, sc), route_prefix="/", name=APP_NAME)
+    import ray
+
     url = f"http://{host}:{port}"
     print(f"cir-bench serve: {url}  (POST /search, GET /healthz, GET /properties, GET /stats, OpenAPI at /docs)",
           flush=True)
     if args.address:
         return 0  # deployed on the cluster; `cir-bench serve --stop --address ...` removes it
+    print(f"cir-bench serve: Ray at {ray.get_runtime_context().gcs_address}; stop with Ctrl+C or "
+          f"`cir-bench serve --stop --address {ray.get_runtime_context().gcs_address}`", flush=True)
     import signal
 
     stop: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):  # Ray installs its own handlers; ours decide
         signal.signal(sig, lambda signum, _frame: stop.append(signum))
+    checked = time.monotonic()
     while not stop:
         time.sleep(0.2)
-    serve.shutdown()
-    import ray
-
+        if time.monotonic() - checked > 1.0:
+            checked = time.monotonic()
+            if not _app_running(APP_NAME):  # removed by `serve --stop` from another process
+                break
+    if stop:
+        serve.shutdown()
     ray.shutdown()
     print("cir-bench serve: stopped", flush=True)
     return 0
@@ -226,11 +271,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_loadtest(args: argparse.Namespace) -> int:
     from cir_bench.serving.loadtest import default_stages, run_loadtest
 
-    def floats(text: str) -> list[float]:
-        return [float(v) for v in text.split(",") if v.strip()]
+    def numbers(flag: str, text: str, kind=float) -> list:
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
 
-    stages = default_stages(args.methods.split(","), [int(c) for c in floats(args.concurrency)],
-                            floats(args.rates) if args.rates else [], args.duration, args.warmup, args.max_requests)
+    stages = default_stages([m.strip() for m in args.methods.split(",") if m.strip()],
+                            numbers("--concurrency", args.concurrency, int),
+                            numbers("--rates", args.rates) if args.rates else [], args.duration, args.warmup,
+                            args.max_requests)
     out = Path(args.out)
     rows = run_loadtest(args.url, stages, out, allow_remote=args.allow_remote)
     cols = ["method", "mode", "concurrency", "rate", "requests", "errors", "p50_ms", "p90_ms", "p99_ms", "qps"]
@@ -238,6 +288,11 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
 
     print(pd.DataFrame(rows)[cols].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
     print(f"wrote loadtest.json, loadtest.csv, loadtest.png to {out}")
+    failed = [f"{r['method']} {r['mode']}" for r in rows if r["requests"] and r["errors"] == r["requests"]]
+    if failed:
+        print(f"cir-bench: error: every request failed in stage(s) {', '.join(failed)}; see the server's log",
+              file=sys.stderr)
+        return 1
     return 0
 
 
@@ -286,26 +341,38 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_check_weights(args: argparse.Namespace) -> int:
-    """Which baseline weights are present under the weights root: paths, sizes, sha256."""
+    """Which baseline weights are present under the weights root and usable: paths, sizes,
+    sha256; a file that cannot be the weights (HTML page, truncated, damaged) is DAMAGED."""
     from baselines import BASELINES
-    from baselines.base import resolve_weights_root, sha256
+    from baselines.base import BadWeightsError, resolve_weights_root, sha256
 
     root, how = resolve_weights_root(args.weights_dir)
     print(f"weights root: {root.resolve()} (from {how})")
-    ready = 0
-    for name in _names(args.baselines, BASELINES.names()):
+    names = _names(args.baselines, BASELINES.names())
+    ready = damaged = 0
+    for name in names:
         files = BASELINES.get(name).required_files()
-        found = [f.find(root) for f in files]
-        ready += all(found)
-        print(f"{name}: {'ready' if all(found) else 'MISSING'}")
-        for f, path in zip(files, found):
+        lines, status = [], "ready"
+        for f in files:
+            path = f.find(root)
             if path is None:
-                print(f"  missing  {(root / f.path).resolve()}  ({f.source}; licence: {f.licence})")
-            else:
-                print(f"  found    {path.resolve()}  {path.stat().st_size:,} bytes  sha256 "
-                      f"{sha256(path) if not args.no_hash else '(not computed)'}")
-    print(f"{ready} of {len(_names(args.baselines, BASELINES.names()))} baselines ready")
-    return 0
+                status = "MISSING" if status == "ready" else status
+                lines.append(f"  missing  {(root / f.path).resolve()}  ({f.source}; licence: {f.licence})")
+                continue
+            try:
+                f.check(path)
+            except BadWeightsError as err:
+                status = "DAMAGED"
+                lines.append(f"  damaged  {path.resolve()}: {err}")
+                continue
+            lines.append(f"  found    {path.resolve()}  {path.stat().st_size:,} bytes  sha256 "
+                         f"{sha256(path) if not args.no_hash else '(not computed)'}")
+        ready += status == "ready"
+        damaged += status == "DAMAGED"
+        print(f"{name}: {status}")
+        print("\n".join(lines))
+    print(f"{ready} of {len(names)} baselines ready" + (f", {damaged} with damaged files" if damaged else ""))
+    return 1 if damaged else 0
 
 
 def cmd_list(args: argparse.Namespace) -> int:

@@ -91,6 +91,9 @@ class QueryConfig:
     query_split: str = "test"
     database_split: str = "test"  # the paper retrieves from the test split
     seed: int | None = bounded(None, ge=0)  # None: the run seed
+    # False: a set with fewer qualifying queries than n_queries is built with those (warned,
+    # the count recorded), a default set with none is skipped; True (--strict-queries): error
+    strict: bool = False
 
 
 def _default_methods() -> list[Any]:

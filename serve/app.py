@@ -211,19 +211,36 @@ class Ingress:
         try:
             body = await self._body(request)
         except RequestError as err:
-            return _error(err.field, str(err).split(": ", 1)[1], 400 if err.field == "body" else 422)
+            status = err.status if err.status != 422 else (400 if err.field == "body" else 422)
+            return _error(err.field, str(err).split(": ", 1)[1], status)
         try:
             parsed = self.parser.parse(body)
         except RequestError as err:
-            return _error(err.field, str(err).split(": ", 1)[1])
+            return _error(err.field, str(err).split(": ", 1)[1], err.status)
         from cir_bench.serving.orchestrate import answer
 
         (result,) = await answer([parsed], self.stages, self.catalog, t0)
         return JSONResponse(result)
 
+    async def _read_limited(self, request: Request) -> bytes:
+        """The raw body, refused as soon as it passes the limit while it streams in (a chunked
+        body has no Content-Length to check up front)."""
+        from cir_bench.serving import RequestError
+
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body:
+                raise RequestError("body", f"more than {self.max_body} bytes (the limit)", 413)
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        request._body = body  # Starlette's form() and json() read a body already received from here
+        return body
+
     async def _body(self, request: Request) -> Any:
         from cir_bench.serving import RequestError
 
+        raw = await self._read_limited(request)
         ctype = request.headers.get("content-type", "")
         if ctype.startswith("multipart/form-data"):
             try:
@@ -235,7 +252,7 @@ class Ingress:
                 if hasattr(value, "read"):  # the file part
                     data = await value.read(self.limits.max_image_bytes + 1)
                     if len(data) > self.limits.max_image_bytes:
-                        raise RequestError(key, f"larger than {self.limits.max_image_bytes} bytes")
+                        raise RequestError(key, f"larger than {self.limits.max_image_bytes} bytes", 413)
                     body[key] = data
                 elif key == "conditions":
                     try:
@@ -253,8 +270,8 @@ class Ingress:
                     body[key] = value
             return body
         try:
-            return await request.json()
-        except Exception:
+            return json.loads(raw)
+        except ValueError:
             raise RequestError("body", "not valid JSON") from None
 
 def build_app(bundle, settings=None):

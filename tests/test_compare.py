@@ -113,3 +113,27 @@ def test_compare_on_the_default_preset(cache_dir, weights, tmp_path, no_network)
     wide = pd.read_csv(out / "comparison.csv", index_col=0)
     assert {"synthart:style", "synthart:style+shape", "average"} <= set(wide.columns)
     assert wide.loc[["searle", "clip4cir", "clip-sum", "student"], "average"].notna().all()
+
+
+@pytest.mark.parametrize("content", [b"<!DOCTYPE html><html>Google Drive - Virus scan warning</html>" * 40,
+                                     b"\x80" + b"\x00" * 99, b"PK\x03\x04" + b"\x00" * 4000])
+def test_damaged_weights_are_refused_by_check_weights_and_before_compare(weights, tmp_path, capsys, content):
+    """An HTML page, a 100-byte file or a broken archive under a checkpoint's name: check-weights
+    says DAMAGED (exit 1), and compare stops before any pipeline work, naming the file."""
+    import shutil
+    import time
+
+    root = tmp_path / "weights"
+    shutil.copytree(weights, root)
+    bad = root / "pic2word" / "pic2word_model.pt"
+    bad.write_bytes(content)
+    assert main(["check-weights", "--weights-dir", str(root), "--no-hash"]) == 1
+    out = capsys.readouterr().out
+    assert "pic2word: DAMAGED" in out and f"damaged  {bad.resolve()}" in out and "searle: ready" in out
+    t0 = time.perf_counter()
+    assert main(["compare", "--no-progress", "--weights-dir", str(root), "--out", str(tmp_path / "never"),
+                 "--set", "dataset.options={preset: tiny}", "--set", f"cache_dir={tmp_path / 'cache'}"]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "get it again from" in err
+    assert time.perf_counter() - t0 < 10 and not (tmp_path / "never").exists()
+    assert not (tmp_path / "cache" / "checkpoints").exists()  # no training started

@@ -57,3 +57,31 @@ def test_jaccard_filter_counts_only_related_items(tiny):
                    and len(tags[pos] & tags[j]) / len(tags[pos] | tags[j]) >= 0.3]
         assert len(related) >= 2
     assert not np.array_equal(loose.positions, strict.positions)
+
+
+def test_small_datasets_build_what_qualifies_and_skip_what_cannot(tmp_path, cache_dir, capsys):
+    """SynthArt tiny has ~2 test items per (style, shape) pair: the default style+shape set at
+    min_relevant 10 has no query. It is skipped with a warning, the style set is built with the
+    queries that qualify (count in the manifest and the table); --strict-queries fails before
+    any training, naming the set."""
+    import json
+
+    from cir_bench.cli import main
+
+    base = ["run", "--no-progress", "--preset", "tiny", "--cache-dir", str(cache_dir), "--device", "cpu",
+            "--methods", "knn", "--set", "train.epochs=1", "--set", "queries.n_queries=500"]
+    out = tmp_path / "run"
+    assert main([*base, "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert "warning: skipping the default query set style+shape" in captured.out
+    assert "warning: query set style:" in captured.out and "of the 500 queries asked qualify" in captured.out
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert list(manifest["queries"]) == ["style"]
+    n = manifest["queries"]["style"]["n"]
+    assert 0 < n < 500 and manifest["queries"]["style"]["requested"] == 500
+    assert f"{n}" in captured.out  # the achieved count in the printed table (n_queries column)
+    assert main([*base, "--strict-queries", "--out", str(tmp_path / "strict"),
+                 "--set", f"cache_dir={tmp_path / 'fresh'}"]) == 2
+    err = capsys.readouterr().err
+    assert "could only build" in err and "500 queries" in err
+    assert not (tmp_path / "fresh" / "checkpoints").exists()  # failed before training

@@ -157,41 +157,93 @@ def test_bad_input_gets_4xx_then_service_still_serves(server, local_service, con
     assert ok.status_code == 200
 
 
-def test_cli_serve_starts_prints_url_and_stops_on_interrupt(cache_dir, tiny_trained, tmp_path):
+def _free_port() -> int:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+def _start_cli_serve(cache_dir, tmp_path, port: int, name: str = "serve"):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    args = [sys.executable, "-m", "cir_bench.cli", "serve", "--port", str(port), "--no-progress"]
+    for o in tiny_overrides(cache_dir):
+        args += ["--set", o]
+    log_path = tmp_path / f"{name}.log"
+    log = open(log_path, "w+")
+    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                            env={**os.environ, "RAY_ADDRESS": ""})
+    deadline = time.time() + 120
+    while time.time() < deadline and "stop with Ctrl+C" not in log_path.read_text():
+        assert proc.poll() is None, log_path.read_text()[-2000:]
+        time.sleep(0.5)
+    return proc, log_path
+
+
+def _wait_or_kill(proc, seconds: float) -> int:
+    import os
+    import signal
+    import subprocess
+
+    try:
+        return proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("cir-bench serve did not stop") from None
+
+
+def test_cli_serve_starts_prints_url_refuses_a_busy_port_and_stops_on_interrupt(cache_dir, tiny_trained, tmp_path):
     import os
     import signal
     import subprocess
     import sys
     import time
 
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    args = [sys.executable, "-m", "cir_bench.cli", "serve", "--port", str(port), "--no-progress"]
-    for o in tiny_overrides(cache_dir):
-        args += ["--set", o]
-    log = open(tmp_path / "serve.log", "w+")
-    proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, "RAY_ADDRESS": ""})
+    port = _free_port()
+    proc, log = _start_cli_serve(cache_dir, tmp_path, port)
     try:
-        deadline = time.time() + 120
-        while time.time() < deadline and f"http://127.0.0.1:{port}" not in (tmp_path / "serve.log").read_text():
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()[-2000:]
-            time.sleep(0.5)
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).json() == {"status": "ok"}
         assert httpx.get(f"http://127.0.0.1:{port}/docs", timeout=10).status_code == 200  # OpenAPI UI
         body = httpx.get(f"http://127.0.0.1:{port}/examples", params={"n": 1}, timeout=10).json()[0]
         answer = httpx.post(f"http://127.0.0.1:{port}/search", json={**body, "method": "student"}, timeout=30)
         assert answer.status_code == 200 and len(answer.json()["items"]) == body["k"], answer.text
+        # a second server on the same port is refused before any work (it used to share the port)
+        t0 = time.perf_counter()
+        second = subprocess.run([sys.executable, "-m", "cir_bench.cli", "serve", "--port", str(port),
+                                 "--no-progress", *sum((["--set", o] for o in tiny_overrides(cache_dir)), [])],
+                                capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""})
+        assert second.returncode == 2 and f"--port {port}: 127.0.0.1:{port} is not free" in second.stderr, \
+            second.stderr[-1000:]
+        assert time.perf_counter() - t0 < 30
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
     finally:
         os.kill(proc.pid, signal.SIGINT)  # what Ctrl+C sends
-        try:
-            code = proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise AssertionError("cir-bench serve did not stop on SIGINT")
-    assert code == 0 and "cir-bench serve: stopped" in (tmp_path / "serve.log").read_text()
+        code = _wait_or_kill(proc, 60)
+    assert code == 0 and "cir-bench serve: stopped" in log.read_text()
+
+
+def test_cli_serve_stop_ends_the_foreground_server(cache_dir, tiny_trained, tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    port = _free_port()
+    proc, log = _start_cli_serve(cache_dir, tmp_path, port, "fg")
+    try:
+        address = re.search(r"--stop --address (\S+)`", log.read_text()).group(1)
+        stopped = subprocess.run([sys.executable, "-m", "cir_bench.cli", "serve", "--stop", "--address", address],
+                                 capture_output=True, text=True, timeout=120)
+        assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stderr[-1000:]
+        code = _wait_or_kill(proc, 60)  # the foreground process notices and exits
+    finally:
+        if proc.poll() is None:
+            _wait_or_kill(proc, 0.1)
+    assert code == 0 and "cir-bench serve: stopped" in log.read_text()
 
 
 def test_loadtest_short_staged_run_writes_json_csv_plot(server, tmp_path, capsys):
@@ -217,3 +269,101 @@ def test_loadtest_refuses_non_loopback_targets():
     check_loopback("http://localhost:8000")
     with pytest.raises(ValueError, match="loopback only"):
         check_loopback("http://10.1.2.3:8000")
+
+
+def test_loadtest_reports_what_ran_when_the_request_cap_ends_a_stage(server, tmp_path, capsys):
+    import json
+
+    from cir_bench.cli import main
+
+    out = tmp_path / "capped"
+    code = main(["loadtest", server, "--methods", "knn", "--concurrency", "1", "--rates", "", "--duration", "20",
+                 "--warmup", "0", "--max-requests", "5", "--out", str(out)])
+    assert code == 0
+    (stage,) = json.loads((out / "loadtest.json").read_text())["stages"]
+    assert stage["capped"] is True and stage["requests"] == 5 and stage["ran_s"] < 20
+    assert "stopped at --max-requests 5" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "bogus"], "--methods: unknown method 'bogus'"),
+    (["--concurrency", "0"], "--concurrency must be >= 1"),
+    (["--concurrency", "many"], "--concurrency: expected comma-separated numbers"),
+    (["--rates", "-5"], "--rates must be > 0"),
+    (["--duration", "0"], "--duration must be > 0"),
+])
+def test_loadtest_bad_flags_are_refused_before_any_request(args, message, tmp_path, capsys):
+    from cir_bench.cli import main
+
+    assert main(["loadtest", f"http://127.0.0.1:{_free_port()}", *args, "--out", str(tmp_path / "x")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_loadtest_against_a_dead_port_names_it(tmp_path, capsys):
+    from cir_bench.cli import main
+
+    url = f"http://127.0.0.1:{_free_port()}"
+    assert main(["loadtest", url, "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot reach {url}" in err and "Traceback" not in err
+
+
+def _png_declaring(width: int, height: int) -> bytes:
+    """A valid small PNG whose header declares width x height pixels (a decompression bomb's
+    header: the pixel data never has to exist for the check to fire)."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (8, 8)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = data[12:29]  # b"IHDR" + 13 bytes
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)) & 0xFFFFFFFF)
+    return bytes(data)
+
+
+def test_decompression_bomb_is_refused_from_its_header(server, local_service):
+    import time
+
+    bomb = _png_declaring(13000, 13000)
+    t0 = time.perf_counter()
+    r = httpx.post(f"{server}/search", files={"image": ("bomb.png", bomb, "image/png")},
+                   data={"conditions": '{"style": "hatched"}'}, timeout=30)
+    assert r.status_code == 413 and r.json()["field"] == "image", r.text
+    assert "169,000,000 pixels" in r.json()["error"] and "40,000,000" in r.json()["error"]
+    r = httpx.post(f"{server}/search", json={"image": base64.b64encode(bomb).decode(),
+                                             "conditions": {"style": "hatched"}}, timeout=30)
+    assert r.status_code == 413 and r.json()["field"] == "image"
+    assert time.perf_counter() - t0 < 5
+    assert httpx.post(f"{server}/search", json=_request(local_service, 0, "knn")).status_code == 200
+
+
+def test_chunked_body_over_the_limit_is_refused_while_streaming(server, local_service):
+    """No Content-Length: the limit is enforced as the body arrives (here 100 kB uploads, so
+    ~200 kB of JSON at most), not after reading 60 MB."""
+    sent = []
+
+    def chunks():
+        for _ in range(600):  # 60 MB if it were all read
+            sent.append(1)
+            yield b"A" * 100_000
+
+    r = httpx.post(f"{server}/search", content=chunks(), headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 413 and r.json()["field"] == "body", r.text
+    assert httpx.post(f"{server}/search", json=_request(local_service, 0, "knn")).status_code == 200
+
+
+def test_pixel_limit_in_process(local_service):
+    import base64 as b64
+
+    from cir_bench.serving import RequestError
+
+    with pytest.raises(RequestError) as err:
+        local_service.parser.parse({"image": b64.b64encode(_png_declaring(9000, 9000)).decode(),
+                                    "conditions": {"style": "flat"}})
+    assert err.value.field == "image" and err.value.status == 413

@@ -191,11 +191,24 @@ class Dataset(ABC):
         return h.hexdigest()
 
 
-def decode_image(data: bytes, what: str) -> Image.Image:
-    """Decode image bytes to RGB (grayscale, palette, CMYK, alpha all converted)."""
+class ImageTooLargeError(BadImageError):
+    """An image whose header declares more pixels than allowed (a decompression bomb)."""
+
+
+def decode_image(data: bytes, what: str, max_pixels: int | None = None) -> Image.Image:
+    """Decode image bytes to RGB (grayscale, palette, CMYK, alpha all converted).
+
+    ``max_pixels``: refuse an image whose header declares more pixels, before decoding it (a
+    few hundred KB of PNG can declare 13000 x 13000 pixels and take GBs to decode)."""
     try:
         img = Image.open(io.BytesIO(data))
-        img.load()
     except Exception as err:  # PIL raises several types for corrupt data
+        raise BadImageError(f"cannot decode image {what}: {err}") from None
+    if max_pixels is not None and img.width * img.height > max_pixels:
+        raise ImageTooLargeError(f"image {what} is {img.width} x {img.height} = {img.width * img.height:,} pixels, "
+                                 f"above the limit of {max_pixels:,}")
+    try:
+        img.load()
+    except Exception as err:
         raise BadImageError(f"cannot decode image {what}: {err}") from None
     return img.convert("RGB") if img.mode != "RGB" else img

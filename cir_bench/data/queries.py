@@ -74,9 +74,15 @@ def relevant_mask(dataset: Dataset, properties: Sequence[str], conditions: np.nd
     return mask
 
 
+class QuerySetError(ValueError):
+    """A query set that cannot be built as asked (no query, or fewer than asked when strict)."""
+
+
 def build_query_set(dataset: Dataset, properties: Sequence[str], n_queries: int, seed: int,
                     min_relevant: int = 10, query_split: str = "test", database_split: str = "test",
-                    max_attempts_factor: int = 50, min_jaccard: float | None = None) -> QuerySet:
+                    max_attempts_factor: int = 50, min_jaccard: float | None = None,
+                    strict: bool = True) -> QuerySet:
+    """``n_queries`` queries, or (``strict=False``) as many as qualify, at least one."""
     props = [dataset.property(p).name for p in properties]  # validates the names
     if not props:
         raise ValueError("a query set needs at least one conditioned property")
@@ -122,8 +128,8 @@ def build_query_set(dataset: Dataset, properties: Sequence[str], n_queries: int,
             continue
         seen.add((pos, cond_t))
         chosen.append((pos, cond_t))
-    if len(chosen) < n_queries:
-        raise ValueError(
+    if not chosen or (strict and len(chosen) < n_queries):
+        raise QuerySetError(
             f"could only build {len(chosen)} of {n_queries} queries on {props} with >= {min_relevant} "
             f"relevant items in split '{database_split}'; lower queries.n_queries or queries.min_relevant"
         )

@@ -33,11 +33,13 @@ def plan(baselines: Sequence[str], templates: Sequence[str], weights_dir: str | 
         opts = dict((options or {}).get(name, {}))
         files = cls.required_files(**opts)
         try:
-            require(name, files, root, how)
+            found = require(name, files, root, how)
         except MissingWeightsError as err:
             paths = [str((root / f.path).resolve()) for f in files if f.find(root) is None]
             missing.append({"baseline": name, "paths": paths, "message": str(err)})
             continue
+        for f in files:  # a damaged file stops compare here, before any pipeline work
+            f.check(found[f.path])
         for template in (templates if cls.text_source == "template" else [HEADLINE_TEMPLATE]):
             label = f"{name}[{template}]" if cls.text_source == "template" else name
             entries.append({"method": "baseline", "label": label, "baseline": name, "template": template,

@@ -16,8 +16,8 @@ from cir_bench.config import RunConfig
 from cir_bench.metrics import build_eval_inputs, evaluate, find_twins, retrieved_similarity_at_k, summarize
 from cir_bench.models import pick_device
 from cir_bench.paths import file_sha256
-from cir_bench.pipeline.steps import backward_label, distil_or_load, load_dataset, make_queries, prepare, \
-    teacher_label
+from cir_bench.pipeline.steps import backward_label, distil_or_load, load_dataset, prepare, teacher_label
+from cir_bench.pipeline.steps import query_sets as built_query_sets
 from cir_bench.results import write_run
 from cir_bench.search import METHODS, get_method
 from cir_bench.train import seed_everything
@@ -76,13 +76,11 @@ def run(cfg: RunConfig, progress: bool = True, log=print) -> Path:
     t0 = time.perf_counter()
     dataset = load_dataset(cfg)
     timings["dataset_s"] = time.perf_counter() - t0
-    query_sets = dataset.query_sets(cfg.queries.sets)  # canonical property order
-    for props in query_sets:
-        for p in props:
-            dataset.property(p)  # unknown property: fail before training
     log(f"dataset {dataset.name}: {len(dataset)} items, properties "
         + ", ".join(f"{p.name}({p.num_classes})" for p in dataset.properties) + f"; device {device}")
 
+    # the query sets depend on the dataset only: built (or found unbuildable) before training
+    built = built_query_sets(cfg, dataset, log)
     t0 = time.perf_counter()
     prepared = prepare(cfg, progress, dataset)
     trained, store, hit, ctx = prepared.trained, prepared.store, prepared.embeddings_reused, prepared.ctx
@@ -97,10 +95,9 @@ def run(cfg: RunConfig, progress: bool = True, log=print) -> Path:
     ids = np.array([it.id for it in dataset.items])
     result_frames, metric_rows, query_info, student_info = [], [], {}, {}
     methods: dict[str, Any] = {}  # one instance per label across query sets (setup runs once)
-    for props in query_sets:
+    for props, queries, query_file in built:
         set_name = "+".join(props)
-        queries, query_file = make_queries(cfg, dataset, list(props))
-        query_info[set_name] = {"file": str(query_file), "n": len(queries)}
+        query_info[set_name] = {"file": str(query_file), "n": len(queries), "requested": cfg.queries.n_queries}
         twins = find_twins(dataset, queries, database)
         log(f"query set {set_name}: {len(queries)} queries, database {len(database)} items "
             f"(split '{cfg.queries.database_split}'), self-match {cfg.eval.self_match}")

@@ -21,7 +21,7 @@ import torch
 from cir_bench.config import RunConfig
 from cir_bench.data import get_dataset
 from cir_bench.data.base import Dataset
-from cir_bench.data.queries import QuerySet, build_query_set
+from cir_bench.data.queries import QuerySet, QuerySetError, build_query_set
 from cir_bench.data.transforms import build_transform, describe_transform
 from cir_bench.embed import EmbeddingStore, embedding_fingerprint, extract_embeddings, load_or_extract
 from cir_bench.index import build_index
@@ -109,16 +109,40 @@ def make_queries(cfg: RunConfig, dataset: Dataset, properties: list[str]) -> tup
     """Build the query set once per (dataset, properties, query config, seed); reuse the file."""
     q = cfg.queries
     seed = cfg.seed if q.seed is None else q.seed
-    settings = {k: v for k, v in dataclasses.asdict(q).items() if k != "sets"}
+    settings = {k: v for k, v in dataclasses.asdict(q).items() if k not in ("sets", "strict")}
     key = _hash({"dataset": dataset.fingerprint(), "properties": properties, "queries": settings, "seed": seed})
     path = cache_dir_for(cfg) / "queries" / f"{dataset.name}-{'+'.join(properties)}-{key}.parquet"
     cached = load_cached(path, lambda p: QuerySet.load(p, dataset), cfg.on_damaged_cache)
     if cached is not None:
         return cached, path
     qs = build_query_set(dataset, properties, q.n_queries, seed, q.min_relevant, q.query_split, q.database_split,
-                         min_jaccard=q.min_jaccard)
+                         min_jaccard=q.min_jaccard, strict=q.strict)
     write_checked(path, lambda tmp: qs.save(tmp, dataset))
     return qs, path
+
+
+def query_sets(cfg: RunConfig, dataset: Dataset, log=print) -> list[tuple[list[str], QuerySet, Path]]:
+    """Every query set of the run, built or reused: (properties, queries, file). A set with
+    fewer qualifying queries than asked is used with those (a warning); a default set with
+    none is skipped (a warning); with ``queries.strict`` either is an error."""
+    out = []
+    for props in dataset.query_sets(cfg.queries.sets):
+        name = "+".join(props)
+        try:
+            queries, path = make_queries(cfg, dataset, props)
+        except QuerySetError as err:
+            if cfg.queries.sets or cfg.queries.strict:
+                raise
+            log(f"warning: skipping the default query set {name}: {err}")
+            continue
+        if len(queries) < cfg.queries.n_queries:
+            log(f"warning: query set {name}: {len(queries)} of the {cfg.queries.n_queries} queries asked qualify "
+                f"(>= {cfg.queries.min_relevant} relevant items); using those (--strict-queries: an error)")
+        out.append((props, queries, path))
+    if not out:
+        raise QuerySetError(f"no query set can be built on dataset {dataset.name}; lower queries.min_relevant or "
+                            "set queries.sets")
+    return out
 
 
 @dataclass

@@ -44,14 +44,14 @@ def build_bundle(cfg, progress: bool = False, dataset=None) -> ServeBundle:
     """Train or load everything a run config names (the cache makes that a load), distil or
     load one student per query set, and return the files the components load."""
     from cir_bench.models import BACKBONES
-    from cir_bench.pipeline import cache_dir_for, distil_or_load, prepare
+    from cir_bench.pipeline import cache_dir_for, distil_or_load, prepare, query_sets
     from cir_bench.embed import store_path
     from cir_bench.train.trainer import resolve_input_size
 
     prepared = prepare(cfg, progress=progress, dataset=dataset)
     ds = prepared.dataset
     students = {}
-    for props in ds.query_sets(cfg.queries.sets):
+    for props, _, _ in query_sets(cfg, ds, log=lambda *_: None):
         _, info = distil_or_load(cfg, ds, prepared.trained, prepared.store, list(props), prepared.device,
                                  progress=progress)
         students[tuple(props)] = info["path"]

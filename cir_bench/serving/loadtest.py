@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -50,8 +51,8 @@ async def _post(client, url: str, body: dict, t_ref: float) -> tuple[float, floa
     return t_ref, time.perf_counter() - t_ref, status
 
 
-async def run_stage(url: str, bodies: list[dict], stage: Stage) -> list[tuple[float, float, int]]:
-    """(send time, latency s, HTTP status) per request after warm-up."""
+async def run_stage(url: str, bodies: list[dict], stage: Stage) -> tuple[list[tuple[float, float, int]], int]:
+    """(send time, latency s, HTTP status) per request after warm-up, and how many were sent."""
     import httpx
 
     limits = httpx.Limits(max_connections=max(stage.concurrency, 64))
@@ -83,14 +84,18 @@ async def run_stage(url: str, bodies: list[dict], stage: Stage) -> list[tuple[fl
             samples = list(await asyncio.gather(*tasks))
         else:
             raise ValueError(f"stage mode must be closed or open, got {stage.mode!r}")
-    return [s for s in samples if s[0] >= t0 + stage.warmup_s]
+    return [s for s in samples if s[0] >= t0 + stage.warmup_s], len(samples)
 
 
-def summarize(samples: list[tuple[float, float, int]], stage: Stage) -> dict[str, Any]:
+def summarize(samples: list[tuple[float, float, int]], stage: Stage, capped: bool = False) -> dict[str, Any]:
+    """One row per stage. ``duration_s`` is what was asked; ``ran_s`` what the measured
+    requests spanned, and ``capped`` says when ``max_requests`` ended the stage early."""
     lat = np.array([s[1] for s in samples if s[2] == 200]) * 1000
     errors = sum(1 for s in samples if s[2] != 200)
     span = (max(s[0] + s[1] for s in samples) - min(s[0] for s in samples)) if samples else 0.0
     fields = asdict(stage)
+    fields["ran_s"] = span
+    fields["capped"] = capped
     if stage.mode == "closed":
         fields["rate"] = None  # closed loop: the concurrency sets the pace
     else:
@@ -109,14 +114,26 @@ def run_loadtest(url: str, stages: list[Stage], out: Path, allow_remote: bool = 
     import pandas as pd
 
     check_loopback(url, allow_remote)
+    check_stages(stages)
     base = url.rstrip("/")
-    bodies = httpx.get(f"{base}/examples", params={"n": 64}, timeout=30).json()
+    try:
+        response = httpx.get(f"{base}/examples", params={"n": 64}, timeout=30)
+    except httpx.HTTPError as err:
+        raise ConnectionError(f"cannot reach {base} ({type(err).__name__}: {err}); is `cir-bench serve` "
+                              "running there?") from None
+    if response.status_code != 200:
+        raise ConnectionError(f"{base}/examples answered HTTP {response.status_code}: not a cir-bench server?")
+    bodies = response.json()
     if not bodies:
         raise RuntimeError(f"{base}/examples returned no request bodies")
     rows = []
     for stage in stages:
-        samples = asyncio.run(run_stage(f"{base}/search", bodies, stage))
-        rows.append(summarize(samples, stage))
+        samples, sent = asyncio.run(run_stage(f"{base}/search", bodies, stage))
+        row = summarize(samples, stage, capped=sent >= stage.max_requests)
+        if row["capped"]:
+            print(f"loadtest: {stage.method} {stage.mode} stage stopped at --max-requests {stage.max_requests} "
+                  f"after {row['ran_s']:.1f} s of the {stage.duration_s:g} s asked", file=sys.stderr)
+        rows.append(row)
     out.mkdir(parents=True, exist_ok=True)
     (out / "loadtest.json").write_text(json.dumps({"url": base, "stages": rows}, indent=2))
     frame = pd.DataFrame(rows)
@@ -144,6 +161,26 @@ def plot(frame, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def check_stages(stages: list[Stage]) -> None:
+    """Every stage is runnable: a known method, concurrency >= 1, a positive finite rate and
+    duration, warm-up >= 0, max_requests >= 1 (each error names the flag)."""
+    from cir_bench.serving.requests import METHODS
+
+    for st in stages:
+        if st.method not in METHODS:
+            raise ValueError(f"--methods: unknown method {st.method!r}; choose from {', '.join(METHODS)}")
+        if st.mode == "closed" and st.concurrency < 1:
+            raise ValueError(f"--concurrency must be >= 1, got {st.concurrency}")
+        if st.mode == "open" and not (np.isfinite(st.rate) and st.rate > 0):
+            raise ValueError(f"--rates must be > 0 requests/s, got {st.rate}")
+        if not (np.isfinite(st.duration_s) and st.duration_s > 0):
+            raise ValueError(f"--duration must be > 0 s, got {st.duration_s}")
+        if not (np.isfinite(st.warmup_s) and st.warmup_s >= 0):
+            raise ValueError(f"--warmup must be >= 0 s, got {st.warmup_s}")
+        if st.max_requests < 1:
+            raise ValueError(f"--max-requests must be >= 1, got {st.max_requests}")
 
 
 def default_stages(methods: list[str], concurrency: list[int], rates: list[float], duration_s: float,

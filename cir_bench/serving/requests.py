@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cir_bench.data.base import BadImageError, decode_image
+from cir_bench.data.base import BadImageError, ImageTooLargeError, decode_image
 
 METHODS = ("teacher", "student", "knn")
 FIELDS = {"item_id", "image", "conditions", "method", "k", "lambda"}
@@ -26,15 +26,19 @@ FIELDS = {"item_id", "image", "conditions", "method", "k", "lambda"}
 class RequestError(ValueError):
     """A bad request: ``field`` names the offending field."""
 
-    def __init__(self, field: str, message: str) -> None:
+    def __init__(self, field: str, message: str, status: int = 422) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.status = status  # the HTTP status the Serve app answers with
 
 
 @dataclass
 class ServiceLimits:
     max_k: int = 100
     max_image_bytes: int = 5 * 1024 * 1024
+    # pixels an upload's header may declare: read before decoding (decompression bombs); the
+    # model sees a few hundred pixels a side, 40 Mpx leaves room for any camera photo
+    max_image_pixels: int = 40_000_000
 
 
 # -- what the service knows of the dataset -----------------------------------------------------
@@ -150,9 +154,11 @@ class RequestParser:
         else:
             raise RequestError("image", "must be a base64 string")
         if len(data) > limit:
-            raise RequestError("image", f"larger than {limit} bytes")
+            raise RequestError("image", f"larger than {limit} bytes", 413)
         try:
-            decode_image(data, "upload")
+            decode_image(data, "upload", self.limits.max_image_pixels)
+        except ImageTooLargeError as err:
+            raise RequestError("image", str(err), 413) from None
         except BadImageError as err:
             raise RequestError("image", str(err)) from None
         return data

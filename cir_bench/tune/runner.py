@@ -32,7 +32,7 @@ def run_trial(config: dict[str, Any]) -> None:
 
     from cir_bench.data.queries import QuerySet
     from cir_bench.search.backward import BackwardSearch
-    from cir_bench.pipeline import make_queries, prepare
+    from cir_bench.pipeline import prepare, query_sets
     from cir_bench.tune.calibrate import calibrate
 
     exp = Experiment.from_dict(config["experiment"])
@@ -47,9 +47,8 @@ def run_trial(config: dict[str, Any]) -> None:
     def method(lam: float) -> BackwardSearch:
         return BackwardSearch(cfg.search.preset, lam=float(lam), **cfg.search.overrides())
 
-    for props in dataset.query_sets(cfg.queries.sets):
+    for props, queries, _ in query_sets(cfg, dataset, log=lambda *_: None):
         name = "+".join(props)
-        queries, _ = make_queries(cfg, dataset, list(props))
         rng = np.random.default_rng([cfg.seed, 53])
         order = rng.permutation(len(queries))
         n_cal = int(round((exp.calibration.fraction if exp.calibration else 0.0) * len(queries)))
