@@ -94,6 +94,9 @@ class QueryConfig:
     # False: a set with fewer qualifying queries than n_queries is built with those (warned,
     # the count recorded), a default set with none is skipped; True (--strict-queries): error
     strict: bool = False
+    # a query's condition: a class other than its own ("other", cir-bench's choice; the paper
+    # is silent) or any class ("any", as the authors' code draws, about 1/C of them its own)
+    condition_draw: Literal["other", "any"] = "other"
 
 
 def _default_methods() -> list[Any]:
@@ -149,6 +152,9 @@ class SearchConfig:
 class StudentConfig:
     """The distilled student (models/student.py) and its distillation."""
 
+    # "cir-bench": the MLP below; "authors": the authors' network (sigmoid, BN, tanh output,
+    # 128 wide, no dropout; hidden/bottleneck/dropout unused), with residual=false as they do
+    architecture: Literal["cir-bench", "authors"] = "cir-bench"
     hidden: list[int] = bounded(factory=lambda: [256, 128], ge=1, items=True)  # encoder widths; decoder mirrors
     bottleneck: int = bounded(64, ge=1)
     dropout: float = bounded(0.1, ge=0, lt=1)

@@ -253,3 +253,20 @@ def test_authors_code_preset_agrees_with_torch_adam_reference(setup, props):
         pb, sb = index.search(reference, 10, exclude=test)
         assert_same_rankings(pa.tolist(), sa.tolist(), pb.tolist(), sb.tolist(), min_identical=0.98,
                              min_overlap=0.5, score_tol=1.0, what=f"lambda={lam}")
+
+
+def test_student_authors_architecture(setup, tmp_path):
+    from cir_bench.config import StudentConfig
+    from cir_bench.models.student import Student
+
+    ds, store, model = setup
+    cfg = StudentConfig(architecture="authors", residual=False)
+    student = Student(store.z.shape[1], [6], ["style"], cfg).eval()
+    kinds = [type(m).__name__ for m in student.modules() if not isinstance(m, torch.nn.Sequential)]
+    assert kinds[1:] == ["Linear", "Sigmoid", "BatchNorm1d", "Linear", "Sigmoid", "BatchNorm1d", "Linear", "Tanh"]
+    with torch.no_grad():
+        out = student(store.z[:4], torch.zeros(4, 1, dtype=torch.long))
+    assert out.abs().max() < 1  # tanh output, z* predicted directly
+    back = Student.load(student.save(tmp_path / "a.pt"))
+    with torch.no_grad():
+        assert torch.equal(back(store.z[:4], torch.zeros(4, 1, dtype=torch.long)), out)

@@ -85,3 +85,13 @@ def test_small_datasets_build_what_qualifies_and_skip_what_cannot(tmp_path, cach
     err = capsys.readouterr().err
     assert "could only build" in err and "500 queries" in err
     assert not (tmp_path / "fresh" / "checkpoints").exists()  # failed before training
+
+
+def test_condition_draw_other_or_any(tiny):
+    from cir_bench.data.queries import build_query_set
+
+    own = tiny.labels("style")
+    other = build_query_set(tiny, ["style"], 60, 0, min_relevant=2)
+    assert (other.conditions[:, 0] != own[other.positions]).all()
+    anyc = build_query_set(tiny, ["style"], 60, 0, min_relevant=2, condition_draw="any")
+    assert (anyc.conditions[:, 0] == own[anyc.positions]).any()  # ~1/6 of them, as the authors draw

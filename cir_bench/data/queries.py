@@ -81,7 +81,7 @@ class QuerySetError(ValueError):
 def build_query_set(dataset: Dataset, properties: Sequence[str], n_queries: int, seed: int,
                     min_relevant: int = 10, query_split: str = "test", database_split: str = "test",
                     max_attempts_factor: int = 50, min_jaccard: float | None = None,
-                    strict: bool = True) -> QuerySet:
+                    strict: bool = True, condition_draw: str = "other") -> QuerySet:
     """``n_queries`` queries, or (``strict=False``) as many as qualify, at least one."""
     props = [dataset.property(p).name for p in properties]  # validates the names
     if not props:
@@ -110,7 +110,9 @@ def build_query_set(dataset: Dataset, properties: Sequence[str], n_queries: int,
         pos = int(rng.choice(by_class[cls]))
         cond = []
         for m, t in enumerate(targets):
-            others = t[t != labels[pos, m]]  # uniform over the other classes
+            # "other": uniform over the classes other than the query's own (cir-bench's choice;
+            # the paper does not say); "any": over all classes, as the authors' code draws
+            others = t[t != labels[pos, m]] if condition_draw == "other" else t
             cond.append(int(others[rng.integers(len(others))]))
         cond_t = tuple(cond)
         if (pos, cond_t) in seen:

@@ -27,8 +27,17 @@ def _mlp(widths: Sequence[int], dropout: float) -> list[nn.Module]:
     return layers
 
 
+def _authors_layers(width_in: int, embed_dim: int, hidden: int = 128) -> tuple[nn.Module, nn.Module]:
+    """The authors' student: Linear -> sigmoid -> BN twice, then Linear -> tanh; no dropout."""
+    encoder = nn.Sequential(nn.Linear(width_in, hidden), nn.Sigmoid(), nn.BatchNorm1d(hidden),
+                            nn.Linear(hidden, hidden), nn.Sigmoid(), nn.BatchNorm1d(hidden))
+    return encoder, nn.Sequential(nn.Linear(hidden, embed_dim), nn.Tanh())
+
+
 class Student(nn.Module):
-    """Three layers each side, BN and dropout on every hidden layer."""
+    """cir-bench's student (``architecture="cir-bench"``): an encoder-decoder MLP, three layers
+    each side, BN, ReLU and dropout on every hidden layer, predicting z* - z0 (``residual``).
+    ``architecture="authors"``: the authors' network (docs/deviations.md, D13)."""
 
     def __init__(self, embed_dim: int, num_classes: Sequence[int], properties: Sequence[str],
                  cfg: StudentConfig = StudentConfig()) -> None:
@@ -37,6 +46,9 @@ class Student(nn.Module):
         self.num_classes = list(num_classes)
         self.properties = list(properties)
         self.cfg = cfg
+        if cfg.architecture == "authors":
+            self.encoder, self.decoder = _authors_layers(embed_dim + sum(num_classes), embed_dim)
+            return
         widths_in = [embed_dim + sum(num_classes), *cfg.hidden, cfg.bottleneck]
         widths_out = [cfg.bottleneck, *reversed(cfg.hidden), embed_dim]
         self.encoder = nn.Sequential(*_mlp(widths_in, cfg.dropout), nn.ReLU(inplace=True))

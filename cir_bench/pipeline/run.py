@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
 from cir_bench.config import RunConfig
 from cir_bench.metrics import build_eval_inputs, evaluate, find_twins, retrieved_similarity_at_k, summarize
@@ -157,6 +158,10 @@ def run(cfg: RunConfig, progress: bool = True, log=print) -> Path:
         "config": cfg.to_dict(),
         "seed": cfg.seed,
         "device": str(device),
+        # float results (training, distillation, Backward Search) depend in their last bits on
+        # the CPU's kernels and the thread count: docs/reproducibility.md
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint(), "n_items": len(dataset),
                     "root": cfg.dataset.root, "report": dataset.report,
                     "properties": {p.name: list(p.classes) for p in dataset.properties}},

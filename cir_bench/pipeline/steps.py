@@ -30,6 +30,7 @@ from cir_bench.models.model import ConditionalRetrievalModel
 from cir_bench.models.student import Student
 from cir_bench.paths import cache_root, file_sha256, load_cached, write_checked
 from cir_bench.search import SearchContext
+from cir_bench.search.backward import IMPLEMENTATION_VERSION as BACKWARD_VERSION
 from cir_bench.search.backward import BackwardSearch
 from cir_bench.train import distill_student, train_model
 from cir_bench.train.trainer import resolve_input_size
@@ -110,13 +111,15 @@ def make_queries(cfg: RunConfig, dataset: Dataset, properties: list[str]) -> tup
     q = cfg.queries
     seed = cfg.seed if q.seed is None else q.seed
     settings = {k: v for k, v in dataclasses.asdict(q).items() if k not in ("sets", "strict")}
+    if settings["condition_draw"] == "other":  # the only draw before the option: same key, same file
+        del settings["condition_draw"]
     key = _hash({"dataset": dataset.fingerprint(), "properties": properties, "queries": settings, "seed": seed})
     path = cache_dir_for(cfg) / "queries" / f"{dataset.name}-{'+'.join(properties)}-{key}.parquet"
     cached = load_cached(path, lambda p: QuerySet.load(p, dataset), cfg.on_damaged_cache)
     if cached is not None:
         return cached, path
     qs = build_query_set(dataset, properties, q.n_queries, seed, q.min_relevant, q.query_split, q.database_split,
-                         min_jaccard=q.min_jaccard, strict=q.strict)
+                         min_jaccard=q.min_jaccard, strict=q.strict, condition_draw=q.condition_draw)
     write_checked(path, lambda tmp: qs.save(tmp, dataset))
     return qs, path
 
@@ -191,8 +194,12 @@ def distil_or_load(cfg: RunConfig, dataset: Dataset, trained: TrainedModel, stor
                    properties: list[str], device: torch.device, progress: bool = True) -> tuple[Student, dict]:
     """The student for one property set, cached by (checkpoint, store, teacher, config, seed)."""
     student_cfg = cfg.student
+    settings = dataclasses.asdict(student_cfg)
+    if settings["architecture"] == "cir-bench":  # the only one before the option: same key, same file
+        del settings["architecture"]
     key = _hash({"checkpoint": file_sha256(trained.checkpoint), "store": store.fingerprint, "props": properties,
-                 "teacher": teacher(cfg).params(), "student": dataclasses.asdict(student_cfg), "seed": cfg.seed})
+                 "teacher": teacher(cfg).params(), "teacher_version": BACKWARD_VERSION, "student": settings,
+                 "seed": cfg.seed})
     path = cache_dir_for(cfg) / "students" / f"{key}.pt"
     student = load_cached(path, lambda p: Student.load(p, device), cfg.on_damaged_cache)
     if student is not None:

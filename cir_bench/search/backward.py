@@ -37,6 +37,9 @@ from cir_bench.data.queries import QuerySet
 from cir_bench.search.base import Ranking, SearchContext, SearchMethod
 
 STOPPING_RULES = ("satisfied", "plateau", "none", "authors-code")
+# bumped when the same settings give other vectors (2: torch.optim.Adam's arithmetic), so
+# caches keyed on a teacher (distilled students) are rebuilt
+IMPLEMENTATION_VERSION = 2
 
 
 @dataclass(frozen=True)
