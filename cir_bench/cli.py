@@ -92,7 +92,8 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     apply_overrides(cfg, list(args.set))
     sources.append(("--set", {parse_override(o)[0] for o in args.set}))
     try:
-        return check_run_config(validate(cfg), need_out=hasattr(args, "out"))
+        return check_run_config(validate(cfg), need_out=getattr(args, "command", None) in ("run", "compare"),
+                                overwrite=getattr(args, "overwrite", False))
     except ConfigError as err:
         raise blame(err, sources) from None
 
@@ -398,6 +399,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the whole pipeline: data, train, embed, queries, search, score, write")
     _add_config_args(p)
     p.add_argument("--out", help="run directory (default runs/<timestamp>-<dataset>)")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an existing run in --out")
     p.add_argument("--methods", help="comma-separated search methods (default: random, knn, filtered_knn, "
                    "oracle_filtered_knn, backward at lambda 0 and at search.lam, student)")
     p.add_argument("--lambda", dest="lambdas", metavar="L1,L2,...",
@@ -407,6 +409,7 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compare", help="Backward Search vs the CoIR baselines with weights present (Table 4)")
     _add_config_args(p)
     p.add_argument("--out", help="run directory (default runs/<timestamp>-<dataset>)")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an existing run in --out")
     p.add_argument("--baselines", help="comma-separated (default all: clip4cir, pic2word, searle, searle-xl, "
                    "clip-image, clip-text, clip-sum)")
     p.add_argument("--templates", help="condition-text templates (default T1,T2,T3; T1 is the headline)")

@@ -218,3 +218,45 @@ def test_wheel_carries_the_shipped_configs(tmp_path):
     helped = subprocess.run([sys.executable, "-m", "cir_bench.cli", "tune", "--help"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=120)
     assert helped.returncode == 0 and "quick (default)" in helped.stdout
+
+
+def test_out_holding_a_run_needs_overwrite(tmp_path, cache_dir, capsys):
+    root = replicas.csv_folder(tmp_path / "csv")
+    out = tmp_path / "run"
+    args = ["run", "--no-progress", "--dataset", "csv", "--root", str(root), "--out", str(out),
+            "--cache-dir", str(cache_dir), "--device", "cpu", "--methods", "knn", "--set", "train.epochs=1",
+            "--set", "model.input_size=32", "--set", "queries.n_queries=4", "--set", "queries.min_relevant=2"]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run (manifest.json); pass --overwrite" in err
+    assert main([*args, "--overwrite"]) == 0
+
+
+def test_report_names_a_broken_run_file(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.csv").write_text("query_set,method,params\nstyle,knn,{}\n")
+    (run / "manifest.json").write_text("{not json")
+    assert main(["report", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / 'manifest.json'}: cannot be read" in err
+
+
+def test_duplicate_ids_are_named(tmp_path):
+    from cir_bench.data import get_dataset
+
+    root = replicas.csv_folder(tmp_path / "csv")
+    table = root / "labels.csv"
+    lines = table.read_text().splitlines()
+    header = lines[0].split(",")
+    rows = [line.split(",") for line in lines[1:]]
+    if "id" not in header:
+        header.append("id")
+        rows = [r + [f"x{i}"] for i, r in enumerate(rows)]
+    col = header.index("id")
+    rows[3][col] = rows[1][col]
+    table.write_text("\n".join([",".join(header)] + [",".join(r) for r in rows]) + "\n")
+    with pytest.raises(ValueError, match=rf"1 duplicate item id\(s\): '{rows[1][col]}' at items \[1, 3\]"):
+        get_dataset("csv", str(root), {})

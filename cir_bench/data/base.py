@@ -88,7 +88,13 @@ class Dataset(ABC):
         self._source_order = order  # position in the source for each sorted item
         ids = [it.id for it in self.items]
         if len(set(ids)) != len(ids):
-            raise ValueError(f"dataset '{self.name}' has duplicate item ids")
+            seen: dict[str, list[int]] = {}
+            for row, it in enumerate(items):  # rows in the source order (a CSV's data rows, 0-based)
+                seen.setdefault(it.id, []).append(row)
+            dupes = {i: rows for i, rows in seen.items() if len(rows) > 1}
+            shown = "; ".join(f"'{i}' at items {rows}" for i, rows in list(dupes.items())[:5])
+            raise ValueError(f"dataset '{self.name}' has {len(dupes)} duplicate item id(s): {shown}"
+                             + (" ..." if len(dupes) > 5 else ""))
         self._index = {item_id: i for i, item_id in enumerate(ids)}
         names = {p.name for p in self.properties}
         for it in self.items:
@@ -202,6 +208,9 @@ def decode_image(data: bytes, what: str, max_pixels: int | None = None) -> Image
     few hundred KB of PNG can declare 13000 x 13000 pixels and take GBs to decode)."""
     try:
         img = Image.open(io.BytesIO(data))
+    except Image.UnidentifiedImageError:  # its message shows a BytesIO object, not the data
+        raise BadImageError(f"cannot decode image {what}: not a recognised image format "
+                            f"(starts with {data[:8]!r})") from None
     except Exception as err:  # PIL raises several types for corrupt data
         raise BadImageError(f"cannot decode image {what}: {err}") from None
     if max_pixels is not None and img.width * img.height > max_pixels:

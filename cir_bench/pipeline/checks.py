@@ -10,7 +10,7 @@ from cir_bench.config import ConfigError, RunConfig
 from cir_bench.registry import UnknownNameError
 
 
-def check_run_config(cfg: RunConfig, need_out: bool = True) -> RunConfig:
+def check_run_config(cfg: RunConfig, need_out: bool = True, overwrite: bool = False) -> RunConfig:
     """Raise ``ConfigError`` naming the key of the first problem; return ``cfg``."""
     from cir_bench.data import DATASETS
     from cir_bench.index import INDEXES
@@ -49,13 +49,16 @@ def check_run_config(cfg: RunConfig, need_out: bool = True) -> RunConfig:
         if not torch.cuda.is_available():
             raise ConfigError(f"config key 'device': '{cfg.device}' asked for, but CUDA is not available here")
     if need_out and cfg.out:
-        _check_out(Path(cfg.out))
+        _check_out(Path(cfg.out), overwrite)
     return cfg
 
 
-def _check_out(out: Path) -> None:
+def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"config key 'out': {out} exists and is not a folder")
+    if (out / "manifest.json").exists() and not overwrite:
+        raise ConfigError(f"config key 'out': {out} already holds a run (manifest.json); pass --overwrite to "
+                          "replace its files, or choose another --out")
     parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ConfigError(f"config key 'out': cannot write under {parent}")

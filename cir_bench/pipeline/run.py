@@ -77,6 +77,10 @@ def run(cfg: RunConfig, progress: bool = True, log=print) -> Path:
     t0 = time.perf_counter()
     dataset = load_dataset(cfg)
     timings["dataset_s"] = time.perf_counter() - t0
+    skipped = {k: v for k, v in dataset.report.items() if k.startswith("skipped_") and v and k != "skipped_examples"}
+    if skipped:
+        log(f"warning: dataset {dataset.name}: " + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in skipped.items())
+            + f" (e.g. {', '.join(map(str, dataset.report.get('skipped_examples', [])[:3]))}; all in the manifest)")
     log(f"dataset {dataset.name}: {len(dataset)} items, properties "
         + ", ".join(f"{p.name}({p.num_classes})" for p in dataset.properties) + f"; device {device}")
 

@@ -21,10 +21,23 @@ METRICS = [("precision_at_{k}", "precision@{k} (mAP@{k}, paper def.)"), ("mts_at
            ("ap_at_{k}_hits", "AP@{k} (/hits)"), ("ms_per_query", "ms/query")]
 
 
+def _read(path: Path, read):
+    try:
+        return read(path)
+    except Exception as err:  # noqa: BLE001 -- any parse error: name the file
+        raise ValueError(f"{path}: cannot be read ({type(err).__name__}: {err}); is the run complete?") from None
+
+
 def _rows(run_dir: Path) -> tuple[pd.DataFrame, dict[str, Any], dict[str, Any]]:
-    metrics = pd.read_csv(run_dir / "metrics.csv")
-    manifest = json.loads((run_dir / "manifest.json").read_text())
-    extra = json.loads((run_dir / "compare.json").read_text()) if (run_dir / "compare.json").exists() else {}
+    metrics = _read(run_dir / "metrics.csv", pd.read_csv)
+    manifest = _read(run_dir / "manifest.json", lambda p: json.loads(p.read_text()))
+    for key in ("query_set", "method", "params"):
+        if key not in metrics.columns:
+            raise ValueError(f"{run_dir / 'metrics.csv'}: no '{key}' column; not a cir-bench metrics file")
+    if not isinstance(manifest, dict) or "dataset" not in manifest:
+        raise ValueError(f"{run_dir / 'manifest.json'}: no 'dataset' entry; not a cir-bench manifest")
+    compare = run_dir / "compare.json"
+    extra = _read(compare, lambda p: json.loads(p.read_text())) if compare.exists() else {}
     return metrics, manifest, extra
 
 

@@ -107,6 +107,9 @@ class RequestParser:
         if lam is not None and (not isinstance(lam, (int, float)) or isinstance(lam, bool) or lam < 0
                                 or not np.isfinite(lam)):
             raise RequestError("lambda", f"must be a number >= 0, got {lam!r}")
+        if lam is not None and method != "teacher":
+            raise RequestError("lambda", f"only the teacher (Backward Search) takes lambda; method {method!r} "
+                               "would ignore it")
         conditions = request.get("conditions")
         if not isinstance(conditions, dict) or not conditions:
             raise RequestError("conditions", "must be a non-empty object {property: label}")
