@@ -18,20 +18,65 @@ Bad requests get a 4xx naming the field; the service keeps serving.
 """
 
 import asyncio
+import html
 import json
 import time
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
+from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve.settings import STAGES
 
 api = FastAPI(title="cir-bench conditional search",
-              description="Backward Search (teacher), its distilled student and kNN over one embedding store.")
+              description="Backward Search (teacher), its distilled student and kNN over one embedding store.",
+              docs_url=None, redoc_url=None)  # /docs below: a page that needs no CDN
+
+
+class SearchRequest(BaseModel):
+    """The body of POST /search (JSON; the same fields as multipart/form-data, ``image`` as a
+    file part and ``conditions`` as a JSON form field). Validation is RequestParser's: every
+    bad field gets a 4xx naming it."""
+
+    item_id: str | None = Field(None, description="a database item as the query (give this or image)")
+    image: str | None = Field(None, description="the query image, base64 (give this or item_id)")
+    conditions: dict[str, str] = Field(description="{property: label}, e.g. {\"style\": \"hatched\"}; "
+                                                   "GET /properties lists them")
+    method: Literal["teacher", "student", "knn"] = Field("teacher", description="Backward Search, its "
+                                                         "distilled student, or plain kNN")
+    k: int = Field(10, ge=1, description="results to return (at most limits.max_k)")
+    lambda_: float | None = Field(None, alias="lambda", ge=0, description="teacher only: the L1 weight λ")
+
+
+_SEARCH_SCHEMA = SearchRequest.model_json_schema(by_alias=True)
+_SEARCH_BODY = {"required": True, "content": {
+    "application/json": {"schema": _SEARCH_SCHEMA},
+    "multipart/form-data": {"schema": {**_SEARCH_SCHEMA, "properties": {
+        **_SEARCH_SCHEMA["properties"], "image": {"type": "string", "format": "binary"},
+        "conditions": {"type": "string", "description": "a JSON object {property: label}"}}}}}}
+
+
+@api.get("/docs", response_class=HTMLResponse, include_in_schema=False)
+async def docs_page() -> str:
+    """The API described from its OpenAPI document, as plain HTML (no script, no CDN)."""
+    spec = api.openapi()
+    parts = [f"<h1>{html.escape(spec['info']['title'])}</h1><p>{html.escape(spec['info'].get('description', ''))}"
+             "</p><p>Machine-readable: <a href=\"/openapi.json\">/openapi.json</a></p>"]
+    for path, ops in spec["paths"].items():
+        for verb, op in ops.items():
+            parts.append(f"<h2>{verb.upper()} {html.escape(path)}</h2><p>{html.escape(op.get('summary', ''))}</p>")
+            if op.get("description"):
+                parts.append(f"<p>{html.escape(op['description'])}</p>")
+            for ctype, body in op.get("requestBody", {}).get("content", {}).items():
+                parts.append(f"<h3>request body, {html.escape(ctype)}</h3><pre>"
+                             f"{html.escape(json.dumps(body['schema'], indent=2))}</pre>")
+    style = "body{font-family:sans-serif;max-width:60em;margin:2em auto}pre{background:#f4f4f4;padding:1em}"
+    return f"<!doctype html><html><head><meta charset=\"utf-8\"><title>{html.escape(spec['info']['title'])}" \
+           f"</title><style>{style}</style></head><body>{''.join(parts)}</body></html>"
 
 
 
@@ -200,7 +245,10 @@ class Ingress:
     async def stats(self) -> dict[str, Any]:
         return {name: await self.handles[name].stats.remote() for name in STAGES}
 
-    @api.post("/search")
+    @api.post("/search", openapi_extra={"requestBody": _SEARCH_BODY},
+              summary="Conditional search: the top-k items like the query, with the conditions",
+              description="Answers ranked ids, scores, labels, the teacher's iterations and server-side "
+                          "timing per stage (ms). Bad input: 4xx with the field named.")
     async def search(self, request: Request) -> JSONResponse:
         from cir_bench.serving import RequestError
 

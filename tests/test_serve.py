@@ -367,3 +367,14 @@ def test_pixel_limit_in_process(local_service):
         local_service.parser.parse({"image": b64.b64encode(_png_declaring(9000, 9000)).decode(),
                                     "conditions": {"style": "flat"}})
     assert err.value.field == "image" and err.value.status == 413
+
+
+def test_docs_page_works_offline_and_shows_the_search_schema(server):
+    page = httpx.get(f"{server}/docs", timeout=10)
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    text = page.text
+    assert "<script" not in text and "cdn" not in text.lower()  # nothing to fetch from outside
+    assert "POST /search" in text and "request body, application/json" in text and "&quot;conditions&quot;" in text
+    spec = httpx.get(f"{server}/openapi.json", timeout=10).json()
+    schema = spec["paths"]["/search"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert {"item_id", "image", "conditions", "method", "k", "lambda"} == set(schema["properties"])
