@@ -89,6 +89,8 @@ def test_run_records_the_option_whatever_the_flag_order(tmp_path, cache_dir):
     (["--preset", "huge"], "dataset.options.preset"),
     (["--set", "device=gpu"], "device"),
     (["--seed", "-3"], "seed"),
+    (["--device", "tpu"], "device"),
+    (["--lambda", "abc"], "eval.lambdas[0]"),
 ])
 def test_bad_values_fail_before_any_work_naming_the_key(args, key, tmp_path, capsys):
     out = tmp_path / "never"
@@ -162,7 +164,9 @@ def test_tune_file_is_checked_before_ray_naming_file_and_key(tmp_path, capsys):
                           ("name: x\nresources: {cpu: -1}\n", "'resources.cpu' must be >= 0"),
                           ("name: x\ncalibration: {lam_min: 2, lam_max: 1}\n", "lam_min must be < "),
                           ("name: x\nseeds: [0]\nlambdas: [0, -1]\n", "'lambdas[1]' must be >= 0"),
-                          ("nam: x\n", "unknown config key 'nam'")]:
+                          ("nam: x\n", "unknown config key 'nam'"),
+                          ("name: [x\n", "is not valid YAML"),
+                          ("name: x\ncalibration: {metricc: mts_at_10}\n", "unknown config key 'calibration.metricc'")]:
         exp.write_text(text)
         assert main(["tune", str(exp), "--storage-path", str(tmp_path / "t")]) == 2
         err = capsys.readouterr().err
@@ -260,3 +264,14 @@ def test_duplicate_ids_are_named(tmp_path):
     table.write_text("\n".join([",".join(header)] + [",".join(r) for r in rows]) + "\n")
     with pytest.raises(ValueError, match=rf"1 duplicate item id\(s\): '{rows[1][col]}' at items \[1, 3\]"):
         get_dataset("csv", str(root), {})
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CUDA is available here")
+def test_device_cuda_without_cuda_is_a_clear_error(capsys):
+    assert main(["run", "--device", "cuda"]) == 2
+    assert "'device': 'cuda' asked for, but CUDA is not available" in capsys.readouterr().err
+
+
+def test_invalid_port_is_refused(capsys):
+    assert main(["serve", "--port", "70000"]) == 2
+    assert "--port must be in 1..65535" in capsys.readouterr().err
