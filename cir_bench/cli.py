@@ -221,6 +221,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from serve.app import build_app, with_index
     from serve.settings import load_serve_config
 
+    import os
+
+    # Serve kills a proxy that is not ready within 5 s (its default); a small, busy machine
+    # can take longer to start one. Ray's processes inherit this from the one that starts Ray.
+    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
     if args.stop:
         ensure_ray(args.address or "auto")
         serve.shutdown()

@@ -13,6 +13,9 @@ import torch
 
 # the machines have 2 cores; OMP_NUM_THREADS=1 runs the suite single-threaded (tests must pass both ways)
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))
+# Serve's proxy must answer its readiness check within 5 s by default; on 2 busy cores it may
+# not, and Serve then kills it. Ray's workers inherit this from the process that starts Ray.
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
 
 # The user's weights root, read before the session cache fixture points $CIR_BENCH_CACHE (and
 # with it the default weights folder) at a temporary folder: real-weight tests look here.
