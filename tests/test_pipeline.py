@@ -35,6 +35,7 @@ def test_run_writes_files_and_second_run_reuses_cache(cache_dir, tmp_path, tiny_
     assert manifest["seed"] == 0 and manifest["dataset"]["fingerprint"]
     assert manifest["packages"]["torch"] and "revision" in manifest["git"]
     assert manifest["policies"]["self_match"] == "exclude"
+    assert manifest["torch_threads"] >= 1 and manifest["cpu_capability"]  # float results depend on them
 
     # second run: no training, no extraction
     def boom(*a, **k):

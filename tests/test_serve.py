@@ -145,6 +145,7 @@ def test_bad_multipart_uploads_get_4xx_naming_the_field(server, local_service, f
     ({"image": "A" * 400_000, "conditions": {"style": "flat"}}, "body"),  # 413 before reading
     ({"item_id": "x", "conditions": {"style": "Rococo"}}, "conditions.style"),
     ({"item_id": "x", "conditions": {"style": "flat"}, "k": "10"}, "k"),
+    ({"item_id": "00001-flat", "conditions": {"style": "flat"}, "method": "knn", "lambda": 0.5}, "lambda"),
     (b"{not json", "body"),
 ])
 def test_bad_input_gets_4xx_then_service_still_serves(server, local_service, content, field):
@@ -378,3 +379,16 @@ def test_docs_page_works_offline_and_shows_the_search_schema(server):
     spec = httpx.get(f"{server}/openapi.json", timeout=10).json()
     schema = spec["paths"]["/search"]["post"]["requestBody"]["content"]["application/json"]["schema"]
     assert {"item_id", "image", "conditions", "method", "k", "lambda"} == set(schema["properties"])
+
+
+def test_condition_order_over_http(server, local_service):
+    """{shape, style} and {style, shape} are one set: the student answers both (422 before)."""
+    ds = local_service.dataset
+    pos = int(ds.split_indices("test")[0])
+    style = ds.property("style").classes[(ds.labels("style")[pos] + 1) % 6]
+    shape = ds.property("shape").classes[(ds.labels("shape")[pos] + 1) % 8]
+    answers = [httpx.post(f"{server}/search", json={"item_id": ds.items[pos].id, "conditions": c,
+                                                     "method": "student"}, timeout=30)
+               for c in ({"shape": shape, "style": style}, {"style": style, "shape": shape})]
+    assert all(a.status_code == 200 for a in answers), answers[0].text
+    assert [i["id"] for i in answers[0].json()["items"]] == [i["id"] for i in answers[1].json()["items"]]
