@@ -373,6 +373,14 @@ def cmd_check_weights(args: argparse.Namespace) -> int:
                 continue
             lines.append(f"  found    {path.resolve()}  {path.stat().st_size:,} bytes  sha256 "
                          f"{sha256(path) if not args.no_hash else '(not computed)'}")
+        if status == "ready" and not args.no_load:  # the adapter reads its files: keys and shapes
+            from baselines import get_composer
+
+            try:
+                get_composer(name, root, device="cpu")
+            except BadWeightsError as err:
+                status = "DAMAGED"
+                lines.append(f"  damaged  {err}")
         ready += status == "ready"
         damaged += status == "DAMAGED"
         print(f"{name}: {status}")
@@ -431,6 +439,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights-dir", help="root of the baseline weights")
     p.add_argument("--baselines", help="comma-separated (default all)")
     p.add_argument("--no-hash", action="store_true", help="skip sha256 (fast on multi-GB files)")
+    p.add_argument("--no-load", action="store_true",
+                   help="do not build the adapters (by default each reads its files: keys and shapes are checked)")
     p.set_defaults(func=cmd_check_weights)
 
     p = sub.add_parser("train", help="train encoder + heads (or reuse the cached checkpoint)")

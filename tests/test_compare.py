@@ -137,3 +137,27 @@ def test_damaged_weights_are_refused_by_check_weights_and_before_compare(weights
     assert str(bad) in err and "get it again from" in err
     assert time.perf_counter() - t0 < 10 and not (tmp_path / "never").exists()
     assert not (tmp_path / "cache" / "checkpoints").exists()  # no training started
+
+
+def test_weights_with_wrong_keys_fail_compare_before_training(weights, tmp_path, capsys):
+    """A sound archive that holds the wrong dictionary: every adapter is built from its weights
+    before the pipeline starts, so compare stops before training, naming the file."""
+    import shutil
+
+    import torch
+
+    root = tmp_path / "weights"
+    shutil.copytree(weights, root)
+    bad = root / "pic2word" / "pic2word_model.pt"
+    torch.save({"epoch": 3, "not_the_state_dict": torch.zeros(2000)}, bad)
+    assert main(["check-weights", "--weights-dir", str(root), "--no-hash", "--no-load", "--baselines",
+                 "pic2word"]) == 0  # the file looks like a checkpoint...
+    assert main(["check-weights", "--weights-dir", str(root), "--no-hash", "--baselines", "pic2word"]) == 1
+    out = capsys.readouterr().out
+    assert "pic2word: DAMAGED" in out and "found keys" in out  # ...but is not the authors' checkpoint
+    assert main(["compare", "--no-progress", "--weights-dir", str(root), "--out", str(tmp_path / "never"),
+                 "--baselines", "pic2word,searle", "--set", "dataset.options={preset: tiny}",
+                 "--set", f"cache_dir={tmp_path / 'cache'}"]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err and "found keys" in err
+    assert not (tmp_path / "cache" / "checkpoints").exists()  # no training started

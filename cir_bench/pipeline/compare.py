@@ -9,9 +9,11 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from cir_bench.config import RunConfig
+from cir_bench.models import pick_device
 from cir_bench.pipeline.steps import cache_dir_for
 from cir_bench.pipeline.run import run
 from cir_bench.report.comparison import HEADLINE_TEMPLATE, write_report
+from cir_bench.search.baseline import load_composer, release_composers
 
 OWN_METHODS: list[Any] = ["random", "knn", "filtered_knn", {"method": "backward", "lam": 0.0}, "backward",
                           "student"]
@@ -54,8 +56,15 @@ def run_compare(cfg: RunConfig, baselines: Sequence[str], templates: Sequence[st
                             cfg.baselines.options)
     for m in missing:
         log(f"{m['baseline']}: weights missing: {', '.join(m['paths'])}")
+    # build every adapter from its weights now: wrong keys or shapes fail before any training
+    device = str(pick_device(cfg.device))
+    for e in entries:
+        load_composer(e["baseline"], e["weights_dir"], device, options=e.get("options"))
     cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, methods=list(OWN_METHODS) + entries))
-    out = run(cfg, progress=progress, log=log)
+    try:
+        out = run(cfg, progress=progress, log=log)
+    finally:
+        release_composers()
     (out / "compare.json").write_text(json.dumps({
         "baselines": list(baselines), "templates": list(templates), "headline_template": HEADLINE_TEMPLATE,
         "missing": missing}, indent=2))

@@ -21,6 +21,30 @@ from cir_bench.index.base import result_size
 from cir_bench.paths import cache_root, load_cached, save_torch
 
 
+_COMPOSERS: dict[tuple, Any] = {}
+
+
+def load_composer(baseline: str, weights_dir: str | None, device: str, batch_size: int = 32,
+                  options: dict[str, Any] | None = None) -> Any:
+    """The adapter built from its weights, once per process: ``cir-bench compare`` builds every
+    adapter before any pipeline work (a file with the wrong keys or shapes fails there, not
+    after training), and the search method then finds it here."""
+    import json
+
+    from baselines import get_composer
+
+    key = (baseline, str(weights_dir), str(device), int(batch_size), json.dumps(options or {}, sort_keys=True))
+    if key not in _COMPOSERS:
+        _COMPOSERS[key] = get_composer(baseline, weights_dir, device=str(device), batch_size=batch_size,
+                                       **(options or {}))
+    return _COMPOSERS[key]
+
+
+def release_composers() -> None:
+    """Drop the adapters built by ``load_composer`` (their weights can take GBs)."""
+    _COMPOSERS.clear()
+
+
 class BaselineSearch(SearchMethod):
     name = "baseline"
     needs_images = True
@@ -42,13 +66,10 @@ class BaselineSearch(SearchMethod):
         return {"baseline": self.baseline, "template": self.template, **({"options": self.options} if self.options else {})}
 
     def setup(self, ctx: SearchContext) -> None:
-        from baselines import get_composer
-
         if self.composer is not None:
             return
         t0 = time.perf_counter()
-        self.composer = get_composer(self.baseline, self.weights_dir, device=str(ctx.device),
-                                     batch_size=self.batch_size, **self.options)
+        self.composer = load_composer(self.baseline, self.weights_dir, str(ctx.device), self.batch_size, self.options)
         key = f"{self.composer.cache_key()}-{ctx.dataset.fingerprint()}"
         path = cache_root(self.cache_dir) / "baselines" / f"{key}.pt"
         ids = [ctx.dataset.items[p].id for p in ctx.database]
