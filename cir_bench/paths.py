@@ -29,11 +29,6 @@ def cache_root(explicit: str | Path | None = None) -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "cir-bench"
 
 
-def default_cache_dir() -> Path:
-    """The cache root when no config names one (kept for callers that have no config)."""
-    return cache_root(None)
-
-
 def default_weights_dir() -> Path:
     """Where weights files are looked for when neither a flag nor ``$CIR_BENCH_WEIGHTS``
     names a folder: ``<cache root>/weights`` (``~/.cache/cir-bench/weights`` by default)."""
