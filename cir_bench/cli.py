@@ -326,7 +326,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out = run_compare(cfg, names, templates, args.weights_dir, progress=not args.no_progress)
     print()
     print((out / "comparison.md").read_text())
-    print(f"wrote comparison.md, comparison.csv, comparison.parquet and the run files to {out} "
+    print(f"wrote comparison.md, comparison.csv, comparison.parquet, significance.csv and the run files to {out} "
           f"in {time.perf_counter() - t0:.0f} s")
     return 0
 

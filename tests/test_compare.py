@@ -161,3 +161,14 @@ def test_weights_with_wrong_keys_fail_compare_before_training(weights, tmp_path,
     err = capsys.readouterr().err
     assert str(bad) in err and "found keys" in err
     assert not (tmp_path / "cache" / "checkpoints").exists()  # no training started
+
+
+def test_report_carries_confidence_intervals_and_paired_tests(tiny_compare, tmp_path):
+    out = tmp_path / "rep"
+    assert main(["report", str(tiny_compare), "--out", str(out)]) == 0
+    sig = pd.read_csv(out / "significance.csv")
+    assert {"mean", "ci_low", "ci_high", "reference", "difference", "p_value", "p_holm", "significant"} <= set(sig)
+    assert (sig["ci_low"] <= sig["mean"] + 1e-12).all() and (sig["mean"] <= sig["ci_high"] + 1e-12).all()
+    assert set(sig["reference"].dropna()) == {"backward[lam=0]", "backward[lam=0.005]"}
+    text = (out / "comparison.md").read_text()
+    assert "Uncertainty and significance" in text and "[95 % CI]" in text
