@@ -99,3 +99,29 @@ def test_against_torchmetrics(seed):
     metric_p = tm.RetrievalPrecision(top_k=k)
     got_p = metric_p(torch.tensor(scores.ravel()), torch.tensor(relevant.ravel()), indexes=indexes)
     assert float(got_p) == pytest.approx(precision_at_k(hits, k).mean(), abs=1e-6)
+
+
+def test_hit_context_counts_only_the_correct_results():
+    """Against a plain loop on random data; NaN without hits; in metrics.csv of a run."""
+    import math
+
+    from cir_bench.metrics import METRICS
+    from cir_bench.metrics.hit_context import hit_context_at_k
+
+    rng = np.random.default_rng(5)
+    q, k, f = 30, 10, 6
+    qf = rng.integers(0, 3, size=(q, f))
+    rf = rng.integers(0, 3, size=(q, k + 2, f))
+    compare = rng.random((q, f)) < 0.7
+    compare[:, 0] = True
+    hits = rng.random((q, k + 2)) < 0.3
+    hits[0] = False
+    got = hit_context_at_k(qf, rf, compare, hits, k)
+    for i in range(q):
+        items = [j for j in range(k) if hits[i, j]]
+        if not items:
+            assert math.isnan(got[i])
+            continue
+        per = [np.mean([rf[i, j, c] == qf[i, c] for c in range(f) if compare[i, c]]) for j in items]
+        assert got[i] == pytest.approx(np.mean(per))
+    assert "hit_context_at_k" in METRICS

@@ -16,6 +16,7 @@ from cir_bench.data.base import Dataset
 from cir_bench.data.queries import QuerySet, relevant_mask
 from cir_bench.metrics.average_precision import ap_at_k_hits, ap_at_k_minRk, ap_at_k_R
 from cir_bench.metrics.context import context_at_k
+from cir_bench.metrics.hit_context import hit_context_at_k
 from cir_bench.metrics.precision import precision_at_k
 from cir_bench.metrics.recall import hit_at_k, recall_at_k
 from cir_bench.metrics.tag_similarity import jaccard, mts_at_k, retrieved_similarity_at_k
@@ -63,6 +64,8 @@ _register("recall_at_k", lambda e, k: recall_at_k(e.hits, e.n_relevant, k))
 _register("mts_at_k", lambda e, k: mts_at_k(e.query_tags, e.ranked_tags, k), "tags")
 _register("context_at_k", lambda e, k: context_at_k(e.query_factors, e.ranked_factors, e.context_compare, k),
           "factors")
+_register("hit_context_at_k", lambda e, k: hit_context_at_k(e.query_factors, e.ranked_factors, e.context_compare,
+                                                           e.hits, k), "factors")
 _register("twin_hit_at_k", lambda e, k: twin_hit_at_k(e.ranked, e.twin, k), "twins")
 
 #: the paper's name for precision@k, reported beside it ("mAP@10, paper def.")
@@ -167,6 +170,6 @@ def summarize(per_query: pd.DataFrame) -> dict[str, float]:
 
 __all__ = [
     "METRICS", "MetricSpec", "EvalInputs", "build_eval_inputs", "evaluate", "summarize", "find_twins",
-    "precision_at_k", "ap_at_k_R", "ap_at_k_minRk", "ap_at_k_hits", "hit_at_k", "recall_at_k",
+    "precision_at_k", "ap_at_k_R", "ap_at_k_minRk", "ap_at_k_hits", "hit_at_k", "recall_at_k", "hit_context_at_k",
     "mts_at_k", "retrieved_similarity_at_k", "context_at_k", "twin_rank", "twin_hit_at_k", "jaccard",
 ]
