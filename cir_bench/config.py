@@ -99,9 +99,19 @@ class QueryConfig:
     condition_draw: Literal["other", "any"] = "other"
 
 
+# the precision–context frontier of the report: Backward Search and its student as curves over
+# λ, soft filtered kNN over β (cheap: the students cost one distillation each)
+FRONTIER_LAMBDAS = [0.0005, 0.001, 0.002, 0.01, 0.02, 0.05]
+FRONTIER_STUDENT_LAMBDAS = [0.0, 0.02]
+FRONTIER_BETAS = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0]
+
+
 def _default_methods() -> list[Any]:
-    return ["random", "knn", "filtered_knn", "oracle_filtered_knn", {"method": "backward", "lam": 0.0},
-            "backward", "student"]
+    return (["random", "knn", "filtered_knn", "oracle_filtered_knn", {"method": "backward", "lam": 0.0},
+             "backward", "student"]
+            + [{"method": "backward", "lam": lam} for lam in FRONTIER_LAMBDAS]
+            + [{"method": "student", "lam": lam} for lam in FRONTIER_STUDENT_LAMBDAS]
+            + [{"method": "soft_filtered_knn", "beta": beta} for beta in FRONTIER_BETAS])
 
 
 @dataclass

@@ -270,3 +270,65 @@ def test_student_authors_architecture(setup, tmp_path):
     back = Student.load(student.save(tmp_path / "a.pt"))
     with torch.no_grad():
         assert torch.equal(back(store.z[:4], torch.zeros(4, 1, dtype=torch.long)), out)
+
+
+def _soft_scores_by_loop(ds, store, model, ctx, qs, beta):
+    """cos(z0, x) + beta * sum_m log p_m(c_m | x), one query and one item at a time."""
+    db = ctx.database
+    zn = torch.nn.functional.normalize(store.z.double(), dim=1)
+    with torch.no_grad():
+        log_p = {p: torch.log_softmax(model.heads[p](store.z[torch.as_tensor(db)]).double(), 1).numpy()
+                 for p in qs.properties}
+    out = []
+    for q in range(len(qs)):
+        scores = {}
+        for row, item in enumerate(db):
+            if item == qs.positions[q]:
+                continue  # the query itself is excluded
+            s = float(zn[qs.positions[q]] @ zn[item])
+            s += beta * sum(log_p[p][row, qs.conditions[q, m]] for m, p in enumerate(qs.properties))
+            scores[int(item)] = s
+        top = sorted(scores, key=lambda i: (-scores[i], i))[:10]
+        out.append((top, [scores[i] for i in top]))
+    return out
+
+
+@pytest.mark.parametrize("beta,props", [(0.0, ["style"]), (0.3, ["style"]), (2.0, ["style", "shape"])])
+def test_soft_filtered_knn_matches_a_plain_loop(setup, beta, props):
+    ds, store, model = setup
+    ctx = _ctx(ds, store, model)
+    test = ds.split_indices("test")
+    cond = np.stack([(ds.labels(p)[test[:12]] + 1) % ds.property(p).num_classes for p in props], axis=1)
+    qs = QuerySet(props, test[:12], cond)
+    got = get_method("soft_filtered_knn", beta=beta).search(ctx, qs, 10)
+    loop = _soft_scores_by_loop(ds, store, model, ctx, qs, beta)
+    # scores: float32 cosine + float32 log-softmax against float64 (1e-4 covers both)
+    assert_same_rankings(got.positions, got.scores, [a for a, _ in loop], [b for _, b in loop], tie=1e-4,
+                         what=f"soft_filtered_knn beta={beta}")
+    if beta == 0.0:  # beta = 0 is plain kNN
+        knn = get_method("knn").search(ctx, qs, 10)
+        assert_same_rankings(got.positions, got.scores, knn.positions, knn.scores, what="beta=0 vs knn")
+
+
+def test_soft_filtered_knn_trades_context_for_the_condition_as_beta_grows(setup):
+    """Top-k of cos + beta * log p maximises sum(cos) + beta * sum(log p) over k-sets, so for
+    beta1 < beta2 the sum of log p over the top-k cannot fall and the sum of cosines cannot
+    rise (exchange argument): checked per query on a beta sweep."""
+    ds, store, model = setup
+    ctx = _ctx(ds, store, model)
+    test = ds.split_indices("test")
+    qs = QuerySet(["style"], test[:30], ((ds.labels("style")[test[:30]] + 1) % 6)[:, None])
+    with torch.no_grad():
+        log_p = torch.log_softmax(model.heads["style"](store.z), 1).double().numpy()
+    zn = torch.nn.functional.normalize(store.z.double(), dim=1).numpy()
+    sums = []
+    for beta in (0.0, 0.1, 1.0, 100.0):
+        r = get_method("soft_filtered_knn", beta=beta).search(ctx, qs, 10)
+        sums.append([(log_p[row, qs.conditions[q, 0]].sum(), (zn[row] @ zn[qs.positions[q]]).sum())
+                     for q, row in enumerate(r.positions)])
+    sums = np.array(sums)  # (beta, query, [sum log p, sum cos])
+    assert (np.diff(sums[:, :, 0], axis=0) >= -1e-3).all()
+    assert (np.diff(sums[:, :, 1], axis=0) <= 1e-3).all()
+    assert (sums[-1, :, 0] > sums[0, :, 0]).mean() > 0.5  # and it does move for most queries
+    with pytest.raises(ValueError, match="beta"):
+        get_method("soft_filtered_knn", beta=-1)

@@ -58,8 +58,12 @@ def test_metrics_recomputable_from_files_alone(cache_dir, tmp_path):
     items = pd.read_parquet(out / "items.parquet").set_index("id")
     results = pd.read_parquet(out / "results.parquet")
     metrics = pd.read_csv(out / "metrics.csv").set_index("method")
+    from cir_bench.config import FRONTIER_BETAS, FRONTIER_LAMBDAS, FRONTIER_STUDENT_LAMBDAS
+
     methods = {"random", "knn", "filtered_knn", "oracle_filtered_knn", "backward[lam=0]", "backward[lam=0.005]",
-               "student"}
+               "student", *(f"backward[lam={v:g}]" for v in FRONTIER_LAMBDAS),
+               *(f"student[lam={v:g}]" for v in FRONTIER_STUDENT_LAMBDAS),
+               *(f"soft_filtered_knn[beta={v:g}]" for v in FRONTIER_BETAS)}
     assert set(results["method"]) == methods and set(results["query_set"]) == {"style", "style+shape"}
     assert len(results) == len(methods) * 40 * 2
     metrics = metrics.reset_index().set_index(["query_set", "method"])

@@ -55,6 +55,12 @@ def method_specs(cfg: RunConfig) -> list[MethodSpec]:
         if name == "backward":
             params = {"preset": cfg.search.preset, "lam": float(cfg.search.lam), **cfg.search.overrides(), **params}
             label = label or backward_label(params['lam'])
+        elif name == "student" and params.get("lam") is not None:
+            params["lam"] = float(params["lam"])
+            label = label or "student" + backward_label(params["lam"])[len("backward"):]
+        elif name == "soft_filtered_knn" and "beta" in params:
+            params["beta"] = float(params["beta"])
+            label = label or f"soft_filtered_knn[beta={params['beta']:g}]"
         specs.append(MethodSpec(label or name, name, params))
     seen: set[str] = set()
     unique = []
@@ -99,6 +105,7 @@ def run(cfg: RunConfig, progress: bool = True, log=print) -> Path:
 
     ids = np.array([it.id for it in dataset.items])
     result_frames, metric_rows, query_info, student_info = [], [], {}, {}
+    moved: list[pd.DataFrame] = []  # z* of the methods that move the query (map_points.parquet)
     methods: dict[str, Any] = {}  # one instance per label across query sets (setup runs once)
     for props, queries, query_file in built:
         set_name = "+".join(props)
@@ -106,12 +113,18 @@ def run(cfg: RunConfig, progress: bool = True, log=print) -> Path:
         twins = find_twins(dataset, queries, database)
         log(f"query set {set_name}: {len(queries)} queries, database {len(database)} items "
             f"(split '{cfg.queries.database_split}'), self-match {cfg.eval.self_match}")
-        if any(s.name == "student" for s in specs):
+        for spec in (s for s in specs if s.name == "student"):
+            lam = spec.params.get("lam")
             t0 = time.perf_counter()
-            student, info = distil_or_load(cfg, dataset, trained, store, list(props), device, progress)
-            ctx.cache.setdefault("students", {})[tuple(props)] = student
-            student_info[set_name] = {**info, "teacher": teacher_label(cfg)}
-            timings[f"distil_{set_name}_s"] = time.perf_counter() - t0
+            student, info = distil_or_load(cfg, dataset, trained, store, list(props), device, progress, lam=lam)
+            ctx.cache.setdefault("students", {})[(tuple(props), lam)] = student
+            teacher_of = teacher_label(cfg) if lam is None else backward_label(lam)
+            if lam is None:
+                student_info[set_name] = {**info, "teacher": teacher_of}
+                timings[f"distil_{set_name}_s"] = time.perf_counter() - t0
+            else:
+                student_info.setdefault(f"{set_name} sweep", {})[spec.label] = {**info, "teacher": teacher_of}
+                timings[f"distil_{set_name}_{spec.label}_s"] = time.perf_counter() - t0
         qframe = queries.to_frame(dataset)
         conditions = [queries.conditions_json(dataset, q) for q in range(len(queries))]
         rankings = {}
@@ -133,9 +146,9 @@ def run(cfg: RunConfig, progress: bool = True, log=print) -> Path:
                 it = ranking.extras["iterations"].astype(float)
                 summary.update(mean_iterations=float(it.mean()), std_iterations=float(it.std()),
                                satisfied_rate=float(ranking.extras["satisfied"].mean()))
-            if spec.name == "student" and teacher_label(cfg) in rankings:
-                sim = retrieved_similarity_at_k(rankings[teacher_label(cfg)].positions, ranking.positions,
-                                                cfg.eval.k)
+            teacher_of = backward_label(spec.params["lam"]) if "lam" in spec.params else teacher_label(cfg)
+            if spec.name == "student" and teacher_of in rankings:
+                sim = retrieved_similarity_at_k(rankings[teacher_of].positions, ranking.positions, cfg.eval.k)
                 per_query[f"retrieved_similarity_at_{cfg.eval.k}"] = sim
                 summary[f"retrieved_similarity_at_{cfg.eval.k}"] = float(sim.mean())
             summary["ms_per_query"] = 1000.0 * elapsed / max(len(queries), 1)
@@ -153,6 +166,11 @@ def run(cfg: RunConfig, progress: bool = True, log=print) -> Path:
             for col in per_query.columns:
                 frame[f"metric_{col}"] = per_query[col].to_numpy()
             result_frames.append(frame)
+            if ranking.query_vectors is not None:
+                moved.append(pd.DataFrame({"role": "moved", "query_set": set_name, "method": spec.label,
+                                           "query_id": qframe["query_id"].to_numpy(),
+                                           "item_id": ids[queries.positions],
+                                           "z": list(ranking.query_vectors.astype(np.float32))}))
             log(f"  {spec.label:<24} precision@{cfg.eval.k}={summary[f'precision_at_{cfg.eval.k}']:.3f} "
                 f"({summary['ms_per_query']:.2f} ms/query)")
 
@@ -183,5 +201,25 @@ def run(cfg: RunConfig, progress: bool = True, log=print) -> Path:
         "students": student_info,
         "timings": {**timings, "total_s": time.perf_counter() - t_start},
     }
-    write_run(out, pd.concat(result_frames, ignore_index=True), pd.DataFrame(metric_rows), items, manifest)
+    points = map_points(store.z, ids, database, np.unique(np.concatenate([q.positions for _, q, _ in built])),
+                        moved, cfg.seed)
+    write_run(out, pd.concat(result_frames, ignore_index=True), pd.DataFrame(metric_rows), items, manifest,
+              extra={"map_points.parquet": points})
     return out
+
+
+MAP_DATABASE_SAMPLE = 1500
+
+
+def map_points(z: torch.Tensor, ids: np.ndarray, database: np.ndarray, query_positions: np.ndarray,
+               moved: list[pd.DataFrame], seed: int) -> pd.DataFrame:
+    """The embeddings the report's map (Fig 5) is drawn from: a seeded sample of at most
+    MAP_DATABASE_SAMPLE database items, every query's z0, and the z* of each method that moves
+    the query. The report projects them together; the run keeps the raw vectors."""
+    rng = np.random.default_rng([seed, 5])
+    sample = np.sort(rng.choice(database, size=min(MAP_DATABASE_SAMPLE, len(database)), replace=False))
+    zz = z.float().numpy()
+    frames = [pd.DataFrame({"role": "database", "item_id": ids[sample], "z": list(zz[sample])}),
+              pd.DataFrame({"role": "query", "item_id": ids[query_positions], "z": list(zz[query_positions])}),
+              *moved]
+    return pd.concat(frames, ignore_index=True)

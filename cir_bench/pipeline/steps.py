@@ -177,8 +177,10 @@ def prepare(cfg: RunConfig, progress: bool = True, dataset: Dataset | None = Non
     return Prepared(dataset, trained, store, hit, ctx, device)
 
 
-def teacher(cfg: RunConfig) -> BackwardSearch:
-    return BackwardSearch(cfg.search.preset, lam=float(cfg.search.lam), **cfg.search.overrides())
+def teacher(cfg: RunConfig, lam: float | None = None) -> BackwardSearch:
+    """Backward Search as the ``search`` section configures it, at ``lam`` when given."""
+    return BackwardSearch(cfg.search.preset, lam=float(cfg.search.lam if lam is None else lam),
+                          **cfg.search.overrides())
 
 
 def backward_label(lam: float) -> str:
@@ -191,14 +193,16 @@ def teacher_label(cfg: RunConfig) -> str:
 
 
 def distil_or_load(cfg: RunConfig, dataset: Dataset, trained: TrainedModel, store: EmbeddingStore,
-                   properties: list[str], device: torch.device, progress: bool = True) -> tuple[Student, dict]:
-    """The student for one property set, cached by (checkpoint, store, teacher, config, seed)."""
+                   properties: list[str], device: torch.device, progress: bool = True,
+                   lam: float | None = None) -> tuple[Student, dict]:
+    """The student for one property set, cached by (checkpoint, store, teacher, config, seed);
+    its teacher is Backward Search at ``lam`` (default: the ``search`` section's λ)."""
     student_cfg = cfg.student
     settings = dataclasses.asdict(student_cfg)
     if settings["architecture"] == "cir-bench":  # the only one before the option: same key, same file
         del settings["architecture"]
     key = _hash({"checkpoint": file_sha256(trained.checkpoint), "store": store.fingerprint, "props": properties,
-                 "teacher": teacher(cfg).params(), "teacher_version": BACKWARD_VERSION, "student": settings,
+                 "teacher": teacher(cfg, lam).params(), "teacher_version": BACKWARD_VERSION, "student": settings,
                  "seed": cfg.seed})
     path = cache_dir_for(cfg) / "students" / f"{key}.pt"
     student = load_cached(path, lambda p: Student.load(p, device), cfg.on_damaged_cache)
@@ -206,7 +210,7 @@ def distil_or_load(cfg: RunConfig, dataset: Dataset, trained: TrainedModel, stor
         return student, {"path": str(path), "reused": True}
     train_idx = torch.as_tensor(dataset.split_indices("train"))
     t0 = time.perf_counter()
-    bs, heads = teacher(cfg), trained.model.heads
+    bs, heads = teacher(cfg, lam), trained.model.heads
     student, history = distill_student(
         lambda z0, cond: bs.invert(heads, z0, properties, cond).z, store.z[train_idx], properties,
         [dataset.property(p).num_classes for p in properties], student_cfg, cfg.seed, device,

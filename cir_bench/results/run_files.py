@@ -6,12 +6,16 @@
 - ``items.parquet``: one row per dataset item (id, split, labels, tags), so every metric
   can be recomputed from these files alone;
 - ``queries.parquet``: the query set;
+- ``map_points.parquet`` (runs of ``cir-bench run``): embeddings for the report's map, a
+  seeded database sample, the queries' z0 and each moving method's z* (role, item_id,
+  query_set, method, query_id, z);
 - ``manifest.json``: config, seed, policies, package versions, git revision, dataset
   fingerprint, device, checkpoint and embedding identities, training history.
 """
 from __future__ import annotations
 
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -25,7 +29,7 @@ from cir_bench.paths import atomic_write
 
 RESULT_FILES = ("results.parquet", "metrics.csv", "items.parquet", "manifest.json")
 PACKAGES = ("cir-bench", "torch", "torchvision", "numpy", "pandas", "pyarrow", "scikit-learn", "pillow", "ray",
-            "seaborn")
+            "seaborn", "matplotlib", "jinja2")
 
 
 def package_versions() -> dict[str, str | None]:
@@ -36,6 +40,19 @@ def package_versions() -> dict[str, str | None]:
         except metadata.PackageNotFoundError:
             out[name] = None
     return out
+
+
+def host_info() -> dict[str, Any]:
+    """The CPU model (float results depend on its kernels), logical CPUs and platform."""
+    cpu = platform.processor() or None
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "logical_cpus": os.cpu_count(), "platform": platform.platform()}
 
 
 def git_revision(path: Path | None = None) -> dict[str, Any]:
@@ -53,18 +70,21 @@ def git_revision(path: Path | None = None) -> dict[str, Any]:
 
 
 def write_run(out: Path, results: pd.DataFrame, metrics: pd.DataFrame, items: pd.DataFrame,
-              manifest: dict[str, Any]) -> None:
-    """Write the four run files, each atomically; the manifest last, so a directory with a
-    manifest holds a complete run."""
+              manifest: dict[str, Any], extra: dict[str, pd.DataFrame] | None = None) -> None:
+    """Write the four run files (and ``extra`` parquet files, e.g. map_points.parquet), each
+    atomically; the manifest last, so a directory with a manifest holds a complete run."""
     out.mkdir(parents=True, exist_ok=True)
+    for name, frame in (extra or {}).items():
+        with atomic_write(out / name) as tmp:
+            frame.to_parquet(tmp, index=False)
     with atomic_write(out / "results.parquet") as tmp:
         results.to_parquet(tmp, index=False)
     with atomic_write(out / "metrics.csv") as tmp:
         metrics.to_csv(tmp, index=False)
     with atomic_write(out / "items.parquet") as tmp:
         items.to_parquet(tmp, index=False)
-    manifest = {**manifest, "packages": package_versions(), "git": git_revision(),
-                "command": sys.argv, "files": list(RESULT_FILES)}
+    manifest = {**manifest, "packages": package_versions(), "git": git_revision(), "host": host_info(),
+                "command": sys.argv, "files": [*RESULT_FILES, *(extra or {})]}
     with atomic_write(out / "manifest.json") as tmp:
         tmp.write_text(json.dumps(manifest, indent=2, default=str))
 

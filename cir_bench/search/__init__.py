@@ -9,6 +9,7 @@ from cir_bench.search.baseline import BaselineSearch
 from cir_bench.search.filtered_knn import FilteredKNN, OracleFilteredKNN
 from cir_bench.search.knn import KNNSearch
 from cir_bench.search.random_search import RandomSearch
+from cir_bench.search.soft_filtered_knn import SoftFilteredKNN
 from cir_bench.search.student import StudentSearch
 from cir_bench.registry import Registry
 
@@ -18,6 +19,7 @@ METHODS.register("knn")(KNNSearch)
 METHODS.register("backward")(BackwardSearch)
 METHODS.register("filtered_knn")(FilteredKNN)
 METHODS.register("oracle_filtered_knn")(OracleFilteredKNN)
+METHODS.register("soft_filtered_knn")(SoftFilteredKNN)
 METHODS.register("student")(StudentSearch)
 METHODS.register("baseline")(BaselineSearch)  # CoIR adapters of baselines/ (cir-bench compare)
 

@@ -240,7 +240,7 @@ class BackwardSearch(SearchMethod):
         return Ranking(pos.numpy(), score.numpy(), {
             "iterations": result.iterations.cpu().numpy(),
             "satisfied": result.satisfied.cpu().numpy(),
-        })
+        }, query_vectors=result.z.detach().cpu().float().numpy())
 
 
 def _validate(heads: Mapping[str, torch.nn.Module], z0: torch.Tensor, properties: Sequence[str],

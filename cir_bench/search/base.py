@@ -45,6 +45,9 @@ class Ranking:
     positions: np.ndarray  # (Q, k) item positions, best first
     scores: np.ndarray  # (Q, k)
     extras: dict[str, np.ndarray] = field(default_factory=dict)  # per-query diagnostics
+    # (Q, D) the vector each query searched with when the method moves it (Backward Search's
+    # z*, the student's output): the run keeps them for the report's map of z0 -> z*
+    query_vectors: np.ndarray | None = None
 
 
 class SearchMethod(ABC):

@@ -8,6 +8,8 @@ unlabelled data.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
@@ -42,20 +44,35 @@ class FilteredKNN(SearchMethod):
         labels = torch.as_tensor(np.stack([self._labels(ctx, p) for p in queries.properties], axis=1),
                                  device=ctx.device)  # (N_db, M)
         cond = torch.as_tensor(queries.conditions, device=ctx.device)
-        q = torch.nn.functional.normalize(ctx.query_embeddings(queries).to(ctx.device).float(), dim=1)
-        exclude = ctx.exclude(queries)
-        ex_local = torch.as_tensor(ctx.index.local(exclude), device=ctx.device) if exclude is not None else None
-        out_pos, out_score = [], []
-        for start in range(0, len(queries), ctx.index.chunk):
-            sl = slice(start, start + ctx.index.chunk)
-            sim = q[sl] @ ctx.index.z.to(ctx.device).T
+
+        def bonus(sl: slice, sim: torch.Tensor) -> torch.Tensor:
             match = (labels[None, :, :] == cond[sl, None, :]).all(dim=2)
-            ranked = sim + BONUS * match  # cosine is in [-1, 1]: every match outranks every miss
-            idx, _ = rank_scores(ranked, result_size(k, ranked.shape[1], exclude),
-                                 None if ex_local is None else ex_local[sl])
-            out_pos.append(torch.as_tensor(ctx.index.positions).cpu()[idx.cpu()])
-            out_score.append(torch.gather(sim, 1, idx).cpu())
-        return Ranking(torch.cat(out_pos).numpy(), torch.cat(out_score).numpy())
+            return sim + BONUS * match  # cosine is in [-1, 1]: every match outranks every miss
+
+        pos, cosine, _ = rank_database(ctx, queries, k, bonus)
+        return Ranking(pos, cosine)
+
+
+def rank_database(ctx: SearchContext, queries: QuerySet, k: int,
+                  adjust: Callable[[slice, torch.Tensor], torch.Tensor]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rank every database row by ``adjust(rows of this chunk, cosine to z0)``, self-matches
+    masked, in chunks of queries that bound memory. Returns the ranked item positions, their
+    cosines and their adjusted scores."""
+    q = torch.nn.functional.normalize(ctx.query_embeddings(queries).to(ctx.device).float(), dim=1)
+    exclude = ctx.exclude(queries)
+    ex_local = torch.as_tensor(ctx.index.local(exclude), device=ctx.device) if exclude is not None else None
+    positions = torch.as_tensor(ctx.index.positions)
+    out_pos, out_cos, out_score = [], [], []
+    for start in range(0, len(queries), ctx.index.chunk):
+        sl = slice(start, start + ctx.index.chunk)
+        sim = q[sl] @ ctx.index.z.to(ctx.device).T
+        ranked = adjust(sl, sim)
+        idx, top = rank_scores(ranked if ranked is not sim else sim.clone(),
+                               result_size(k, sim.shape[1], exclude), None if ex_local is None else ex_local[sl])
+        out_pos.append(positions[idx.cpu()])
+        out_cos.append(torch.gather(sim, 1, idx).cpu())
+        out_score.append(top.cpu())
+    return torch.cat(out_pos).numpy(), torch.cat(out_cos).numpy(), torch.cat(out_score).numpy()
 
 
 class OracleFilteredKNN(FilteredKNN):

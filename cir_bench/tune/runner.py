@@ -16,9 +16,16 @@ from cir_bench.tune.experiment import Experiment, trial_config
 def _evaluate(ctx, queries, method, k: int) -> dict[str, float]:
     from cir_bench.metrics import build_eval_inputs, evaluate, summarize
 
+    from cir_bench.report.stats import bootstrap_ci
+
     ranking = method.search(ctx, queries, k)
     inputs = build_eval_inputs(ctx.dataset, queries, ranking.positions, ctx.database, ctx.self_match)
-    out = summarize(evaluate(inputs, ks=(k,)))
+    per_query = evaluate(inputs, ks=(k,))
+    out = summarize(per_query)
+    for col in (f"precision_at_{k}", f"mts_at_{k}", f"context_at_{k}", f"hit_context_at_{k}"):
+        if col in per_query:  # the report's Table 3 shows every mean with its 95 % bootstrap interval
+            est = bootstrap_ci(per_query[col].to_numpy(dtype=float), seed=ctx.seed)
+            out[f"{col}_ci_low"], out[f"{col}_ci_high"] = est.low, est.high
     if "iterations" in ranking.extras:
         out["mean_iterations"] = float(np.mean(ranking.extras["iterations"]))
     return out
