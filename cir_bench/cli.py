@@ -111,8 +111,14 @@ def cmd_run(args: argparse.Namespace) -> int:
                                      f"ap_at_{k}_minRk", f"mts_at_{k}", f"context_at_{k}", f"twin_hit_at_{k}",
                                      "mean_iterations", f"retrieved_similarity_at_{k}", "ms_per_query"]))
     print(f"(precision_at_{k} is the paper's \"mAP@{k}\", paper def.)")
-    print(f"\nwrote {out}/ (results.parquet, metrics.csv, items.parquet, manifest.json) "
+    print(f"\nwrote {out}/ (results.parquet, metrics.csv, items.parquet, map_points.parquet, manifest.json) "
           f"in {time.perf_counter() - t0:.1f} s")
+    if not args.no_report:
+        from cir_bench.report import ReportOptions, classify, write_html_report
+
+        t0 = time.perf_counter()
+        paths = write_html_report(classify([out]), out, ReportOptions(seed=cfg.seed))
+        print(f"report ({time.perf_counter() - t0:.0f} s): {paths[0].resolve()}")
     return 0
 
 
@@ -332,17 +338,24 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    """The comparison tables of one or more `cir-bench compare`/`run` directories, from their files."""
-    from cir_bench.report import write_report
+    """report.html + report.md (and the comparison tables of the runs) from the files of runs,
+    compares, Tune experiments, load tests and benchmark JSON."""
+    from cir_bench.report import ReportOptions, classify, write_html_report, write_report
 
-    dirs = [Path(d) for d in args.runs]
-    for d in dirs:
-        if not (d / "metrics.csv").is_file() or not (d / "manifest.json").is_file():
-            raise FileNotFoundError(f"{d}: not a run directory (needs metrics.csv and manifest.json)")
-    out = Path(args.out) if args.out else dirs[0]
-    paths = write_report(dirs, out)
-    print(paths[0].read_text())
-    print(f"wrote {', '.join(p.name for p in paths)} to {out}")
+    inputs = classify([Path(p) for p in args.inputs])
+    first = Path(args.inputs[0])
+    out = Path(args.out) if args.out else (first if first.is_dir() else first.parent)
+    written = []
+    if inputs.runs:
+        written += write_report([r.path for r in inputs.runs], out)
+    opts = ReportOptions(resamples=args.resamples, seed=args.seed, grid_queries=args.grid_queries,
+                         grid_methods=[m.strip() for m in args.grid_methods.split(",") if m.strip()]
+                         if args.grid_methods else None)
+    t0 = time.perf_counter()
+    written += write_html_report(inputs, out, opts)
+    print(f"wrote {', '.join(p.name for p in written)} and report_figures/ to {out} "
+          f"in {time.perf_counter() - t0:.0f} s")
+    print(f"report: {(out / 'report.html').resolve()}")
     return 0
 
 
@@ -414,9 +427,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default runs/<timestamp>-<dataset>)")
     p.add_argument("--overwrite", action="store_true", help="replace the files of an existing run in --out")
     p.add_argument("--methods", help="comma-separated search methods (default: random, knn, filtered_knn, "
-                   "oracle_filtered_knn, backward at lambda 0 and at search.lam, student)")
+                   "oracle_filtered_knn, backward at lambda 0 and at search.lam, student, and the frontier sweep: "
+                   "backward and student over lambda, soft_filtered_knn over beta)")
     p.add_argument("--lambda", dest="lambdas", metavar="L1,L2,...",
                    help="also run Backward Search at each of these lambdas, e.g. 0,0.25,1,4,16")
+    p.add_argument("--no-report", action="store_true", help="skip report.html/report.md at the end")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("compare", help="Backward Search vs the CoIR baselines with weights present (Table 4)")
@@ -430,9 +445,17 @@ def make_parser() -> argparse.ArgumentParser:
                    "~/.cache/cir-bench/weights)")
     p.set_defaults(func=cmd_compare)
 
-    p = sub.add_parser("report", help="comparison tables from one or more run/compare directories")
-    p.add_argument("runs", nargs="+", help="run directories (one per dataset)")
-    p.add_argument("--out", help="where to write comparison.md/.csv/.parquet (default the first run)")
+    p = sub.add_parser("report", help="report.html + report.md from the outputs of run, compare, tune, "
+                       "loadtest and benchmarks")
+    p.add_argument("inputs", nargs="+", metavar="INPUT",
+                   help="run or compare directories (several seeds of one config are pooled), a tune experiment "
+                   "(its folder or report/), a load test (its folder or loadtest.json), a benchmark JSON file")
+    p.add_argument("--out", help="where to write the report (default the first input's folder)")
+    p.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples per interval (default 2000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstraps, tests and chosen queries")
+    p.add_argument("--grid-queries", type=int, default=3, help="retrieval grids per query set (default 3)")
+    p.add_argument("--grid-methods", help="comma-separated method labels of the grids (default knn, filtered_knn, "
+                   "soft_filtered_knn[beta=1], backward at 0 and the run's λ, student, compared baselines)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("check-weights", help="list the baseline weights found: paths, sizes, sha256")

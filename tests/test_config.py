@@ -243,6 +243,8 @@ def test_report_names_a_broken_run_file(tmp_path, capsys):
     run.mkdir()
     (run / "metrics.csv").write_text("query_set,method,params\nstyle,knn,{}\n")
     (run / "manifest.json").write_text("{not json")
+    for name in ("results.parquet", "items.parquet"):
+        (run / name).write_bytes(b"PAR1")
     assert main(["report", str(run)]) == 2
     err = capsys.readouterr().err
     assert f"{run / 'manifest.json'}: cannot be read" in err

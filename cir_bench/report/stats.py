@@ -41,10 +41,32 @@ def bootstrap_ci(values: Sequence[float], resamples: int = 2000, level: float = 
     x = x[~np.isnan(x)]
     if x.size == 0:
         return Estimate(float("nan"), float("nan"), float("nan"), 0)
-    rng = np.random.default_rng([seed, 71])
-    means = x[rng.integers(0, x.size, size=(resamples, x.size))].mean(axis=1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    lo, hi = np.quantile(bootstrap_means(x, resamples, seed), [(1 - level) / 2, (1 + level) / 2])
     return Estimate(float(x.mean()), float(lo), float(hi), int(x.size))
+
+
+def bootstrap_means(values: Sequence[float], resamples: int = 2000, seed: int | Sequence[int] = 0) -> np.ndarray:
+    """The ``resamples`` bootstrap means of ``values`` (NaN left out; all NaN when none is
+    left). An interval over several query sets averages their draws, each set resampled
+    with its own seed.
+
+    >>> bootstrap_means([2.0, 2.0], resamples=3).tolist()
+    [2.0, 2.0, 2.0]
+    """
+    x = np.asarray(values, dtype=float)
+    x = x[~np.isnan(x)]
+    if x.size == 0:
+        return np.full(resamples, np.nan)
+    rng = np.random.default_rng([*np.atleast_1d(seed).tolist(), 71])
+    return x[rng.integers(0, x.size, size=(resamples, x.size))].mean(axis=1)
+
+
+def interval(draws: np.ndarray, level: float = 0.95) -> tuple[float, float]:
+    """Percentile interval of bootstrap draws."""
+    if np.isnan(draws).all():
+        return float("nan"), float("nan")
+    lo, hi = np.nanquantile(draws, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
 
 
 def paired_randomization_test(a: Sequence[float], b: Sequence[float], resamples: int = 10000,
@@ -122,5 +144,18 @@ def run_significance(run_dir: Path, metric: str = "precision_at_10", resamples: 
     """``significance_table`` of a run directory against Backward Search at λ = 0 and at the
     run's λ (the methods named ``backward[...]`` in its results)."""
     results = pd.read_parquet(Path(run_dir) / "results.parquet")
-    refs = [m for m in dict.fromkeys(results["method"]) if str(m).startswith("backward[")]
-    return significance_table(results, metric, refs[:2], resamples=resamples, seed=seed)
+    return significance_table(results, metric, backward_references(run_dir, results), resamples=resamples,
+                              seed=seed)
+
+
+def backward_references(run_dir: Path, results: pd.DataFrame) -> list[str]:
+    """The Backward Search labels differences are tested against: λ = 0 and the run's λ
+    (from its manifest), where the run has them."""
+    import json
+
+    manifest_path = Path(run_dir) / "manifest.json"
+    lam = 0.005
+    if manifest_path.is_file():
+        lam = float(json.loads(manifest_path.read_text()).get("config", {}).get("search", {}).get("lam", lam))
+    present = set(results["method"])
+    return [r for r in dict.fromkeys([f"backward[lam={0.0:g}]", f"backward[lam={lam:g}]"]) if r in present]

@@ -1,0 +1,291 @@
+"""The report's figures, each drawn from the run files and returned as PNG bytes (the HTML
+inlines them). matplotlib with the Agg backend; seaborn's palette.
+
+- ``lambda_curves``: the paper's Fig 6, metrics against λ for Backward Search and the student;
+- ``frontier``: precision@k against a context metric, curves over λ / β, Pareto points ringed;
+- ``embedding_map``: the paper's Fig 5, t-SNE of the database sample with arrows z0 -> z*;
+- ``retrieval_grid``: the paper's Figs 7-9, query and top-k thumbnails per method;
+- ``per_class_precision``, ``iterations``: where the search fails, how long it runs.
+"""
+from __future__ import annotations
+
+import io
+import json
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from cir_bench.report.frontier import CURVE_FAMILIES, SYMBOL
+from cir_bench.report.inputs import RunFiles
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    sns.set_theme(style="whitegrid", context="notebook", font_scale=0.85)
+    return plt
+
+
+def png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    _plt().close(fig)
+    return buf.getvalue()
+
+
+def jpeg(fig) -> bytes:
+    """Photographic figures (the retrieval grids): a fifth of the PNG's size."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="jpg", dpi=100, bbox_inches="tight", pil_kwargs={"quality": 85})
+    _plt().close(fig)
+    return buf.getvalue()
+
+
+def _colors(names: Sequence[str]) -> dict[str, Any]:
+    import seaborn as sns
+
+    palette = sns.color_palette("tab10", max(len(names), 1))
+    return {n: palette[i % len(palette)] for i, n in enumerate(names)}
+
+
+def _lam_axis(values: np.ndarray) -> tuple[np.ndarray, float]:
+    """λ on a log axis; λ = 0 drawn at half the smallest positive λ."""
+    pos = values[values > 0]
+    zero_at = float(pos.min() / 2) if pos.size else 1e-4
+    return np.where(values > 0, values, zero_at), zero_at
+
+
+def lambda_curves(points: pd.DataFrame, metrics: Sequence[tuple[str, str]]) -> bytes:
+    """``points``: query_set, family, param, metric, mean, low, high of Backward Search and
+    student rows. One panel per metric; one line per (family, query set) with its CI band."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(4.6 * len(metrics), 3.6), squeeze=False)
+    sets = list(dict.fromkeys(points["query_set"]))
+    colors = _colors(sets)
+    zero_at = _lam_axis(points["param"].to_numpy(dtype=float))[1]
+    for ax, (metric, title) in zip(axes[0], metrics):
+        for (qs, family), g in points[points["metric"] == metric].groupby(["query_set", "family"], sort=False):
+            g = g.sort_values("param")
+            x = np.where(g["param"] > 0, g["param"], zero_at)
+            style = "-o" if family == "backward" else "--s"
+            ax.plot(x, g["mean"], style, color=colors[qs], label=f"{family} · {qs}", ms=4)
+            ax.fill_between(x, g["low"], g["high"], color=colors[qs], alpha=0.15 if family == "backward" else 0.08)
+        ax.set_xscale("log")
+        ax.set_xlabel(f"λ (λ = 0 drawn at {zero_at:g})")
+        ax.set_title(f"{title} against λ")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return png(fig)
+
+
+def frontier(frames: Sequence[tuple[pd.DataFrame, str]], query_set: str, x_title: str) -> bytes:
+    """One panel per (points, y title): every method with its 95 % CIs, curves over the swept
+    parameter, Pareto-optimal points ringed in black, the oracle hollow (reference only)."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(frames), figsize=(5.2 * len(frames), 4.4), squeeze=False)
+    families = list(dict.fromkeys(f for frame, _ in frames for f in frame["family"]))
+    colors = _colors(families)
+    for ax, (frame, y_title) in zip(axes[0], frames):
+        for family, g in frame.groupby("family", sort=False):
+            g = g.sort_values("param") if family in CURVE_FAMILIES else g
+            c = colors[family]
+            ax.errorbar(g["x"], g["y"], xerr=[g["x"] - g["x_low"], g["x_high"] - g["x"]],
+                        yerr=[g["y"] - g["y_low"], g["y_high"] - g["y"]], fmt="none", ecolor=c, alpha=0.35, lw=0.8)
+            hollow = bool(g["reference_only"].any())
+            ax.plot(g["x"], g["y"], "-o" if family in CURVE_FAMILIES and len(g) > 1 else "o", color=c, ms=5,
+                    mfc="none" if hollow else c, label=family + (" (reference)" if hollow else ""))
+            if family in CURVE_FAMILIES:
+                key = SYMBOL[CURVE_FAMILIES[family]]
+                for _, r in g.iterrows():
+                    ax.annotate(f"{key}={r['param']:g}", (r["x"], r["y"]), fontsize=6, xytext=(3, 3),
+                                textcoords="offset points", color=c)
+        front = frame[frame["pareto"]]
+        ax.scatter(front["x"], front["y"], s=110, facecolors="none", edgecolors="black", lw=1.2,
+                   label="Pareto-optimal", zorder=5)
+        ax.set_xlabel(f"{x_title} (condition satisfied)")
+        ax.set_ylabel(f"{y_title} (context kept)")
+        ax.set_title(f"{query_set}: {x_title} vs {y_title}")
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return png(fig)
+
+
+def embedding_map(run: RunFiles, query_set: str, methods: Sequence[str], n_queries: int, seed: int) -> bytes | None:
+    """t-SNE (scikit-learn) of the run's database sample, the chosen queries' z0 and their z*
+    under ``methods``, fitted jointly on unit vectors; database points coloured by the label
+    of the query set's first property; arrows z0 -> z*."""
+    from sklearn.manifold import TSNE
+
+    pts = run.map_points
+    if pts is None:
+        return None
+    prop = query_set.split("+")[0]
+    moved = pts[(pts["role"] == "moved") & (pts["query_set"] == query_set) & pts["method"].isin(methods)]
+    if moved.empty:
+        return None
+    ids = sorted(set(moved["query_id"]))
+    rng = np.random.default_rng([seed, 17])
+    chosen = list(rng.choice(ids, size=min(n_queries, len(ids)), replace=False))
+    db = pts[pts["role"] == "database"]
+    q = pts[(pts["role"] == "query") & pts["item_id"].isin(chosen)].drop_duplicates("item_id")
+    mv = moved[moved["query_id"].isin(chosen)]
+    z = np.stack([*db["z"], *q["z"], *mv["z"]]).astype(np.float64)
+    z /= np.linalg.norm(z, axis=1, keepdims=True) + 1e-12
+    xy = TSNE(n_components=2, init="pca", random_state=seed, perplexity=min(30.0, max(5.0, len(z) / 20))).fit_transform(z)
+    n_db, n_q = len(db), len(q)
+    labels = run.items.set_index("id")[prop]
+    db_labels = labels.reindex(db["item_id"]).to_numpy()
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 6))
+    classes = sorted(set(db_labels.astype(str)))
+    colors = _colors(classes)
+    for c in classes:
+        m = db_labels.astype(str) == c
+        ax.scatter(xy[:n_db][m, 0], xy[:n_db][m, 1], s=6, color=colors[c], alpha=0.45, label=c)
+    q_xy = {item: xy[n_db + i] for i, item in enumerate(q["item_id"])}
+    styles = {m: s for m, s in zip(methods, ["-", "--", ":", "-."])}
+    for j, (_, r) in enumerate(mv.iterrows()):
+        start, end = q_xy[r["item_id"]], xy[n_db + n_q + j]
+        ax.annotate("", xy=end, xytext=start, arrowprops={"arrowstyle": "->", "lw": 1.3, "color": "black",
+                                                          "linestyle": styles.get(r["method"], "-")})
+    for item, p in q_xy.items():
+        ax.scatter(*p, s=60, marker="*", color="black", zorder=5)
+        ax.annotate(item, p, fontsize=6, xytext=(3, -8), textcoords="offset points")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    legend_methods = ", ".join(f"{'solid' if s == '-' else 'dashed' if s == '--' else 'dotted'}: {m}"
+                               for m, s in styles.items())
+    ax.set_title(f"{query_set}: t-SNE of {n_db} database items (colour: {prop}); ★ query z0, arrows to z* "
+                 f"({legend_methods})", fontsize=8)
+    ax.legend(fontsize=6, markerscale=2, loc="best", title=prop, title_fontsize=7)
+    fig.tight_layout()
+    return png(fig)
+
+
+def retrieval_grid(query: str, conditions: dict[str, str], rows: Sequence[tuple[str, list[str]]],
+                   image_of: Callable[[str], Any], labels_of: Callable[[str], dict[str, str]]) -> bytes:
+    """One query: the query image, then per method its ranked thumbnails, each framed green
+    when it satisfies every condition and red when not, its labels underneath."""
+    plt = _plt()
+    k = max((len(r) for _, r in rows), default=0)
+    fig, axes = plt.subplots(len(rows), k + 1, figsize=(1.05 * (k + 1), 1.35 * len(rows)), squeeze=False)
+    for i, (method, ranked) in enumerate(rows):
+        first = axes[i][0]
+        first.axis("off")
+        if i == 0:
+            first.imshow(image_of(query))
+            first.set_title("query\n" + ", ".join(f"{v}" for v in labels_of(query).values()), fontsize=5)
+        first.text(-0.05, 0.5 if i else -0.25, method, transform=first.transAxes, ha="right", va="center", fontsize=6)
+        for j in range(k):
+            ax = axes[i][j + 1]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j >= len(ranked):
+                ax.axis("off")
+                continue
+            item = ranked[j]
+            ax.imshow(image_of(item))
+            labs = labels_of(item)
+            ok = all(labs.get(p) == v for p, v in conditions.items())
+            for side in ax.spines.values():
+                side.set_edgecolor("#1a9641" if ok else "#d7191c")
+                side.set_linewidth(2.5)
+            ax.set_xlabel(("✓ " if ok else "✗ ") + "/".join(labs[p] for p in conditions), fontsize=5, labelpad=1)
+    fig.suptitle(f"query {query}, condition " + ", ".join(f"{p} = {v}" for p, v in conditions.items())
+                 + " (green: satisfies every condition; red: does not)", fontsize=7)
+    fig.tight_layout()
+    return jpeg(fig)
+
+
+def per_class_precision(frame: pd.DataFrame, metric_title: str, top: int = 16) -> bytes:
+    """``frame``: condition, method, mean, low, high. Grouped bars with CIs; at most ``top``
+    conditions (the worst of the first method) when there are more."""
+    plt = _plt()
+    methods = list(dict.fromkeys(frame["method"]))
+    worst = (frame[frame["method"] == methods[0]].sort_values("mean")["condition"].tolist())[:top]
+    frame = frame[frame["condition"].isin(worst)]
+    fig, ax = plt.subplots(figsize=(max(5.0, min(14.0, 1.0 + 0.3 * len(worst) * max(1, len(methods)))), 3.8))
+    width = 0.8 / max(len(methods), 1)
+    colors = _colors(methods)
+    x = np.arange(len(worst))
+    for i, m in enumerate(methods):
+        g = frame[frame["method"] == m].set_index("condition").reindex(worst)
+        ax.bar(x + i * width - 0.4 + width / 2, g["mean"], width, color=colors[m], label=m,
+               yerr=[g["mean"] - g["low"], g["high"] - g["mean"]], error_kw={"lw": 0.7, "alpha": 0.6})
+    ax.set_xticks(x, worst, rotation=35, ha="right", fontsize=7)
+    ax.set_ylabel(metric_title)
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7, ncol=min(4, len(methods)))
+    fig.tight_layout()
+    return png(fig)
+
+
+def iterations(frame: pd.DataFrame) -> bytes:
+    """``frame``: query_set, method, iterations. One histogram panel per query set."""
+    plt = _plt()
+    sets = list(dict.fromkeys(frame["query_set"]))
+    fig, axes = plt.subplots(1, len(sets), figsize=(5 * len(sets), 3.3), squeeze=False)
+    for ax, qs in zip(axes[0], sets):
+        g = frame[frame["query_set"] == qs]
+        top = int(g["iterations"].max()) if len(g) else 1
+        bins = np.linspace(0, max(top, 1), min(40, max(top, 1)) + 1)
+        for m, h in g.groupby("method", sort=False):
+            ax.hist(h["iterations"], bins=bins, alpha=0.55, label=f"{m} (mean {h['iterations'].mean():.1f})")
+        ax.set_xlabel("iterations per query")
+        ax.set_ylabel("queries")
+        ax.set_title(qs)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return png(fig)
+
+
+def tune_lambda_curves(sweep: pd.DataFrame, metrics: Sequence[str]) -> bytes:
+    """A Tune experiment's sweep rows: metric against λ per configuration and query set."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), squeeze=False)
+    x, zero_at = _lam_axis(sweep["lam"].to_numpy(dtype=float))
+    sweep = sweep.assign(lam_plot=x)
+    keys = list(dict.fromkeys(zip(sweep["config"], sweep["query_set"])))
+    colors = _colors([f"{a} · {b}" for a, b in keys])
+    for ax, metric in zip(axes[0], metrics):
+        for (cfg, qs), g in sweep.groupby(["config", "query_set"], sort=False):
+            g = g.groupby("lam_plot", as_index=False)[metric].mean().sort_values("lam_plot")
+            ax.plot(g["lam_plot"], g[metric], "-o", ms=4, color=colors[f"{cfg} · {qs}"], label=f"{cfg} · {qs}")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"λ (λ = 0 drawn at {zero_at:g})")
+        ax.set_title(metric)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return png(fig)
+
+
+def loadtest_latency(frame: pd.DataFrame) -> bytes:
+    """p50/p99 latency against concurrency per method (closed-loop stages)."""
+    plt = _plt()
+    closed = frame[frame["mode"] == "closed"] if "mode" in frame else frame
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5), squeeze=False)
+    colors = _colors(list(dict.fromkeys(closed["method"])))
+    for m, g in closed.groupby("method", sort=False):
+        g = g.sort_values("concurrency")
+        axes[0][0].plot(g["concurrency"], g["p50_ms"], "-o", color=colors[m], label=f"{m} p50")
+        axes[0][0].plot(g["concurrency"], g["p99_ms"], "--", color=colors[m], label=f"{m} p99")
+        axes[0][1].plot(g["concurrency"], g["qps"], "-o", color=colors[m], label=m)
+    axes[0][0].set_xlabel("concurrency")
+    axes[0][0].set_ylabel("ms")
+    axes[0][1].set_xlabel("concurrency")
+    axes[0][1].set_ylabel("requests / s")
+    for ax in axes[0]:
+        ax.set_xscale("log", base=2)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return png(fig)
+
+
+def conditions_of(row: pd.Series) -> dict[str, str]:
+    raw = row.get("conditions")
+    return json.loads(raw) if isinstance(raw, str) else dict(raw or {})

@@ -1,0 +1,116 @@
+"""The precision–context frontier: which methods give the best trade-off between satisfying
+the condition (precision@k) and keeping the query's context (context@k, mTS@k, or the
+context of the hits only), as measured in a run.
+
+A point is Pareto-optimal when no other point of the same query set is at least as good on
+both axes and better on one. The oracle (ground-truth labels) is drawn as a reference but
+takes no part: a user cannot run it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from cir_bench.report.inputs import RunFiles
+from cir_bench.report.tables import params_of
+
+REFERENCE_ONLY = ("oracle_filtered_knn",)
+CURVE_FAMILIES = {"backward": "lam", "student": "lam", "soft_filtered_knn": "beta"}
+SYMBOL = {"lam": "λ", "beta": "β"}
+
+
+def pareto_mask(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """True where no other point has x' >= x and y' >= y with one of them strict (NaN: False).
+
+    >>> pareto_mask(np.array([1.0, 0.5, 0.2]), np.array([0.1, 0.5, 0.4])).tolist()
+    [True, True, False]
+    """
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    ok = ~(np.isnan(x) | np.isnan(y))
+    out = np.zeros(len(x), dtype=bool)
+    for i in np.flatnonzero(ok):
+        others = ok & (x >= x[i]) & (y >= y[i]) & ((x > x[i]) | (y > y[i]))
+        out[i] = not others.any()
+    return out
+
+
+def points(run: RunFiles, est: pd.DataFrame, query_set: str, y_metric: str) -> pd.DataFrame:
+    """One row per method of the query set: family (the registry name, or the baseline's),
+    its swept parameter, precision and ``y_metric`` with their intervals, and ``pareto``."""
+    k = run.k
+    x_metric = f"precision_at_{k}"
+    metrics = run.metrics[run.metrics["query_set"] == query_set]
+    rows = []
+    for _, m in metrics.iterrows():
+        params = params_of(m)
+        family = params.get("baseline") or m.get("name") or m["method"]
+        key = CURVE_FAMILIES.get(family)
+        param = params.get(key) if key else None
+        if family == "student" and param is None:
+            param = run.lam  # the default student imitates Backward Search at the run's λ
+        if family == "backward" and param is None:
+            param = run.lam
+        row: dict[str, Any] = {"method": m["method"], "family": family, "param_name": key,
+                               "param": np.nan if param is None else float(param)}
+        for axis, metric in (("x", x_metric), ("y", y_metric)):
+            e = est[(est["query_set"] == query_set) & (est["method"] == m["method"]) & (est["metric"] == metric)]
+            if e.empty:
+                row.update({axis: np.nan, f"{axis}_low": np.nan, f"{axis}_high": np.nan})
+            else:
+                e = e.iloc[0]
+                row.update({axis: e["mean"], f"{axis}_low": e["low"], f"{axis}_high": e["high"]})
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    frame["reference_only"] = frame["family"].isin(REFERENCE_ONLY)
+    frame["pareto"] = False
+    live = ~frame["reference_only"]
+    frame.loc[live, "pareto"] = pareto_mask(frame.loc[live, "x"].to_numpy(), frame.loc[live, "y"].to_numpy())
+    return frame
+
+
+def _name(row: pd.Series) -> str:
+    if isinstance(row["param_name"], str) and not np.isnan(row["param"]):
+        return f"{row['family']} {SYMBOL[row['param_name']]}={row['param']:g}"
+    return str(row["method"])
+
+
+def _params(rows: pd.DataFrame) -> str:
+    values = sorted(rows["param"].dropna().unique())
+    return "{" + ", ".join(f"{v:g}" for v in values) + "}"
+
+
+def verdict(frame: pd.DataFrame, query_set: str, y_title: str, x_title: str = "precision@10") -> str:
+    """One measured sentence: which methods are on the frontier and over which range, and
+    where Backward Search stands."""
+    live = frame[~frame["reference_only"] & frame["x"].notna() & frame["y"].notna()]
+    front = live[live["pareto"]].sort_values("x", ascending=False)
+    if front.empty:
+        return f"{query_set}: no method has both {x_title} and {y_title}."
+    parts = []
+    for family, g in front.groupby("family", sort=False):
+        key = g["param_name"].iloc[0] if isinstance(g["param_name"].iloc[0], str) else None
+        span = (f"{x_title} {g['x'].min():.3f}" if len(g) == 1 else
+                f"{x_title} {g['x'].min():.3f}–{g['x'].max():.3f}")
+        label = f"{family} at {SYMBOL[key]} ∈ {_params(g)}" if key else str(g["method"].iloc[0])
+        parts.append(f"{label} ({span})")
+    top, wide = front.iloc[0], front.sort_values("y", ascending=False).iloc[0]
+    sentence = (f"{query_set}: of {len(live)} methods, {len(front)} are on the {x_title}–{y_title} frontier, "
+                f"from {_name(top)} ({top['x']:.3f}, {top['y']:.3f}) to {_name(wide)} ({wide['x']:.3f}, "
+                f"{wide['y']:.3f}): " + "; ".join(parts))
+    bs = live[live["family"] == "backward"]
+    if len(bs):
+        on = bs[bs["pareto"]]
+        if len(on) == len(bs):
+            sentence += "; Backward Search is on it at every λ it was run with"
+        elif len(on):
+            sentence += f"; Backward Search is on it at λ ∈ {_params(on)} and dominated at λ ∈ {_params(bs[~bs['pareto']])}"
+        else:
+            worst = bs.sort_values("param").iloc[0]
+            better = live[(live["x"] >= worst["x"]) & (live["y"] >= worst["y"]) & (live.index != worst.name)]
+            best = better.sort_values(["x", "y"], ascending=False).iloc[0] if len(better) else None
+            sentence += "; Backward Search is dominated at every λ" + (
+                f" (e.g. λ={worst['param']:g} at ({worst['x']:.3f}, {worst['y']:.3f}) by {_name(best)} at "
+                f"({best['x']:.3f}, {best['y']:.3f}))" if best is not None else "")
+    return sentence + "."

@@ -1,0 +1,126 @@
+"""Metric tables of the report: every cell a mean over queries with its 95 % bootstrap
+interval, computed from the per-query values in results.parquet; seeds pooled as mean ± std.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any, Sequence
+
+import numpy as np
+import pandas as pd
+
+from cir_bench.report.inputs import RunFiles
+from cir_bench.report.stats import bootstrap_means, interval
+
+# (per-query column stem, title); {k} is the run's cutoff
+TABLE_METRICS = [("precision_at_{k}", "precision@{k}"), ("mts_at_{k}", "mTS@{k}"),
+                 ("context_at_{k}", "context@{k}"), ("hit_context_at_{k}", "hit context@{k}"),
+                 ("ap_at_{k}_R", "AP@{k} (/R)"), ("recall_at_{k}", "recall@{k}")]
+
+
+def metric_titles(k: int) -> list[tuple[str, str]]:
+    return [(m.format(k=k), t.format(k=k)) for m, t in TABLE_METRICS]
+
+
+def cell(mean: float, low: float, high: float, digits: int = 3) -> str:
+    """``0.884 [0.861, 0.905]``; an undefined mean (no query has a value) is ``—``."""
+    if mean is None or np.isnan(mean):
+        return "—"
+    return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
+
+
+def estimates(run: RunFiles, resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Long table: query_set, method, metric, mean, low, high, n (queries with a value), from
+    results.parquet; plus the bootstrap draws for averaging over query sets (``draws``)."""
+    rows = []
+    results = run.results
+    order = list(dict.fromkeys(run.metrics["method"]))
+    for s_i, (query_set, frame) in enumerate(results.groupby("query_set", sort=False)):
+        for method, g in frame.groupby("method", sort=False):
+            for metric, _ in metric_titles(run.k):
+                col = f"metric_{metric}"
+                if col not in g:
+                    continue
+                values = g[col].to_numpy(dtype=float)
+                draws = bootstrap_means(values, resamples, seed=[seed, s_i])
+                low, high = interval(draws)
+                ok = ~np.isnan(values)
+                rows.append({"query_set": query_set, "method": method, "metric": metric,
+                             "mean": float(values[ok].mean()) if ok.any() else float("nan"),
+                             "low": low, "high": high, "n": int(ok.sum()), "draws": draws})
+    out = pd.DataFrame(rows)
+    out["order"] = out["method"].map({m: i for i, m in enumerate(order)}).fillna(len(order))
+    return out.sort_values(["order"], kind="stable").drop(columns="order").reset_index(drop=True)
+
+
+def methods_by_query_sets(est: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """The paper's Table 2 layout: rows = methods, columns = query sets + average; each cell
+    mean [CI]. The average's interval averages the query sets' bootstrap draws."""
+    sub = est[est["metric"] == metric]
+    sets = list(dict.fromkeys(sub["query_set"]))
+    rows = []
+    for method, g in sub.groupby("method", sort=False):
+        row: dict[str, Any] = {"method": method}
+        by_set = {r["query_set"]: r for _, r in g.iterrows()}
+        for s in sets:
+            r = by_set.get(s)
+            row[s] = cell(r["mean"], r["low"], r["high"]) if r is not None else "—"
+        if len(by_set) == len(sets) and len(sets) > 1:
+            draws = np.mean([by_set[s]["draws"] for s in sets], axis=0)
+            low, high = interval(draws)
+            row["average"] = cell(float(np.mean([by_set[s]["mean"] for s in sets])), low, high)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def metrics_of_query_set(est: pd.DataFrame, query_set: str, k: int) -> pd.DataFrame:
+    """Rows = methods, columns = every metric of TABLE_METRICS, each mean [CI]."""
+    sub = est[est["query_set"] == query_set]
+    rows = []
+    for method, g in sub.groupby("method", sort=False):
+        by_metric = {r["metric"]: r for _, r in g.iterrows()}
+        row = {"method": method}
+        for metric, title in metric_titles(k):
+            r = by_metric.get(metric)
+            if r is not None:
+                row[title] = cell(r["mean"], r["low"], r["high"])
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def seed_groups(runs: Sequence[RunFiles]) -> list[list[RunFiles]]:
+    """Runs whose configs differ only in seed, output folder and cache folder: one group each."""
+    groups: dict[str, list[RunFiles]] = {}
+    for run in runs:
+        if run.is_compare:
+            continue
+        cfg = {k: v for k, v in run.manifest.get("config", {}).items() if k not in ("seed", "out", "cache_dir")}
+        groups.setdefault(json.dumps(cfg, sort_keys=True, default=str), []).append(run)
+    return [g for g in groups.values() if len({r.manifest.get("seed") for r in g}) > 1]
+
+
+def pooled_over_seeds(group: Sequence[RunFiles], metric: str) -> pd.DataFrame:
+    """Rows = methods, columns = query sets: mean ± std (n − 1) over the seeds of each run's
+    mean, from the runs' metrics.csv."""
+    frames = []
+    for run in group:
+        m = run.metrics[["query_set", "method", metric]].copy() if metric in run.metrics else None
+        if m is not None:
+            m["seed"] = run.manifest.get("seed")
+            frames.append(m)
+    long = pd.concat(frames, ignore_index=True)
+    stats = long.groupby(["method", "query_set"], sort=False)[metric].agg(["mean", "std", "count"]).reset_index()
+    table = {}
+    for _, r in stats.iterrows():
+        std = 0.0 if np.isnan(r["std"]) else r["std"]
+        table.setdefault(r["method"], {"method": r["method"]})[r["query_set"]] = (
+            f"{r['mean']:.3f} ± {std:.3f} (n={int(r['count'])})")
+    return pd.DataFrame(list(table.values()))
+
+
+def params_of(row: pd.Series) -> dict[str, Any]:
+    raw = row.get("params")
+    try:
+        return json.loads(raw) if isinstance(raw, str) and raw else {}
+    except json.JSONDecodeError:
+        return {}

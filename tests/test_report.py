@@ -1,0 +1,292 @@
+"""report.html / report.md: every metric cell a mean with its interval, significance marks
+that mean something, the frontier, the sections of every kind of input, clear refusals, and
+the page itself in a real (headless) Chromium with no request leaving the machine."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cir_bench.cli import main
+from cir_bench.report import ReportOptions, classify, write_html_report
+from cir_bench.report.frontier import pareto_mask, points, verdict
+from cir_bench.report.inputs import read_run
+from cir_bench.report.tables import estimates
+from cir_bench.results import write_run
+
+from .conftest import tiny_overrides
+
+CI_CELL = re.compile(r"^-?\d+\.\d{3} \[-?\d+\.\d{3}, -?\d+\.\d{3}\]$")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+class _Tables(HTMLParser):
+    """(caption, header, rows) of every <table> of a page."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: list[dict] = []
+        self._in: str | None = None
+        self._cell: list[str] = []
+        self._row: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "figcaption":
+            self._in, self._cell = "caption", []
+        elif tag == "table":
+            self.tables.append({"caption": getattr(self, "_caption", ""), "header": [], "rows": []})
+        elif tag in ("td", "th"):
+            self._in, self._cell = tag, []
+        elif tag == "tr":
+            self._row = []
+
+    def handle_endtag(self, tag):
+        if tag == "figcaption" and self._in == "caption":
+            self._caption, self._in = "".join(self._cell).strip(), None
+        elif tag in ("td", "th") and self._in == tag:
+            self._row.append("".join(self._cell).strip())
+            self._in = None
+        elif tag == "tr" and self.tables and self._row:
+            t = self.tables[-1]
+            if not t["header"]:
+                t["header"] = self._row
+            else:
+                t["rows"].append(self._row)
+
+    def handle_data(self, data):
+        if self._in:
+            self._cell.append(data)
+
+
+def html_tables(path: Path) -> list[dict]:
+    parser = _Tables()
+    parser.feed(path.read_text(encoding="utf-8"))
+    return parser.tables
+
+
+def fake_run(path: Path, per_method: dict[str, np.ndarray], seed: int = 0, lam: float = 0.005) -> Path:
+    """A run directory written with the suite's own writer from hand-made per-query values
+    (precision, context): methods named as the pipeline names them."""
+    n = len(next(iter(per_method.values())))
+    items = pd.DataFrame({"id": [f"q{i:03d}" for i in range(n)] + [f"d{i:03d}" for i in range(20)],
+                          "split": ["test"] * (n + 20), "style": ["a", "b"] * ((n + 20) // 2)})
+    rows, metrics = [], []
+    for method, values in per_method.items():
+        family = method.split("[")[0]
+        params = {"lam": float(method.split("=")[1].rstrip("]"))} if family == "backward" else {}
+        for i, v in enumerate(values):
+            rows.append({"query_set": "style", "method": method, "query_id": f"q{i:03d}",
+                         "conditions": json.dumps({"style": "a"}), "ranked_ids": [f"d{j:03d}" for j in range(10)],
+                         "scores": [1.0 - j / 10 for j in range(10)], "metric_precision_at_10": float(v),
+                         "metric_context_at_10": float(1 - v), "metric_mts_at_10": float(1 - v) / 2,
+                         "metric_hit_context_at_10": float(1 - v)})
+        metrics.append({"query_set": "style", "method": method, "name": family, "n_queries": n,
+                        "precision_at_10": float(np.mean(values)), "context_at_10": float(1 - np.mean(values)),
+                        "ms_per_query": 0.1, "params": json.dumps(params)})
+    manifest = {"created": "2026-11-27T00:00:00+00:00", "seed": seed,
+                "config": {"seed": seed, "out": str(path), "search": {"lam": lam}, "eval": {"k": 10},
+                           "dataset": {"name": "not-installed", "options": {}}},
+                "dataset": {"name": "hand-made", "fingerprint": "f" * 16, "n_items": len(items)}}
+    write_run(path, pd.DataFrame(rows), pd.DataFrame(metrics), items, manifest)
+    return path
+
+
+# ------------------------------------------------------------------ hand-checkable cases
+
+def test_significance_marks_identical_methods_never_and_a_constant_shift_always(tmp_path):
+    rng = np.random.default_rng(3)
+    base = rng.uniform(0.1, 0.8, 60).round(1)
+    run = fake_run(tmp_path / "run", {"backward[lam=0]": base, "backward[lam=0.005]": base[::-1].copy(),
+                                      "same": base.copy(), "shifted": base + 0.1})
+    write_html_report(classify([run]), tmp_path / "rep", ReportOptions(resamples=500))
+    sig = next(t for t in html_tables(tmp_path / "rep" / "report.html") if "differences to Backward Search" in t["caption"])
+    col = sig["header"].index("Δ vs backward[lam=0]")
+    cells = {r[0]: r[col] for r in sig["rows"]}
+    assert cells["same"].startswith("+0.000") and "✱" not in cells["same"]
+    assert cells["shifted"].startswith("+0.100") and cells["shifted"].endswith("✱")
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "| shifted |" in md and md.count("✱") >= 1
+
+
+def test_every_metric_cell_shows_mean_and_interval(tmp_path):
+    rng = np.random.default_rng(0)
+    run = fake_run(tmp_path / "run", {"backward[lam=0]": rng.uniform(0, 1, 40), "backward[lam=0.005]":
+                                      rng.uniform(0, 1, 40), "knn": rng.uniform(0, 0.3, 40)})
+    write_html_report(classify([run]), tmp_path / "rep", ReportOptions(resamples=300))
+    _assert_metric_cells(tmp_path / "rep" / "report.html")
+
+
+def _assert_metric_cells(page: Path) -> int:
+    checked = 0
+    for t in html_tables(page):
+        cap = t["caption"]
+        if not ("[95 % CI]" in cap or "[95 % bootstrap CI]" in cap):
+            continue
+        for row in t["rows"]:
+            for head, v in zip(t["header"][1:], row[1:]):
+                if head.startswith("Δ") or v.startswith("weights missing") or head in ("lam", "seed", "config",
+                                                                                      "query_set"):
+                    continue
+                assert v == "—" or CI_CELL.match(v), f"{cap}: {head} = {v!r}"
+                checked += 1
+    assert checked
+    return checked
+
+
+def test_pareto_and_the_verdict_by_hand():
+    assert pareto_mask(np.array([0.9, 0.8, 0.5, 0.5, np.nan]), np.array([0.3, 0.3, 0.4, 0.35, 0.9])).tolist() == \
+        [True, False, True, False, False]
+    frame = pd.DataFrame({
+        "method": ["backward[lam=0]", "backward[lam=0.01]", "soft_filtered_knn[beta=1]", "knn", "oracle_filtered_knn"],
+        "family": ["backward", "backward", "soft_filtered_knn", "knn", "oracle_filtered_knn"],
+        "param_name": ["lam", "lam", "beta", None, None], "param": [0.0, 0.01, 1.0, np.nan, np.nan],
+        "x": [0.85, 0.6, 0.9, 0.05, 1.0], "y": [0.29, 0.36, 0.31, 0.35, 0.5]})
+    frame["reference_only"] = frame["family"] == "oracle_filtered_knn"
+    frame["pareto"] = False
+    live = ~frame["reference_only"]
+    frame.loc[live, "pareto"] = pareto_mask(frame.loc[live, "x"].to_numpy(), frame.loc[live, "y"].to_numpy())
+    assert frame["pareto"].tolist() == [False, True, True, False, False]
+    text = verdict(frame, "style", "context@10")
+    assert "2 are on the precision@10–context@10 frontier" in text
+    assert "Backward Search is on it at λ ∈ {0.01} and dominated at λ ∈ {0}" in text
+    assert text.count(".") >= 1 and "\n" not in text
+
+
+def test_runs_of_one_config_with_other_seeds_are_pooled(tmp_path):
+    a = fake_run(tmp_path / "s0", {"backward[lam=0]": np.full(10, 0.5)}, seed=0)
+    b = fake_run(tmp_path / "s1", {"backward[lam=0]": np.full(10, 0.7)}, seed=1)
+    write_html_report(classify([a, b]), tmp_path / "rep", ReportOptions(resamples=100))
+    pooled = next(t for t in html_tables(tmp_path / "rep" / "report.html") if t["caption"].startswith("Pooled"))
+    assert pooled["rows"] == [["backward[lam=0]", "0.600 ± 0.141 (n=2)"]]
+
+
+def test_report_refuses_what_is_not_an_output_and_names_the_missing_file(tmp_path, capsys):
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "metrics.csv").write_text("query_set,method\n")
+    assert main(["report", str(partial)]) == 2
+    err = capsys.readouterr().err
+    assert "missing manifest.json, results.parquet, items.parquet" in err and str(partial) in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["report", str(empty)]) == 2
+    err = capsys.readouterr().err
+    assert "tune_results.parquet" in err and "loadtest.json" in err and "manifest.json" in err
+    junk = tmp_path / "x.json"
+    junk.write_text("[1, 2]")
+    assert main(["report", str(junk)]) == 2
+    assert "neither a load test" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ a real run, end to end
+
+@pytest.fixture(scope="module")
+def tiny_run(cache_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "run"
+    import io
+    from contextlib import redirect_stdout
+
+    buf = io.StringIO()
+    with redirect_stdout(buf):
+        assert main(["run", "--no-progress", *sum((["--set", o] for o in tiny_overrides(cache_dir, out)), [])]) == 0
+    return out, buf.getvalue()
+
+
+def test_run_ends_with_the_report_path_and_every_section(tiny_run):
+    out, printed = tiny_run
+    last = printed.strip().splitlines()[-1]
+    assert last.startswith("report (") and last.endswith(str((out / "report.html").resolve()))
+    page = (out / "report.html").read_text()
+    for heading in ("Table 2 layout", "The precision–context frontier", "Uncertainty and significance",
+                    "Metrics against λ", "Where the query moves", "Retrieval grids", "Per-class precision",
+                    "Iterations of Backward Search", "Provenance"):
+        assert heading in page, heading
+    assert "soft_filtered_knn[beta=1]" in page and "hit context@10" in page
+    assert "Retrieval grids not drawn" not in page  # SynthArt renders its images
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)  # nothing fetched from anywhere
+    assert "<script" not in page
+    assert _assert_metric_cells(out / "report.html") > 50
+    run = read_run(out)
+    est = estimates(run, resamples=200)
+    for qs in ("style", "style+shape"):
+        frame = points(run, est, qs, "context_at_10")
+        assert frame["pareto"].any() and not frame.loc[frame["reference_only"], "pareto"].any()
+        assert f"{qs}: of " in page  # its verdict sentence
+    figures = sorted(p.name for p in (out / "report_figures").iterdir())
+    assert any(f.startswith("run0_frontier_style") for f in figures)
+    assert sum(f.startswith("run0_grid_") for f in figures) == 6 and any("map_" in f for f in figures)
+    md = (out / "report.md").read_text()
+    assert "](report_figures/run0_frontier_style.png)" in md and "| method |" in md
+
+
+def test_report_of_run_compare_tune_loadtest_and_benchmark_together(tiny_run, tmp_path, capsys):
+    out, _ = tiny_run
+    tune = tmp_path / "tune" / "exp" / "report"
+    tune.mkdir(parents=True)
+    pd.DataFrame([
+        {"kind": "sweep", "query_set": "style", "lam": lam, "model.backbone": "small_cnn", "precision_at_10": p,
+         "precision_at_10_ci_low": p - 0.05, "precision_at_10_ci_high": p + 0.05, "mts_at_10": 0.2}
+        for lam, p in ((0.0, 0.8), (0.01, 0.6))] + [
+        {"kind": "calibrated", "query_set": "style", "lam": 0.004, "model.backbone": "small_cnn",
+         "precision_at_10": 0.7, "precision_at_10_ci_low": 0.65, "precision_at_10_ci_high": 0.75, "mts_at_10": 0.18,
+         "cal_status": "ok"}]).to_parquet(tune / "tune_results.parquet")
+    load = tmp_path / "load"
+    load.mkdir()
+    (load / "loadtest.json").write_text(json.dumps({"url": "http://127.0.0.1:8000", "stages": [
+        {"method": "student", "mode": "closed", "concurrency": c, "rate": None, "requests": 50, "errors": 0,
+         "p50_ms": 10.0 + c, "p90_ms": 12.0 + c, "p99_ms": 15.0 + c, "qps": 90.0 * c} for c in (1, 4)]}))
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"device": "cpu", "query_sets": {"style": {
+        "n_queries": 100, "ms_per_query": {"student": 0.02, "teacher_batched": 0.3, "teacher_per_query": 4.0},
+        "speedup_batched_vs_per_query": 13.3, "identical_top10_batched_vs_per_query": 0.99}}}))
+    rep = tmp_path / "all"
+    assert main(["report", str(out), str(tune.parent), str(load), str(bench), "--out", str(rep),
+                 "--resamples", "200", "--grid-queries", "1"]) == 0
+    assert capsys.readouterr().out.strip().endswith(str((rep / "report.html").resolve()))
+    page = (rep / "report.html").read_text()
+    for heading in ("Table 3 layout", "λ sweep of every configuration", "Table 5 layout", "Table 6 layout",
+                    "HTTP latency per stage", "Tune experiments", "Load tests", "Benchmarks"):
+        assert heading in page, heading
+    assert "0.700 [0.650, 0.750]" in page  # Table 3 cell with its interval, from the tidy file
+    assert (rep / "comparison.md").is_file()
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is absent (Debian: apt-get install -y chromium); "
+                    ".ci/run installs it")
+def test_report_opens_offline_in_headless_chromium_with_every_image(tiny_run, tmp_path):
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (pip install -e '.[test]')")
+    out, _ = tiny_run
+    outside: list[str] = []
+
+    def route(r):
+        url = r.request.url
+        if url.startswith(("file:", "data:")):
+            r.continue_()
+        else:  # anything else would leave the machine
+            outside.append(url)
+            r.abort()
+
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.route("**/*", route)
+            page.goto((out / "report.html").resolve().as_uri(), wait_until="load")
+            images = page.evaluate("Array.from(document.images).map(i => [i.complete, i.naturalWidth, i.alt])")
+            title = page.title()
+            page.screenshot(path=str(tmp_path / "report-top.png"))
+        finally:
+            browser.close()
+    assert title == "cir-bench report"
+    assert len(images) >= 10 and all(done and width > 0 for done, width, _ in images), images
+    assert all(alt for _, _, alt in images)
+    assert outside == []
+    assert (tmp_path / "report-top.png").stat().st_size > 10_000
