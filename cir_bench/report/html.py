@@ -68,8 +68,10 @@ class Table:
 def _text(v: Any) -> str:
     if v is None or (isinstance(v, float) and np.isnan(v)):
         return "—"
-    if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 1e-3 and v != 0 else f"{v:.3f}"
+    if isinstance(v, (float, np.floating)):
+        if float(v).is_integer() and abs(v) < 1e9:
+            return str(int(v))  # counts and concurrency levels read back from float columns
+        return f"{v:.4g}" if abs(v) >= 1 else f"{v:.3g}"
     return str(v)
 
 
@@ -361,7 +363,7 @@ def loadtest_section(path: Path, data: dict[str, Any]) -> dict[str, Any]:
     figs = [Figure("loadtest.png", "Latency and throughput against concurrency (closed-loop stages)",
                    figures.loadtest_latency(frame))] if {"p50_ms", "qps", "concurrency"} <= set(frame) else []
     return {"path": str(path), "url": data.get("url"),
-            "tables": [Table("Table 6 layout: HTTP latency per stage (percentiles over the stage's requests)",
+            "tables": [Table("HTTP latency per stage (percentiles over the stage's requests; served on loopback)",
                              frame[cols])], "figures": figs}
 
 
