@@ -64,9 +64,13 @@ def collect(run_dirs: Sequence[Path]) -> tuple[pd.DataFrame, list[dict[str, Any]
     return pd.concat(frames, ignore_index=True), missing, notes
 
 
-def write_report(run_dirs: Sequence[Path], out: Path, k: int = 10) -> list[Path]:
-    """comparison.md / .csv (wide, headline) / .parquet (long) from the run directories."""
+def write_report(run_dirs: Sequence[Path], out: Path, k: int | None = None) -> list[Path]:
+    """comparison.md / .csv (wide, headline) / .parquet (long) from the run directories, at
+    cutoff ``k`` (default: the first run's ``eval.k``)."""
     long, missing, notes = collect(run_dirs)
+    if k is None:
+        manifest = json.loads((Path(run_dirs[0]) / "manifest.json").read_text())
+        k = int(manifest.get("config", {}).get("eval", {}).get("k", 10))
     columns = list(dict.fromkeys(long["column"]))
     headline = long[(long["template"].isna()) | (long["template"] == HEADLINE_TEMPLATE)]
     metric_cols = [(m.format(k=k), title.format(k=k)) for m, title in METRICS if m.format(k=k) in long]

@@ -38,14 +38,6 @@ def png(fig) -> bytes:
     return buf.getvalue()
 
 
-def jpeg(fig) -> bytes:
-    """Photographic figures (the retrieval grids): a fifth of the PNG's size."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="jpg", dpi=100, bbox_inches="tight", pil_kwargs={"quality": 85})
-    _plt().close(fig)
-    return buf.getvalue()
-
-
 def _colors(names: Sequence[str]) -> dict[str, Any]:
     import seaborn as sns
 
@@ -170,36 +162,55 @@ def embedding_map(run: RunFiles, query_set: str, methods: Sequence[str], n_queri
 def retrieval_grid(query: str, conditions: dict[str, str], rows: Sequence[tuple[str, list[str]]],
                    image_of: Callable[[str], Any], labels_of: Callable[[str], dict[str, str]]) -> bytes:
     """One query: the query image, then per method its ranked thumbnails, each framed green
-    when it satisfies every condition and red when not, its labels underneath."""
-    plt = _plt()
+    with a tick-like disc when it satisfies every condition and red with a cross when not (so
+    the mark does not rest on colour alone), its labels underneath. Composed with Pillow: a
+    grid of 60+ matplotlib axes costs seconds, a pasted image milliseconds."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=11)
+    small = ImageFont.load_default(size=10)
+    thumbs = {item: Image.fromarray(np.asarray(image_of(item))) for _, ranked in rows for item in ranked}
+    thumbs[query] = Image.fromarray(np.asarray(image_of(query)))
+    size = max(max(t.size) for t in thumbs.values())
     k = max((len(r) for _, r in rows), default=0)
-    fig, axes = plt.subplots(len(rows), k + 1, figsize=(1.05 * (k + 1), 1.35 * len(rows)), squeeze=False)
+    pad, border, text_h, label_w, title_h = 6, 4, 26, 170, 34
+    cell_w, cell_h = size + 2 * border + pad, size + 2 * border + text_h + pad
+    width = label_w + (k + 1) * cell_w + pad
+    height = title_h + len(rows) * cell_h + pad
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    title = (f"query {query}, condition " + ", ".join(f"{p} = {v}" for p, v in conditions.items())
+             + "   (green frame and disc: satisfies every condition; red frame and cross: does not)")
+    draw.text((pad, 8), title, fill="black", font=font)
+    good, bad = (26, 150, 65), (215, 25, 28)
     for i, (method, ranked) in enumerate(rows):
-        first = axes[i][0]
-        first.axis("off")
+        y = title_h + i * cell_h
+        draw.text((pad, y + size // 2), method, fill="black", font=font)
         if i == 0:
-            first.imshow(image_of(query))
-            first.set_title("query\n" + ", ".join(f"{v}" for v in labels_of(query).values()), fontsize=5)
-        first.text(-0.05, 0.5 if i else -0.25, method, transform=first.transAxes, ha="right", va="center", fontsize=6)
-        for j in range(k):
-            ax = axes[i][j + 1]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if j >= len(ranked):
-                ax.axis("off")
-                continue
-            item = ranked[j]
-            ax.imshow(image_of(item))
+            x = label_w
+            canvas.paste(thumbs[query], (x + border, y + border))
+            draw.rectangle([x, y, x + size + 2 * border - 1, y + size + 2 * border - 1], outline=(40, 40, 40), width=2)
+            draw.text((x, y + size + 2 * border + 2), "query", fill="black", font=small)
+            draw.text((x, y + size + 2 * border + 13), "/".join(labels_of(query).values())[:22], fill="black",
+                      font=small)
+        for j, item in enumerate(ranked):
+            x = label_w + (j + 1) * cell_w
             labs = labels_of(item)
             ok = all(labs.get(p) == v for p, v in conditions.items())
-            for side in ax.spines.values():
-                side.set_edgecolor("#1a9641" if ok else "#d7191c")
-                side.set_linewidth(2.5)
-            ax.set_xlabel(("✓ " if ok else "✗ ") + "/".join(labs[p] for p in conditions), fontsize=5, labelpad=1)
-    fig.suptitle(f"query {query}, condition " + ", ".join(f"{p} = {v}" for p, v in conditions.items())
-                 + " (green: satisfies every condition; red: does not)", fontsize=7)
-    fig.tight_layout()
-    return jpeg(fig)
+            color = good if ok else bad
+            canvas.paste(thumbs[item], (x + border, y + border))
+            draw.rectangle([x, y, x + size + 2 * border - 1, y + size + 2 * border - 1], outline=color, width=border)
+            mx, my = x + size + border - 14, y + border + 2  # the mark, top right
+            if ok:
+                draw.ellipse([mx, my, mx + 11, my + 11], fill=good, outline="white")
+            else:
+                draw.line([mx, my, mx + 11, my + 11], fill=bad, width=3)
+                draw.line([mx, my + 11, mx + 11, my], fill=bad, width=3)
+            draw.text((x, y + size + 2 * border + 2), f"{j + 1}. " + "/".join(labs[p] for p in conditions)[:20],
+                      fill=color, font=small)
+    buf = io.BytesIO()
+    canvas.save(buf, format="JPEG", quality=88)
+    return buf.getvalue()
 
 
 def per_class_precision(frame: pd.DataFrame, metric_title: str, top: int = 16) -> bytes:

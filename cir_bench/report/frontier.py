@@ -91,8 +91,8 @@ def verdict(frame: pd.DataFrame, query_set: str, y_title: str, x_title: str = "p
     parts = []
     for family, g in front.groupby("family", sort=False):
         key = g["param_name"].iloc[0] if isinstance(g["param_name"].iloc[0], str) else None
-        span = (f"{x_title} {g['x'].min():.3f}" if len(g) == 1 else
-                f"{x_title} {g['x'].min():.3f}–{g['x'].max():.3f}")
+        lo, hi = f"{g['x'].min():.3f}", f"{g['x'].max():.3f}"
+        span = f"{x_title} {lo}" if lo == hi else f"{x_title} {lo}–{hi}"
         label = f"{family} at {SYMBOL[key]} ∈ {_params(g)}" if key else str(g["method"].iloc[0])
         parts.append(f"{label} ({span})")
     top, wide = front.iloc[0], front.sort_values("y", ascending=False).iloc[0]

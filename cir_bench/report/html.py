@@ -406,6 +406,8 @@ def write_html_report(inputs: ReportInputs, out: Path, opts: ReportOptions | Non
     out.mkdir(parents=True, exist_ok=True)
     fig_dir = out / "report_figures"
     fig_dir.mkdir(exist_ok=True)
+    for old in [*fig_dir.glob("*.png"), *fig_dir.glob("*.jpg")]:  # a previous report's figures
+        old.unlink()
     for fig in _all_figures(context):
         with atomic_write(fig_dir / fig.name) as tmp:
             tmp.write_bytes(fig.data)
