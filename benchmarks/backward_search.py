@@ -3,7 +3,11 @@
 - batched Backward Search vs a per-query loop on the same queries: speed ratio and the
   fraction of identical top-10 lists;
 - student vs batched teacher vs per-query teacher: ms per query and ratios;
-- iterations per query (mean, std) per query set (the paper's Table 5 analogue).
+- iterations per query (mean, std) per query set (the paper's Table 5 analogue);
+- the engines side by side (``engines``): the eager loop against the fixed-shape masked loop
+  (``fixed`` on CPU) or its captured CUDA graph (``graph`` on CUDA), end to end (inversion +
+  top-10) at batch 1 (median of repeated single queries) and at 1,000 / 10,000 queries (the
+  query set tiled), the speed-up, the fraction of identical top-10 lists, and capture time.
 
 Uses the same cached model, embeddings and student as ``cir-bench run`` with the same
 flags (it trains them first if the cache is cold).
@@ -23,6 +27,45 @@ import torch
 from cir_bench.config import load_config
 from cir_bench.data.queries import build_query_set
 from cir_bench.pipeline import distil_or_load, prepare, teacher
+from cir_bench.search.backward import BackwardSearch
+
+
+def engines(cfg, heads, z0, props, cond, index, exclude, sizes, device, sync) -> dict:
+    """Eager vs the fixed-shape (CPU) / graph-captured (CUDA) loop, measured side by side."""
+    base = {k: v for k, v in cfg.search.overrides().items() if k not in ("engine", "check_every")}
+    fast = "graph" if device.type == "cuda" else "fixed"
+    out: dict = {"fast_engine": fast, "sizes": list(sizes)}
+    tops = {}
+    for engine in ("eager", fast):
+        bs = BackwardSearch(cfg.search.preset, engine=engine, lam=float(cfg.search.lam), **base)
+        capture = 0.0
+        for n in sizes:  # warm-up: every bucket once (the graph engine captures here)
+            reps = (n + len(z0) - 1) // len(z0)
+            bs.invert(heads, z0.repeat(reps, 1)[:n], props, cond.repeat(reps, 1)[:n])
+            capture += bs.last_capture_s
+        sync()
+        timing = {}
+        for n in sizes:
+            reps = max(1, (n + len(z0) - 1) // len(z0))
+            zz, cc = z0.repeat(reps, 1)[:max(n, len(z0))], cond.repeat(reps, 1)[:max(n, len(z0))]
+            ex = np.tile(exclude, reps)[:max(n, len(z0))]
+            trials = 20 if n == 1 else 3
+            times = []
+            for t in range(trials):
+                sl = slice(t, t + 1) if n == 1 else slice(0, n)  # batch 1: a different query each time
+                sync()
+                t0 = time.perf_counter()
+                r = bs.invert(heads, zz[sl], props, cc[sl])
+                top, _ = index.search(r.z, 10, exclude=ex[sl])
+                sync()
+                times.append(time.perf_counter() - t0)
+            timing[f"batch_{n}_ms"] = 1000 * float(np.median(times))
+        r = bs.invert(heads, z0, props, cond)
+        tops[engine], _ = index.search(r.z, 10, exclude=exclude)
+        out[engine] = {**timing, "capture_s": capture}
+    out["speedup"] = {f"batch_{n}": out["eager"][f"batch_{n}_ms"] / out[fast][f"batch_{n}_ms"] for n in sizes}
+    out["identical_top10"] = float((tops["eager"] == tops[fast]).all(dim=1).float().mean())
+    return out
 
 
 def main(stdout=None) -> None:
@@ -32,6 +75,8 @@ def main(stdout=None) -> None:
     ap.add_argument("--n-queries", type=int, default=1000)
     ap.add_argument("--loop-queries", type=int, default=None,
                     help="per-query loop on only the first N queries (default: all)")
+    ap.add_argument("--engine-sizes", default="1,1000,10000",
+                    help="batch sizes of the engine comparison (empty: skip it)")
     args = ap.parse_args()
     cfg = load_config(args.config, args.set)
     prepared = prepare(cfg, progress=False)
@@ -102,6 +147,10 @@ def main(stdout=None) -> None:
             "satisfied_rate": float(batched.satisfied.float().mean()),
             "retrieved_similarity_at_10_student_vs_teacher": float(retrieved_sim),
         }
+        sizes = [int(v) for v in args.engine_sizes.split(",") if v.strip()]
+        if sizes:
+            out["query_sets"][name]["engines"] = engines(cfg, heads, z0, props, cond, index, exclude, sizes,
+                                                         device, sync)
     print(json.dumps(out, indent=2), file=stdout or sys.stdout)
 
 

@@ -148,6 +148,11 @@ class SearchConfig:
     patience: int | None = bounded(None, ge=1)
     min_delta: float | None = bounded(None, ge=0)
     batch_size: int | None = bounded(None, ge=1)  # queries per chunk: bounds memory
+    # how the loop runs (not what it computes; not part of the cache keys): auto = a captured
+    # CUDA graph on CUDA, the eager shrinking loop on CPU; fixed = the masked fixed-shape loop
+    # uncaptured; eager/fixed turn capture off
+    engine: Literal["auto", "eager", "fixed", "graph"] | None = None
+    check_every: int | None = bounded(None, ge=0)  # fixed/graph: read the stop mask every N steps (0: never)
 
     def overrides(self) -> dict[str, Any]:
         """The fields that override the preset (what ``BackwardSearch(preset, **...)`` takes)."""

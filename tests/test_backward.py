@@ -332,3 +332,83 @@ def test_soft_filtered_knn_trades_context_for_the_condition_as_beta_grows(setup)
     assert (sums[-1, :, 0] > sums[0, :, 0]).mean() > 0.5  # and it does move for most queries
     with pytest.raises(ValueError, match="beta"):
         get_method("soft_filtered_knn", beta=-1)
+
+
+def _judge_same(ds, store, a, b, what, min_identical=1.0):
+    """Two inversions of the same queries: iterations within one step, z close where the step
+    counts agree, top-10 equal up to near-ties (tests/equivalence.py)."""
+    assert bool(((a.iterations - b.iterations).abs() <= 1).all()), what
+    same = a.iterations == b.iterations
+    dist = normalised_distance(a.z, b.z)
+    assert float(dist[same].max()) <= 1e-2, what
+    index = ExactIndex(store.z, np.arange(len(ds)))
+    pa, sa = index.search(a.z.cpu(), 10)
+    pb, sb = index.search(b.z.cpu(), 10)
+    assert_same_rankings(pa.tolist(), sa.tolist(), pb.tolist(), sb.tolist(), min_identical=min_identical,
+                         min_overlap=0.7, score_tol=float(dist.max()) + SCORE_TOL, what=what)
+
+
+@pytest.mark.parametrize("preset,settings", [
+    ("paper", {}), ("paper", {"stopping": "satisfied", "confidence": 0.6}), ("paper", {"stopping": "none", "max_iter": 30}),
+    ("paper", {"optimizer": "sgd", "regularizer": "l2"}), ("authors-code", {})])
+@pytest.mark.parametrize("props", [["style"], ["style", "shape"]])
+def test_fixed_shape_masked_loop_gives_todays_results(setup, preset, settings, props):
+    """The loop the CUDA graph replays (one padded shape, masks, the stop mask read every K
+    steps or never), run uncaptured on the CPU, against the eager loop: every preset and
+    stopping rule, one and two conditions, batch sizes in three buckets."""
+    ds, store, model = setup
+    z0 = store.z[:70]
+    cond = torch.stack([(_pred(model, z0, p) + 1 + m) % ds.property(p).num_classes for m, p in enumerate(props)], 1)
+    for n in (1, 5, 70):  # buckets 1, 8, 512 (padding rows never move and never count)
+        eager = BackwardSearch(preset, engine="eager", lam=0.01, **settings).invert(model.heads, z0[:n], props, cond[:n])
+        for every in (1, 7, 0):
+            fixed = BackwardSearch(preset, engine="fixed", check_every=every, lam=0.01, **settings).invert(
+                model.heads, z0[:n], props, cond[:n])
+            _judge_same(ds, store, eager, fixed, f"{preset} {settings} {props} n={n} every={every}")
+            assert torch.equal(eager.satisfied, fixed.satisfied) or n > 1  # one query: same decision
+
+
+def test_fixed_shape_loop_keeps_frozen_rows_still(setup):
+    """Queries the heads already satisfy stop before their first step: z stays z0 exactly,
+    0 iterations, while the others in the same padded batch move."""
+    ds, store, model = setup
+    z0 = store.z[:20]
+    pred = _pred(model, z0, "style")
+    cond = torch.where(torch.arange(20) % 2 == 0, pred, (pred + 1) % 6)[:, None]
+    r = BackwardSearch(engine="fixed", lam=0.0, stopping="satisfied").invert(model.heads, z0, ["style"], cond)
+    still = torch.arange(20) % 2 == 0
+    assert torch.equal(r.z[still], z0[still]) and bool((r.iterations[still] == 0).all())
+    assert bool((r.iterations[~still] > 0).all()) and not torch.equal(r.z[~still], z0[~still])
+
+
+def test_engine_choice_is_checked_and_not_part_of_the_settings(setup):
+    ds, store, model = setup
+    with pytest.raises(ValueError, match="engine"):
+        BackwardSearch(engine="warp")
+    with pytest.raises(ValueError, match="needs CUDA"):
+        BackwardSearch(engine="graph").invert(model.heads, store.z[:2], ["style"], torch.zeros(2, 1, dtype=torch.long))
+    assert BackwardSearch(engine="fixed").params() == BackwardSearch().params()  # cache keys unchanged
+    assert BackwardSearch().resolved_engine(torch.device("cpu")) == "eager"
+    assert BackwardSearch().resolved_engine(torch.device("cuda")) == "graph"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("preset", ["paper", "authors-code"])
+def test_graph_captured_search_on_cuda_matches_eager_and_reuses_its_graph(setup, preset):
+    ds, store, model = setup
+    props = ["style", "shape"]
+    z0 = store.z[:100]
+    cond = torch.stack([(_pred(model, z0, p) + 1) % ds.property(p).num_classes for p in props], 1)
+    gpu_model = model.to("cuda")
+    try:
+        eager = BackwardSearch(preset, engine="eager", lam=0.01).invert(gpu_model.heads, z0.cuda(), props, cond.cuda())
+        bs = BackwardSearch(preset, engine="graph", lam=0.01)
+        graph = bs.invert(gpu_model.heads, z0.cuda(), props, cond.cuda())
+        first_capture = bs.last_capture_s
+        again = bs.invert(gpu_model.heads, z0[:90].cuda(), props, cond[:90].cuda())  # same bucket (512)
+        assert first_capture > 0 and bs.last_capture_s == 0.0  # captured once, replayed after
+        assert torch.equal(again.z, graph.z[:90]) or float(normalised_distance(again.z, graph.z[:90]).max()) < 1e-2
+    finally:
+        model.to("cpu")
+    _judge_same(ds, store, eager, graph, f"{preset}: eager vs graph on CUDA", min_identical=0.99)

@@ -147,7 +147,8 @@ def test_search_section_has_every_backward_search_setting():
     from cir_bench.config import SearchConfig
     from cir_bench.search.backward import BackwardSearchConfig
 
-    assert {f.name for f in dataclasses.fields(SearchConfig)} - {"preset"} == \
+    # engine and check_every choose how the loop runs (BackwardSearch's own arguments), not what it computes
+    assert {f.name for f in dataclasses.fields(SearchConfig)} - {"preset", "engine", "check_every"} == \
         {f.name for f in dataclasses.fields(BackwardSearchConfig)}
 
 

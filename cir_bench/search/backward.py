@@ -37,6 +37,10 @@ from cir_bench.data.queries import QuerySet
 from cir_bench.search.base import Ranking, SearchContext, SearchMethod
 
 STOPPING_RULES = ("satisfied", "plateau", "none", "authors-code")
+# eager: the loop that shrinks its batch as queries freeze (CPU default); fixed: one shape,
+# masks, padded to a bucket; graph: fixed, each step a captured CUDA graph (CUDA default)
+ENGINES = ("auto", "eager", "fixed", "graph")
+BUCKETS = (1, 8, 64, 512, 4096)  # padded batch sizes of the fixed-shape loop (chunks of 4096)
 # bumped when the same settings give other vectors (2: torch.optim.Adam's arithmetic), so
 # caches keyed on a teacher (distilled students) are rebuilt
 IMPLEMENTATION_VERSION = 2
@@ -94,11 +98,19 @@ class BackwardSearch(SearchMethod):
 
     name = "backward"
 
-    def __init__(self, preset: str = "paper", **overrides: Any) -> None:
+    def __init__(self, preset: str = "paper", engine: str = "auto", check_every: int | None = None,
+                 **overrides: Any) -> None:
         if preset not in PRESETS:
             raise ValueError(f"unknown Backward Search preset '{preset}'; available: {', '.join(PRESETS)}")
+        if engine not in ENGINES:
+            raise ValueError(f"unknown Backward Search engine '{engine}'; available: {', '.join(ENGINES)}")
+        if check_every is not None and int(check_every) < 0:
+            raise ValueError(f"check_every must be >= 0 (0: never, run to max_iter), got {check_every}")
         self.preset = preset
+        self.engine = engine  # how the loop runs, not what it computes: not in params()
+        self.check_every = check_every
         self.config = replace(PRESETS[preset], **overrides)
+        self.last_capture_s = 0.0  # seconds spent capturing CUDA graphs in the last invert()
 
     def params(self) -> dict[str, Any]:
         return {"preset": self.preset, **asdict(self.config)}
@@ -109,10 +121,16 @@ class BackwardSearch(SearchMethod):
         """Run the search for a batch; ``conditions`` (B, M) class ids, column m = properties[m]."""
         cfg = self.config
         _validate(heads, z0, properties, conditions)
+        engine = self.resolved_engine(z0.device)
+        self.last_capture_s = 0.0
+        chunk = cfg.batch_size if engine == "eager" else BUCKETS[-1]
         out_z, out_it, out_sat = [], [], []
-        for start in range(0, z0.shape[0], cfg.batch_size):
-            sl = slice(start, start + cfg.batch_size)
-            r = self._invert_chunk(heads, z0[sl], properties, conditions[sl])
+        for start in range(0, z0.shape[0], chunk):
+            sl = slice(start, start + chunk)
+            if engine == "eager":
+                r = self._invert_chunk(heads, z0[sl], properties, conditions[sl])
+            else:
+                r = self._invert_fixed(heads, z0[sl], properties, conditions[sl], capture=engine == "graph")
             out_z.append(r.z)
             out_it.append(r.iterations)
             out_sat.append(r.satisfied)
@@ -139,8 +157,8 @@ class BackwardSearch(SearchMethod):
         return ce + cfg.lam * reg, satisfied
 
     def _invert_chunk(self, heads, z0, properties, conditions) -> InversionResult:
+        """The eager loop: the batch shrinks to its active rows as queries freeze."""
         cfg = self.config
-        b1, b2, eps = 0.9, 0.999, 1e-8
         n = z0.shape[0]
         dev = z0.device
         z0 = z0.detach().float()
@@ -175,44 +193,97 @@ class BackwardSearch(SearchMethod):
                         keep = w["active"]
                         rows = rows[keep]
                         w = {key: value[keep] for key, value in w.items()}
-                z, active = w["z"], w["active"]
-                zv = z.detach().requires_grad_(True)
-                loss, satisfied = self._losses(heads, zv, w["z0"], properties, w["cond"])
-                loss_d = loss.detach()
-                if cfg.stopping == "satisfied":
-                    active = active & ~satisfied  # a satisfied query stops before stepping
-                elif cfg.stopping == "plateau":
-                    upd = (loss_d < w["best_loss"] - cfg.min_delta) & active
-                    w["best_loss"] = torch.where(upd, loss_d, w["best_loss"])
-                    w["best_z"] = torch.where(upd[:, None], z, w["best_z"])
-                    w["counter"] = torch.where(upd, torch.zeros_like(w["counter"]), w["counter"] + active.float())
-                    active = active & (w["counter"] < cfg.patience)
-                w["active"] = active
-                (grad,) = torch.autograd.grad(loss.sum(), zv)
-                a = active[:, None]
-                w["steps"] = w["steps"] + active.float()
-                if cfg.optimizer == "adam":
-                    # torch.optim.Adam's arithmetic, element-wise: moments by lerp / mul+addcmul,
-                    # bias corrections in float64 (as Python floats there: 1 - 0.999**t in float32
-                    # is off by ~1e-5 relative), step lr/bc1 * m1 / (sqrt(m2)/sqrt(bc2) + eps)
-                    w["m1"] = torch.where(a, torch.lerp(w["m1"], grad, 1 - b1), w["m1"])
-                    w["m2"] = torch.where(a, torch.addcmul(w["m2"] * b2, grad, grad, value=1 - b2), w["m2"])
-                    t = w["steps"].clamp(min=1).double()[:, None]
-                    step_size = (cfg.lr / (1 - b1 ** t)).to(z.dtype)
-                    bc2_sqrt = (1 - b2 ** t).sqrt().to(z.dtype)
-                    # z.addcdiv(m1, denom, value=-step_size), with a step size per row
-                    step = (-step_size * w["m1"]) / (w["m2"].sqrt() / bc2_sqrt + eps)
-                else:
-                    step = -cfg.lr * grad
-                z_new = torch.where(a, z + step, z).detach()
-                if cfg.stopping == "authors-code":
-                    # loss measured before the step, vector saved after it (docs/deviations.md, D3)
-                    improved = (loss_d <= w["best_loss"]) & (w["counter"] <= cfg.patience) & active
-                    w["best_loss"] = torch.where(improved, loss_d, w["best_loss"])
-                    w["best_z"] = torch.where(improved[:, None], z_new, w["best_z"])
-                    w["counter"] = torch.where(improved, torch.zeros_like(w["counter"]), w["counter"] + 1)
-                w["z"] = z_new
+                w.update(self._step(heads, w, properties))
             write_back()
+        return self._finish(heads, full, z0, properties, conditions)
+
+    def resolved_engine(self, device: torch.device) -> str:
+        """``auto``: the captured graph on CUDA, the eager loop elsewhere (on CPU the eager
+        loop's shrinking batch beats a fixed shape; there is no launch cost to save)."""
+        if self.engine == "auto":
+            return "graph" if device.type == "cuda" else "eager"
+        if self.engine == "graph" and device.type != "cuda":
+            raise ValueError("Backward Search engine 'graph' needs CUDA (use 'fixed' for the same loop uncaptured)")
+        return self.engine
+
+    def _invert_fixed(self, heads, z0, properties, conditions, capture: bool) -> InversionResult:
+        """The fixed-shape loop: the chunk padded to the next bucket size, every row stepped
+        every time (a frozen or padding row is masked, so it does not move and keeps its best
+        iterate and counters), the active mask read back every ``check_every`` steps only
+        (0: never; run to max_iter). With ``capture`` on CUDA one step is a CUDA graph,
+        captured once per (heads, properties, bucket, settings) and replayed."""
+        cfg = self.config
+        n = z0.shape[0]
+        bucket = next(b for b in BUCKETS if b >= n)
+        freezes = cfg.stopping in ("satisfied", "plateau")
+        every = self.check_every if self.check_every is not None else (10 if z0.device.type == "cuda" else 1)
+        if capture:
+            runner = _captured_step(self, heads, tuple(properties), bucket, z0.device, conditions.dtype)
+            self.last_capture_s += runner.capture_s
+            runner.capture_s = 0.0  # reported once, by the call that paid it
+        else:
+            runner = _EagerStep(self, heads, tuple(properties), bucket, z0.device, conditions.dtype)
+        state = runner.state
+        runner.reset(z0.detach().float(), conditions, n)
+        for it in range(cfg.max_iter):
+            if freezes and every and it % every == 0 and not bool(state["active"].any()):
+                break
+            runner.step()
+        full = {key: value[:n] for key, value in state.items()}
+        return self._finish(heads, {k: v.clone() for k, v in full.items()}, full["z0"].clone(), properties,
+                            full["cond"].clone())
+
+    def _step(self, heads, w: Mapping[str, torch.Tensor], properties) -> dict[str, torch.Tensor]:
+        """One step of every row of ``w`` (the state: z0, cond, z, m1, m2, steps, active,
+        best_loss, best_z, counter), frozen rows kept as they are: the new state. The eager
+        loop and the fixed-shape loop (and the CUDA graph it captures) both take this step."""
+        cfg = self.config
+        b1, b2, eps = 0.9, 0.999, 1e-8
+        w = dict(w)
+        z, active = w["z"], w["active"]
+        zv = z.detach().requires_grad_(True)
+        loss, satisfied = self._losses(heads, zv, w["z0"], properties, w["cond"])
+        loss_d = loss.detach()
+        if cfg.stopping == "satisfied":
+            active = active & ~satisfied  # a satisfied query stops before stepping
+        elif cfg.stopping == "plateau":
+            upd = (loss_d < w["best_loss"] - cfg.min_delta) & active
+            w["best_loss"] = torch.where(upd, loss_d, w["best_loss"])
+            w["best_z"] = torch.where(upd[:, None], z, w["best_z"])
+            w["counter"] = torch.where(upd, torch.zeros_like(w["counter"]), w["counter"] + active.float())
+            active = active & (w["counter"] < cfg.patience)
+        w["active"] = active
+        (grad,) = torch.autograd.grad(loss.sum(), zv)
+        a = active[:, None]
+        w["steps"] = w["steps"] + active.float()
+        if cfg.optimizer == "adam":
+            # torch.optim.Adam's arithmetic, element-wise: moments by lerp / mul+addcmul,
+            # bias corrections in float64 (as Python floats there: 1 - 0.999**t in float32
+            # is off by ~1e-5 relative), step lr/bc1 * m1 / (sqrt(m2)/sqrt(bc2) + eps)
+            w["m1"] = torch.where(a, torch.lerp(w["m1"], grad, 1 - b1), w["m1"])
+            w["m2"] = torch.where(a, torch.addcmul(w["m2"] * b2, grad, grad, value=1 - b2), w["m2"])
+            t = w["steps"].clamp(min=1).double()[:, None]
+            step_size = (cfg.lr / (1 - b1 ** t)).to(z.dtype)
+            bc2_sqrt = (1 - b2 ** t).sqrt().to(z.dtype)
+            # z.addcdiv(m1, denom, value=-step_size), with a step size per row
+            step = (-step_size * w["m1"]) / (w["m2"].sqrt() / bc2_sqrt + eps)
+        else:
+            step = -cfg.lr * grad
+        z_new = torch.where(a, z + step, z).detach()
+        if cfg.stopping == "authors-code":
+            # loss measured before the step, vector saved after it (docs/deviations.md, D3)
+            improved = (loss_d <= w["best_loss"]) & (w["counter"] <= cfg.patience) & active
+            w["best_loss"] = torch.where(improved, loss_d, w["best_loss"])
+            w["best_z"] = torch.where(improved[:, None], z_new, w["best_z"])
+            w["counter"] = torch.where(improved, torch.zeros_like(w["counter"]), w["counter"] + 1)
+        w["z"] = z_new
+        return w
+
+    def _finish(self, heads, full: Mapping[str, torch.Tensor], z0, properties, conditions) -> InversionResult:
+        """The returned vector of each row (per stopping rule), its step count and whether
+        it satisfies every condition."""
+        cfg = self.config
+        with torch.enable_grad():
             z, steps, best_z, best_loss = full["z"], full["steps"], full["best_z"], full["best_loss"]
             final = z
             if cfg.stopping == "plateau":
@@ -263,3 +334,92 @@ def _validate(heads: Mapping[str, torch.nn.Module], z0: torch.Tensor, properties
         bad = (conditions[:, m] < 0) | (conditions[:, m] >= n)
         if bool(bad.any()):
             raise UnknownLabelError(f"condition class id out of range for '{prop}' (0..{n - 1})")
+
+
+class _EagerStep:
+    """Static state buffers of one bucket and one masked step on them, run op by op."""
+
+    def __init__(self, search: BackwardSearch, heads, properties: tuple[str, ...], bucket: int,
+                 device: torch.device, cond_dtype: torch.dtype) -> None:
+        self.search, self.heads, self.properties = search, heads, list(properties)
+        first = next(iter(heads.values()))
+        d = next(m for m in first.modules() if isinstance(m, torch.nn.Linear)).in_features
+        f32 = {"device": device, "dtype": torch.float32}
+        self.state = {
+            "z0": torch.zeros(bucket, d, **f32), "cond": torch.zeros(bucket, len(properties), dtype=cond_dtype,
+                                                                   device=device),
+            "z": torch.zeros(bucket, d, **f32), "m1": torch.zeros(bucket, d, **f32), "m2": torch.zeros(bucket, d, **f32),
+            "steps": torch.zeros(bucket, **f32), "active": torch.zeros(bucket, dtype=torch.bool, device=device),
+            "best_loss": torch.zeros(bucket, **f32), "best_z": torch.zeros(bucket, d, **f32),
+            "counter": torch.zeros(bucket, **f32),
+        }
+        self.capture_s = 0.0
+
+    def reset(self, z0: torch.Tensor, conditions: torch.Tensor, n: int) -> None:
+        """Load a chunk of n rows; the padding rows are inactive from the start."""
+        st = self.state
+        for key in ("z0", "z", "best_z"):
+            st[key].zero_()
+            st[key][:n].copy_(z0)
+        st["cond"].zero_()
+        st["cond"][:n].copy_(conditions)
+        for key in ("m1", "m2", "steps", "counter"):
+            st[key].zero_()
+        st["best_loss"].fill_(float("inf"))
+        st["active"].zero_()
+        st["active"][:n] = True
+
+    def step(self) -> None:
+        with torch.enable_grad():
+            new = self.search._step(self.heads, self.state, self.properties)
+        for key, value in new.items():
+            if key not in ("z0", "cond"):
+                self.state[key].copy_(value)  # in place: the graph replays on these buffers
+
+
+class _GraphStep(_EagerStep):
+    """The same step captured once in a CUDA graph and replayed (one launch per step)."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        import time
+
+        t0 = time.perf_counter()
+        self.reset(self.state["z0"][:0].clone(), self.state["cond"][:0].clone(), 0)  # every row inactive
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up outside the graph (autograd, cuBLAS handles)
+            for _ in range(3):
+                super().step()
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            super().step()
+        torch.cuda.synchronize()
+        self.capture_s = time.perf_counter() - t0
+
+    def step(self) -> None:
+        self.graph.replay()
+
+
+_GRAPH_CACHE: dict[tuple, tuple[Any, _GraphStep]] = {}
+_GRAPH_CACHE_SIZE = 32
+
+
+def _captured_step(search: BackwardSearch, heads, properties: tuple[str, ...], bucket: int, device: torch.device,
+                   cond_dtype: torch.dtype) -> _GraphStep:
+    """The captured step for (heads, properties, bucket, device, settings), reused across
+    calls and instances; a weak reference checks that ``heads`` is still the same object."""
+    import json
+    import weakref
+
+    key = (id(heads), properties, bucket, str(device), str(cond_dtype),
+           json.dumps(asdict(search.config), sort_keys=True, default=str))
+    hit = _GRAPH_CACHE.get(key)
+    if hit is not None and hit[0]() is heads:
+        return hit[1]
+    runner = _GraphStep(search, heads, properties, bucket, device, cond_dtype)
+    if len(_GRAPH_CACHE) >= _GRAPH_CACHE_SIZE:
+        _GRAPH_CACHE.pop(next(iter(_GRAPH_CACHE)))
+    _GRAPH_CACHE[key] = (weakref.ref(heads), runner)
+    return runner
