@@ -1,8 +1,10 @@
-"""Ray Serve application: a FastAPI ingress composing four deployments through handles.
+"""Ray Serve application: a FastAPI ingress composing its stages, each a deployment called
+through a handle or (student and index by default, see ``ingress.local`` in serve/config.yaml)
+answered inside the ingress itself, one hop and one batch wait fewer each.
 
     Ingress  validates (cir_bench.serving.RequestParser), then answers through the same
              orchestration as the in-process service (cir_bench.serving.orchestrate.answer),
-             with the stages called through the deployments' handles:
+             with the stages:
              z0 <- Encoder (uploads) or Index.vector (item ids)
              z  <- Teacher (Backward Search) | Student | z0 (knn)
              top-k <- Index
@@ -164,10 +166,19 @@ def _device(bundle) -> str:
 
 class HandleStages:
     """``Stages`` (cir_bench.serving.orchestrate) through deployment handles: each item goes
-    to its deployment on its own, and ``@serve.batch`` there batches concurrent requests."""
+    to its deployment on its own, and ``@serve.batch`` there batches concurrent requests.
+    Stages in ``local`` (the student, the index) are answered in the ingress itself."""
 
-    def __init__(self, handles: dict[str, DeploymentHandle], z0: np.ndarray | None) -> None:
-        self.handles, self.z0 = handles, z0
+    def __init__(self, handles: dict[str, DeploymentHandle], z0: np.ndarray | None,
+                 local: dict[str, Any] | None = None) -> None:
+        self.handles, self.z0, self.local = handles, z0, local or {}
+        self.local_batches: dict[str, list[int]] = {name: [] for name in self.local}
+
+    def _local(self, name: str, n: int):
+        sizes = self.local_batches[name]
+        sizes.append(n)
+        del sizes[:-1000]
+        return self.local[name]
 
     @staticmethod
     async def _each(method, items: list) -> list:
@@ -188,9 +199,13 @@ class HandleStages:
         return await self._each(self.handles["teacher"].invert, jobs)
 
     async def transform(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if "student" in self.local:  # under a millisecond: no hop, no batch wait
+            return self._local("student", len(jobs)).transform_many(jobs)
         return await self._each(self.handles["student"].transform, jobs)
 
     async def rank(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if "index" in self.local:
+            return self._local("index", len(jobs)).search_many(jobs)
         return await self._each(self.handles["index"].search, jobs)
 
 
@@ -201,29 +216,35 @@ def _error(field: str, message: str, status: int = 422) -> JSONResponse:
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, bundle, encoder: DeploymentHandle, teacher: DeploymentHandle, student: DeploymentHandle,
-                 index: DeploymentHandle, limits: dict[str, Any]) -> None:
-        from cir_bench.serving import RequestParser, ServiceLimits
+    def __init__(self, bundle, encoder: DeploymentHandle, teacher: DeploymentHandle,
+                 student: DeploymentHandle | None, index: DeploymentHandle | None, limits: dict[str, Any],
+                 local: list[str] | None = None) -> None:
+        from cir_bench.serving import IndexSearch, RequestParser, ServiceLimits, StudentSearch
 
         limits = dict(limits)
         ingress_store_mb = float(limits.pop("ingress_store_mb", 256))
         self.catalog = bundle.catalog
         self.limits = ServiceLimits(**limits)
         self.parser = RequestParser(self.catalog, list(bundle.students), self.limits)
-        self.handles = {"encoder": encoder, "teacher": teacher, "student": student, "index": index}
+        self.handles = {name: h for name, h in (("encoder", encoder), ("teacher", teacher), ("student", student),
+                                                 ("index", index)) if h is not None}
+        local_stages: dict[str, Any] = {}
+        if "student" in (local or []):
+            local_stages["student"] = StudentSearch(bundle, _device(bundle))
+        if "index" in (local or []):
+            local_stages["index"] = IndexSearch(bundle, _device(bundle))
         # a small store is also kept here, so an item-id query skips the hop to the Index for
-        # its z0 (one hop of three; measured in the issue note). Large stores stay in Index only.
+        # its z0. Large stores stay in Index only.
         self.z0 = None
-        if ingress_store_mb > 0:
-            import os
+        if "index" in local_stages:
+            self.z0 = local_stages["index"].z.numpy()
+        elif ingress_store_mb > 0 and _store_fits(bundle, ingress_store_mb):
+            from pathlib import Path
 
-            if os.path.getsize(bundle.store) <= ingress_store_mb * 2 ** 20:
-                from pathlib import Path
+            from cir_bench.embed import EmbeddingStore
 
-                from cir_bench.embed import EmbeddingStore
-
-                self.z0 = EmbeddingStore.load(Path(bundle.store)).z.numpy()
-        self.stages = HandleStages(self.handles, self.z0)
+            self.z0 = EmbeddingStore.load(Path(bundle.store)).z.numpy()
+        self.stages = HandleStages(self.handles, self.z0, local_stages)
         # a JSON body holds the image as base64 (4/3 of its size) plus small fields
         self.max_body = self.limits.max_image_bytes * 4 // 3 + 64 * 1024
 
@@ -243,7 +264,10 @@ class Ingress:
 
     @api.get("/stats")
     async def stats(self) -> dict[str, Any]:
-        return {name: await self.handles[name].stats.remote() for name in STAGES}
+        out = {name: await self.handles[name].stats.remote() for name in STAGES if name in self.handles}
+        for name, sizes in self.stages.local_batches.items():
+            out[name] = {"batch_sizes": list(sizes), "in_ingress": True}
+        return out
 
     @api.post("/search", openapi_extra={"requestBody": _SEARCH_BODY},
               summary="Conditional search: the top-k items like the query, with the conditions",
@@ -334,10 +358,28 @@ def build_app(bundle, settings=None):
     def bind(cls, name: str):
         return cls.options(**settings.deployment(name)).bind(bundle, dataclasses.asdict(settings.batch(name)))
 
-    encoder, teacher, student, index = (bind(Encoder, "encoder"), bind(Teacher, "teacher"),
-                                        bind(Student, "student"), bind(Index, "index"))
+    local = local_stages(bundle, settings)
+    encoder, teacher = bind(Encoder, "encoder"), bind(Teacher, "teacher")
+    student = None if "student" in local else bind(Student, "student")
+    index = None if "index" in local else bind(Index, "index")
     return Ingress.options(**settings.deployment("ingress")).bind(bundle, encoder, teacher, student, index,
-                                                                  dataclasses.asdict(settings.limits))
+                                                                  dataclasses.asdict(settings.limits), local)
+
+
+def _store_fits(bundle, limit_mb: float) -> bool:
+    import os
+
+    return os.path.getsize(bundle.store) <= limit_mb * 2 ** 20
+
+
+def local_stages(bundle, settings) -> list[str]:
+    """The stages the ingress answers itself: ``ingress.local`` of the serve config, less the
+    index when the store is larger than ``limits.ingress_store_mb`` (it then keeps its own
+    deployment, where it may have a GPU)."""
+    local = list(dict.fromkeys(settings.ingress.local))
+    if "index" in local and not _store_fits(bundle, settings.limits.ingress_store_mb):
+        local.remove("index")
+    return local
 
 
 def with_index(bundle, settings, chunk: int = 1024):

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from cir_bench.config import ConfigError, bounded, from_mapping, read_yaml, validate
 
@@ -48,6 +48,16 @@ class IndexSection:
 
 
 @dataclass
+class IngressSection:
+    # stages the ingress answers itself instead of calling their deployment: each hop through
+    # a handle costs a few ms of Serve's queueing and a batch wait, while the student (one MLP
+    # pass) and the exact index over a small in-memory store take well under a millisecond.
+    # The teacher and the encoder keep their deployments (batched; the ones to put on a GPU).
+    # "index" stays remote when the store is larger than limits.ingress_store_mb.
+    local: list[Literal["student", "index"]] = field(default_factory=lambda: ["student", "index"])
+
+
+@dataclass
 class Http:
     host: str = "127.0.0.1"
     port: int = bounded(8000, ge=1, le=65535)
@@ -65,6 +75,7 @@ class ServeSettings:
     batching: dict[str, Batching] = field(default_factory=dict)
     limits: Limits = field(default_factory=Limits)
     index: IndexSection = field(default_factory=IndexSection)
+    ingress: IngressSection = field(default_factory=IngressSection)
     http: Http = field(default_factory=Http)
 
     def deployment(self, name: str) -> dict[str, Any]:

@@ -34,7 +34,10 @@ def server(local_ray, cache_dir, tiny_trained):
                              for name in ("encoder", "teacher", "student", "index")},
                 # 0: item-id queries fetch z0 from the Index deployment (the CLI test below
                 # serves with the default, where the ingress holds the small store)
-                "limits": {"max_image_bytes": 100_000, "ingress_store_mb": 0}}
+                "limits": {"max_image_bytes": 100_000, "ingress_store_mb": 0},
+                # every stage its own deployment here (batching across the hops is tested); the
+                # CLI test serves with the default: student and index inside the ingress
+                "ingress": {"local": []}}
     from serve.settings import settings_from_dict
 
     serve.run(app_module.build_app(bundle, settings_from_dict(settings)), route_prefix="/", name="cir-bench-test")
@@ -198,7 +201,8 @@ def _wait_or_kill(proc, seconds: float) -> int:
         raise AssertionError("cir-bench serve did not stop") from None
 
 
-def test_cli_serve_starts_prints_url_refuses_a_busy_port_and_stops_on_interrupt(cache_dir, tiny_trained, tmp_path):
+def test_cli_serve_starts_prints_url_refuses_a_busy_port_and_stops_on_interrupt(cache_dir, tiny_trained, tmp_path,
+                                                                                 local_service):
     import os
     import signal
     import subprocess
@@ -213,6 +217,14 @@ def test_cli_serve_starts_prints_url_refuses_a_busy_port_and_stops_on_interrupt(
         body = httpx.get(f"http://127.0.0.1:{port}/examples", params={"n": 1}, timeout=10).json()[0]
         answer = httpx.post(f"http://127.0.0.1:{port}/search", json={**body, "method": "student"}, timeout=30)
         assert answer.status_code == 200 and len(answer.json()["items"]) == body["k"], answer.text
+        # the default config answers the student and the index inside the ingress: same answers
+        _same(answer.json(), local_service.search({**body, "method": "student"}), "student")
+        teacher = httpx.post(f"http://127.0.0.1:{port}/search", json={**body, "method": "teacher"}, timeout=60)
+        assert teacher.status_code == 200, teacher.text
+        _same(teacher.json(), local_service.search({**body, "method": "teacher"}), "teacher")
+        stats = httpx.get(f"http://127.0.0.1:{port}/stats", timeout=10).json()
+        assert stats["student"]["in_ingress"] and stats["index"]["in_ingress"] and "in_ingress" not in stats["teacher"]
+        assert stats["index"]["batch_sizes"] and stats["teacher"]["batch_sizes"]
         # a second server on the same port is refused before any work (it used to share the port)
         t0 = time.perf_counter()
         second = subprocess.run([sys.executable, "-m", "cir_bench.cli", "serve", "--port", str(port),
