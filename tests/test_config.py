@@ -278,3 +278,13 @@ def test_device_cuda_without_cuda_is_a_clear_error(capsys):
 def test_invalid_port_is_refused(capsys):
     assert main(["serve", "--port", "70000"]) == 2
     assert "--port must be in 1..65535" in capsys.readouterr().err
+
+
+def test_serve_ingress_local_stages_are_checked():
+    from cir_bench.config import ConfigError
+    from serve.settings import settings_from_dict
+
+    assert settings_from_dict({}).ingress.local == ["student", "index"]
+    assert settings_from_dict({"ingress": {"local": []}}).ingress.local == []
+    with pytest.raises(ConfigError, match=r"ingress.local\[0\].*student, index"):
+        settings_from_dict({"ingress": {"local": ["teacher"]}})
