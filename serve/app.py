@@ -27,7 +27,7 @@ from typing import Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
@@ -209,6 +209,20 @@ class HandleStages:
         return await self._each(self.handles["index"].search, jobs)
 
 
+WEB = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+       "style.css": "text/css; charset=utf-8"}
+
+
+def _web_file(name: str) -> Response:
+    """One of the page's files from serve/web/ (a fixed list: no path from the URL is opened)."""
+    from pathlib import Path
+
+    if name not in WEB:
+        return _error("name", f"no such file '{name}'", 404)
+    data = (Path(__file__).with_name("web") / name).read_bytes()
+    return Response(data, media_type=WEB[name], headers={"Cache-Control": "no-cache"})
+
+
 def _error(field: str, message: str, status: int = 422) -> JSONResponse:
     return JSONResponse({"error": f"{field}: {message}", "field": field}, status_code=status)
 
@@ -219,7 +233,7 @@ class Ingress:
     def __init__(self, bundle, encoder: DeploymentHandle, teacher: DeploymentHandle,
                  student: DeploymentHandle | None, index: DeploymentHandle | None, limits: dict[str, Any],
                  local: list[str] | None = None) -> None:
-        from cir_bench.serving import IndexSearch, RequestParser, ServiceLimits, StudentSearch
+        from cir_bench.serving import IndexSearch, ItemImages, RequestParser, ServiceLimits, StudentSearch
 
         limits = dict(limits)
         ingress_store_mb = float(limits.pop("ingress_store_mb", 256))
@@ -245,12 +259,56 @@ class Ingress:
 
             self.z0 = EmbeddingStore.load(Path(bundle.store)).z.numpy()
         self.stages = HandleStages(self.handles, self.z0, local_stages)
+        self.images = ItemImages(bundle)
+        self._filtered: tuple[dict[str, str], list[int]] | None = None
         # a JSON body holds the image as base64 (4/3 of its size) plus small fields
         self.max_body = self.limits.max_image_bytes * 4 // 3 + 64 * 1024
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
+
+    # -- the search page (serve/web/: plain HTML, CSS and JS, no CDN, no build step) -------
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page(self) -> Response:
+        return _web_file("index.html")
+
+    @api.get("/static/{name}", include_in_schema=False)
+    async def static(self, name: str) -> Response:
+        return _web_file(name)
+
+    @api.get("/items", summary="Items of the catalog, paged, filtered by labels (?style=hatched&offset=0&limit=24)")
+    async def items(self, request: Request, offset: int = 0, limit: int = 24) -> JSONResponse:
+        props = self.catalog.properties()
+        wanted = {k: v for k, v in request.query_params.items() if k not in ("offset", "limit")}
+        for name, label in wanted.items():
+            if name not in props:
+                return _error(name, f"unknown property; known: {', '.join(props)}", 422)
+            if label not in props[name]:
+                return _error(name, f"unknown label '{label}'", 422)
+        if self._filtered is None or self._filtered[0] != wanted:
+            match = [p for p in range(len(self.catalog.ids))
+                     if all(self.catalog.item(p)["labels"][k] == v for k, v in wanted.items())]
+            self._filtered = (wanted, match)
+        match = self._filtered[1]
+        offset, limit = max(0, int(offset)), max(1, min(int(limit), 200))
+        return JSONResponse({"total": len(match), "offset": offset,
+                             "items": [self.catalog.item(p) for p in match[offset:offset + limit]]})
+
+    @api.get("/items/{item_id}/image", summary="An item's image as JPEG (?size=64|128|256|512)")
+    async def item_image(self, item_id: str, size: int = 256) -> Response:
+        from cir_bench.serving import ItemImages
+
+        if size not in ItemImages.SIZES:
+            return _error("size", f"one of {', '.join(map(str, ItemImages.SIZES))}", 422)
+        try:
+            data = await asyncio.get_running_loop().run_in_executor(None, self.images.jpeg, item_id, size)
+        except KeyError:
+            return _error("item_id", f"unknown item '{item_id}'", 404)
+        # the image of an id never changes while the dataset's fingerprint holds
+        return Response(data, media_type="image/jpeg", headers={
+            "Cache-Control": "public, max-age=86400, immutable",
+            "ETag": f'"{self.images.spec.get("fingerprint", "")}-{item_id}-{size}"'})
 
     @api.get("/properties")
     async def properties(self) -> dict[str, list[str]]:

@@ -1,10 +1,10 @@
 """The ``serving`` driver: the search service's request validation, components and the one
 orchestration (used in-process by ``SearchService`` and by the Ray Serve app in serve/),
 and the load test of a running server."""
-from cir_bench.serving.components import ImageEncoder, IndexSearch, ServeBundle, StudentSearch, TeacherSearch, \
-    build_bundle
+from cir_bench.serving.components import ImageEncoder, IndexSearch, ItemImages, ServeBundle, StudentSearch, \
+    TeacherSearch, build_bundle
 from cir_bench.serving.requests import Catalog, RequestError, RequestParser, ServiceLimits, example_requests
 from cir_bench.serving.service import SearchService
 
-__all__ = ["Catalog", "ImageEncoder", "IndexSearch", "RequestError", "RequestParser", "SearchService",
+__all__ = ["Catalog", "ImageEncoder", "IndexSearch", "ItemImages", "RequestError", "RequestParser", "SearchService",
            "ServeBundle", "ServiceLimits", "StudentSearch", "TeacherSearch", "build_bundle", "example_requests"]

@@ -38,6 +38,9 @@ class ServeBundle:
     index: str = "exact"
     index_options: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
+    # where the images are read from (the search page's thumbnails): name, root, options,
+    # cache_dir and the fingerprint they must still have
+    dataset: dict[str, Any] = field(default_factory=dict)
 
 
 def build_bundle(cfg, progress: bool = False, dataset=None) -> ServeBundle:
@@ -66,7 +69,50 @@ def build_bundle(cfg, progress: bool = False, dataset=None) -> ServeBundle:
         search={"preset": cfg.search.preset, "lam": float(cfg.search.lam), "overrides": cfg.search.overrides()},
         index=cfg.eval.index, index_options={"chunk": cfg.eval.search_batch, **cfg.eval.index_options},
         device=str(prepared.device),
+        dataset={"name": cfg.dataset.name, "root": cfg.dataset.root, "options": dict(cfg.dataset.options),
+                 "cache_dir": str(cache_dir_for(cfg)), "fingerprint": ds.fingerprint()},
     )
+
+
+class ItemImages:
+    """Item images for the search page, read through the dataset's loader (SynthArt renders
+    them), opened on first use; thumbnails are JPEG, memoised per (item, size)."""
+
+    SIZES = (64, 128, 256, 512)
+
+    def __init__(self, bundle: ServeBundle, max_cached: int = 4096) -> None:
+        self.spec, self.catalog, self._dataset = bundle.dataset, bundle.catalog, None
+        self._cache: dict[tuple[str, int], bytes] = {}
+        self.max_cached = max_cached
+
+    def dataset(self):
+        if self._dataset is None:
+            from cir_bench.data import get_dataset
+
+            spec = self.spec
+            ds = get_dataset(spec["name"], spec.get("root"), spec.get("options", {}), spec.get("cache_dir"))
+            if spec.get("fingerprint") and ds.fingerprint() != spec["fingerprint"]:
+                raise RuntimeError(f"the dataset '{spec['name']}' on disk differs from the one served (fingerprint)")
+            self._dataset = ds
+        return self._dataset
+
+    def jpeg(self, item_id: str, size: int) -> bytes:
+        """The item's image, its longer side at most ``size`` px (one of SIZES); KeyError for
+        an id the catalog does not hold."""
+        import io
+
+        self.catalog.position(item_id)  # KeyError for an unknown id, before touching the dataset
+        key = (item_id, int(size))
+        if key not in self._cache:
+            ds = self.dataset()
+            img = ds.load_image(ds.index_of(item_id)).convert("RGB")
+            img.thumbnail((size, size))
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=88)
+            if len(self._cache) >= self.max_cached:
+                self._cache.pop(next(iter(self._cache)))
+            self._cache[key] = buf.getvalue()
+        return self._cache[key]
 
 
 # -- the four components ----------------------------------------------------------------------
