@@ -48,10 +48,12 @@ class SearchRequest(BaseModel):
     image: str | None = Field(None, description="the query image, base64 (give this or item_id)")
     conditions: dict[str, str] = Field(description="{property: label}, e.g. {\"style\": \"hatched\"}; "
                                                    "GET /properties lists them")
-    method: Literal["teacher", "student", "knn"] = Field("teacher", description="Backward Search, its "
-                                                         "distilled student, or plain kNN")
+    method: Literal["teacher", "student", "knn", "filtered_knn", "soft_filtered_knn"] = Field(
+        "teacher", description="Backward Search, its distilled student, plain kNN, kNN among the items the heads "
+        "label as the condition, or kNN re-scored by beta * log p(condition | item)")
     k: int = Field(10, ge=1, description="results to return (at most limits.max_k)")
     lambda_: float | None = Field(None, alias="lambda", ge=0, description="teacher only: the L1 weight λ")
+    beta: float | None = Field(None, ge=0, description="soft_filtered_knn only: the weight β (default 0.1)")
 
 
 _SEARCH_SCHEMA = SearchRequest.model_json_schema(by_alias=True)
@@ -391,7 +393,7 @@ class Ingress:
                         raise RequestError("conditions", "form field must hold a JSON object") from None
                 elif key in ("k",):
                     body[key] = int(value) if value.strip().lstrip("-").isdigit() else value
-                elif key == "lambda":
+                elif key in ("lambda", "beta"):
                     try:
                         body[key] = float(value)
                     except ValueError:

@@ -110,6 +110,11 @@ def test_search_page_in_headless_chromium(page_server, tmp_path):
             page.locator("#lambda").fill("-1")
             wait_results(page, n, 6)
             assert "lambda=0.1" in page.url and "λ = 0.1" in page.inner_text("#results-a .meta")
+            # soft filtered kNN with its β
+            n = searches(page)
+            page.select_option("#method", "soft_filtered_knn")
+            wait_results(page, n, 6)
+            assert "β = 0.1" in page.inner_text("#results-a .meta") and "method=soft_filtered_knn" in page.url
             # 4. compare two methods side by side
             n = searches(page)
             page.check("#compare")

@@ -390,7 +390,7 @@ def test_docs_page_works_offline_and_shows_the_search_schema(server):
     assert "POST /search" in text and "request body, application/json" in text and "&quot;conditions&quot;" in text
     spec = httpx.get(f"{server}/openapi.json", timeout=10).json()
     schema = spec["paths"]["/search"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert {"item_id", "image", "conditions", "method", "k", "lambda"} == set(schema["properties"])
+    assert {"item_id", "image", "conditions", "method", "k", "lambda", "beta"} == set(schema["properties"])
 
 
 def test_condition_order_over_http(server, local_service):

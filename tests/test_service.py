@@ -46,7 +46,7 @@ def _requests(dataset, method, n=6):
              + 1) % 6]}, "method": method, "k": 10} for p in test]
 
 
-@pytest.mark.parametrize("method", ["teacher", "student", "knn"])
+@pytest.mark.parametrize("method", ["teacher", "student", "knn", "filtered_knn", "soft_filtered_knn"])
 def test_service_matches_the_offline_methods(service, prepared, tiny_config, method):
     """The service's components (loaded from the bundle's files) answer exactly what the
     offline methods of the pipeline answer for the same queries."""
@@ -57,8 +57,11 @@ def test_service_matches_the_offline_methods(service, prepared, tiny_config, met
     student = Student.load(service.bundle.students[("style",)])
     offline = {"teacher": lambda: BackwardSearch(tiny_config.search.preset, lam=tiny_config.search.lam),
                "student": lambda: StudentSearch(student),
-               "knn": lambda: get_method("knn")}[method]().search(prepared.ctx, queries, 10)
+               "knn": lambda: get_method("knn"), "filtered_knn": lambda: get_method("filtered_knn"),
+               "soft_filtered_knn": lambda: get_method("soft_filtered_knn")}[method]().search(prepared.ctx, queries, 10)
     ids = [it.id for it in prepared.dataset.items]
+    if method == "soft_filtered_knn":
+        assert all(a["beta"] == 0.1 for a in answers)  # the offline default
     # the same batch of queries through the service's components and the offline method
     _same(answers, [[ids[p] for p in row] for row in offline.positions], offline.scores.tolist())
     if method == "teacher":

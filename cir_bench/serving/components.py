@@ -206,12 +206,65 @@ class IndexSearch:
         self.z = store.z
         device = torch.device(device or bundle.device)
         self.index = build_index(bundle.index, store.z, bundle.catalog.database, device, **bundle.index_options)
+        # for filtered_knn / soft_filtered_knn: the database rows, unit length, and the heads
+        self.database = np.asarray(bundle.catalog.database, dtype=np.int64)
+        self._row_of = {int(p): r for r, p in enumerate(self.database)}
+        self.db_unit = torch.nn.functional.normalize(store.z[torch.as_tensor(self.database)].float(), dim=1)
+        self._checkpoint, self._heads, self._log_probs = bundle.checkpoint, None, {}
 
     def vectors(self, positions: Sequence[int]) -> np.ndarray:
         return self.z[torch.as_tensor(list(positions), dtype=torch.long)].numpy()
 
     def search_many(self, jobs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        """jobs: {"z": (d,), "k": int, "exclude": item position or -1}; one top-k for all."""
+        """jobs: {"z": (d,), "k": int, "exclude": item position or -1, optional "filter"}; one
+        top-k for all plain jobs, the filtered ones (filtered_knn / soft_filtered_knn) scored
+        over the whole database as the offline methods do."""
+        plain = [i for i, j in enumerate(jobs) if "filter" not in j]
+        out: list[dict[str, Any]] = [{}] * len(jobs)
+        if plain:
+            out_plain = self._search_plain([jobs[i] for i in plain])
+            for i, r in zip(plain, out_plain):
+                out[i] = r
+        for i, j in enumerate(jobs):
+            if "filter" in j:
+                out[i] = self._search_filtered(j)
+        return out
+
+    def _heads_view(self, prop: str) -> torch.Tensor:
+        """(N_db, C) log-probabilities of ``prop``'s head on the database rows, computed once
+        (the same numbers as cir_bench.search's filtered methods)."""
+        if prop not in self._log_probs:
+            if self._heads is None:
+                from cir_bench.models import load_checkpoint
+
+                model, _ = load_checkpoint(self._checkpoint, torch.device("cpu"))
+                self._heads = model.heads.eval()
+            z = self.z[torch.as_tensor(self.database)]
+            with torch.no_grad():
+                self._log_probs[prop] = torch.cat([torch.log_softmax(self._heads[prop](c).float(), dim=1)
+                                                   for c in z.split(4096)])
+        return self._log_probs[prop]
+
+    def _search_filtered(self, job: Mapping[str, Any]) -> dict[str, Any]:
+        from cir_bench.index import rank_scores
+
+        f = job["filter"]
+        q = torch.nn.functional.normalize(torch.as_tensor(job["z"], dtype=torch.float32)[None], dim=1)
+        sim = q @ self.db_unit.T
+        views = [self._heads_view(p) for p in f["properties"]]
+        if f["kind"] == "hard":  # predicted labels match every condition: ranked first (BONUS as offline)
+            match = torch.stack([v.argmax(1) == c for v, c in zip(views, f["classes"])]).all(0)
+            ranked = sim + 3.0 * match
+        else:
+            ranked = sim + f["beta"] * sum(v[:, c] for v, c in zip(views, f["classes"]))
+        exclude = job.get("exclude", -1)
+        local = torch.as_tensor([self._row_of.get(int(exclude), -1)]) if exclude >= 0 else None
+        k = min(job["k"], ranked.shape[1] - (1 if local is not None and int(local[0]) >= 0 else 0))
+        idx, top = rank_scores(ranked.clone(), k, local)
+        scores = torch.gather(sim, 1, idx) if f["kind"] == "hard" else top  # what the offline methods report
+        return {"positions": self.database[idx[0].numpy()].tolist(), "scores": scores[0].tolist()}
+
+    def _search_plain(self, jobs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         z = torch.as_tensor(np.stack([j["z"] for j in jobs]), dtype=torch.float32)
         exclude = np.array([j.get("exclude", -1) for j in jobs])
         pos, scores = self.index.search(z, max(j["k"] for j in jobs),

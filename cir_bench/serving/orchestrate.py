@@ -3,7 +3,8 @@ the Ray Serve ingress (serve/app.py) alike; only the ``Stages`` differ (direct c
 components, or calls through deployment handles):
 
     z0     <- stages.embed (uploaded images) | stages.vectors (item ids)
-    z      <- stages.invert (teacher: Backward Search) | stages.transform (student) | z0 (knn)
+    z      <- stages.invert (teacher: Backward Search) | stages.transform (student) | z0 (knn,
+              filtered_knn, soft_filtered_knn: these rank with the heads' view of the database)
     top-k  <- stages.rank
 
 Requests that reach a stage together go to it as one list, so a stage may batch them.
@@ -38,9 +39,16 @@ def search_job(parsed: Mapping[str, Any], z0: np.ndarray) -> dict[str, Any]:
             "lambda": parsed["lambda"]}
 
 
+FILTERED = {"filtered_knn": "hard", "soft_filtered_knn": "soft"}
+
+
 def rank_job(catalog: Catalog, parsed: Mapping[str, Any], z: np.ndarray) -> dict[str, Any]:
     exclude = parsed.get("position", -1) if catalog.self_match == "exclude" else -1
-    return {"z": z, "k": parsed["k"], "exclude": exclude}
+    job = {"z": z, "k": parsed["k"], "exclude": exclude}
+    if parsed["method"] in FILTERED:  # ranked with the heads' view of the database
+        job["filter"] = {"kind": FILTERED[parsed["method"]], "properties": list(parsed["properties"]),
+                         "classes": list(parsed["classes"]), "beta": parsed.get("beta", 0.0)}
+    return job
 
 
 def format_answer(catalog: Catalog, parsed: Mapping[str, Any], ranked: Mapping[str, Any],
@@ -52,6 +60,8 @@ def format_answer(catalog: Catalog, parsed: Mapping[str, Any], ranked: Mapping[s
     res: dict[str, Any] = {"method": parsed["method"], "items": items, "batch_size": searched.get("batch_size", 1)}
     if parsed["method"] == "teacher":
         res.update(iterations=searched["iterations"], satisfied=searched["satisfied"], **{"lambda": searched["lambda"]})
+    if parsed["method"] == "soft_filtered_knn":
+        res["beta"] = parsed["beta"]
     return res
 
 
@@ -81,8 +91,9 @@ async def answer(parsed: Sequence[Mapping[str, Any]], stages: Stages, catalog: C
     searched: dict[int, Mapping[str, Any]] = {}
     for m, out in zip(methods, answers):
         searched.update(zip(groups[m], out))
-    for i in groups["knn"]:
-        searched[i] = {"z": z0[i], "batch_size": len(groups["knn"])}
+    for m in ("knn", *FILTERED):  # the query vector is z0; filtered methods rank differently
+        for i in groups[m]:
+            searched[i] = {"z": z0[i], "batch_size": len(groups[m])}
     t_search = time.perf_counter()
 
     ranked = await stages.rank([rank_job(catalog, parsed[i], searched[i]["z"]) for i in range(n)]) if n else []

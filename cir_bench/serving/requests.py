@@ -5,8 +5,8 @@ the field, so the HTTP layer answers 4xx and keeps serving) and example requests
 A request (JSON)::
 
     {"item_id": "00012-flat"}  or  {"image": "<base64 bytes>"},
-    "conditions": {"style": "hatched"}, "method": "teacher" | "student" | "knn",
-    "k": 10, "lambda": 0.005  (optional, teacher only)
+    "conditions": {"style": "hatched"}, "method": "teacher" | "student" | "knn" | "filtered_knn" | "soft_filtered_knn",
+    "k": 10, "lambda": 0.005  (optional, teacher only), "beta": 0.1 (optional, soft_filtered_knn only)
 """
 from __future__ import annotations
 
@@ -19,8 +19,11 @@ import numpy as np
 
 from cir_bench.data.base import BadImageError, ImageTooLargeError, decode_image
 
-METHODS = ("teacher", "student", "knn")
-FIELDS = {"item_id", "image", "conditions", "method", "k", "lambda"}
+# filtered_knn / soft_filtered_knn: the offline methods of the same names (cir_bench.search),
+# the heads' predicted labels / log-probabilities of the database computed once by the index
+METHODS = ("teacher", "student", "knn", "filtered_knn", "soft_filtered_knn")
+FIELDS = {"item_id", "image", "conditions", "method", "k", "lambda", "beta"}
+DEFAULT_BETA = 0.1  # SoftFilteredKNN's default
 
 
 class RequestError(ValueError):
@@ -110,6 +113,12 @@ class RequestParser:
         if lam is not None and method != "teacher":
             raise RequestError("lambda", f"only the teacher (Backward Search) takes lambda; method {method!r} "
                                "would ignore it")
+        beta = request.get("beta")
+        if beta is not None and (not isinstance(beta, (int, float)) or isinstance(beta, bool) or beta < 0
+                                 or not np.isfinite(beta)):
+            raise RequestError("beta", f"must be a number >= 0, got {beta!r}")
+        if beta is not None and method != "soft_filtered_knn":
+            raise RequestError("beta", f"only soft_filtered_knn takes beta; method {method!r} would ignore it")
         conditions = request.get("conditions")
         if not isinstance(conditions, dict) or not conditions:
             raise RequestError("conditions", "must be a non-empty object {property: label}")
@@ -131,6 +140,8 @@ class RequestParser:
                                f"{[list(s) for s in self.student_sets] or 'none'}")
         out = {"method": method, "k": k, "lambda": None if lam is None else float(lam), "properties": props,
                "classes": classes}
+        if method == "soft_filtered_knn":
+            out["beta"] = float(DEFAULT_BETA if beta is None else beta)
         if has_id:
             if not isinstance(request["item_id"], str):
                 raise RequestError("item_id", "must be a string")

@@ -2,7 +2,7 @@
 // /search). The page state lives in the URL query string, so a link reproduces a search.
 "use strict";
 const $ = (id) => document.getElementById(id);
-const state = { item: null, upload: null, conditions: {}, method: "teacher", lambda: null, k: 8,
+const state = { item: null, upload: null, conditions: {}, method: "teacher", lambda: null, beta: null, k: 8,
                 compare: false, method2: "student", lambda2: 0 };
 let properties = {};
 let galleryOffset = 0;
@@ -37,6 +37,7 @@ function fromURL() {
   state.method = q.get("method") || state.method;
   state.k = parseInt(q.get("k") || state.k, 10);
   state.lambda = q.has("lambda") ? parseFloat(q.get("lambda")) : null;
+  state.beta = q.has("beta") ? parseFloat(q.get("beta")) : null;
   state.compare = q.has("compare");
   if (state.compare) {
     const [m2, l2] = q.get("compare").split(":");
@@ -45,7 +46,7 @@ function fromURL() {
   }
   state.conditions = {};
   for (const [key, value] of q.entries()) {
-    if (!["item", "method", "k", "lambda", "compare"].includes(key)) state.conditions[key] = value;
+    if (!["item", "method", "k", "lambda", "beta", "compare"].includes(key)) state.conditions[key] = value;
   }
 }
 
@@ -55,6 +56,7 @@ function toURL() {
   for (const [p, v] of Object.entries(state.conditions)) if (v) q.set(p, v);
   q.set("method", state.method);
   if (state.method === "teacher" && state.lambda !== null) q.set("lambda", String(state.lambda));
+  if (state.method === "soft_filtered_knn" && state.beta !== null) q.set("beta", String(state.beta));
   q.set("k", String(state.k));
   if (state.compare) q.set("compare", `${state.method2}:${state.lambda2}`);
   history.replaceState(null, "", `${location.pathname}?${q}`);
@@ -105,6 +107,8 @@ function syncControls() {
   $("compare").checked = state.compare;
   $("method2").value = state.method2;
   $("lambda2").value = state.lambda2;
+  if (state.beta !== null) $("beta").value = state.beta;
+  $("beta").disabled = state.method !== "soft_filtered_knn";
   setLambdaControl();
 }
 
@@ -173,10 +177,12 @@ function request(method, lambda) {
     form.append("method", method);
     form.append("k", String(state.k));
     if (method === "teacher" && lambda !== null) form.append("lambda", String(lambda));
+    if (method === "soft_filtered_knn" && state.beta !== null) form.append("beta", String(state.beta));
     return { method: "POST", body: form };
   }
   const body = { item_id: state.item, conditions, method, k: state.k };
   if (method === "teacher" && lambda !== null) body.lambda = lambda;
+  if (method === "soft_filtered_knn" && state.beta !== null) body.beta = state.beta;
   return { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) };
 }
 
@@ -189,6 +195,7 @@ function render(box, title, answer) {
   const t = answer.timing_ms || {};
   const parts = [`${answer.items.length} results`];
   if (answer.iterations !== undefined) parts.push(`${answer.iterations} iterations, λ = ${answer.lambda}`);
+  if (answer.beta !== undefined) parts.push(`β = ${answer.beta}`);
   parts.push("server ms: " + Object.entries(t).map(([k, v]) => `${k} ${v.toFixed(1)}`).join(", "));
   meta.textContent = parts.join(" · ");
   const grid = document.createElement("div");
@@ -241,7 +248,8 @@ async function search() {
 }
 
 function describe(method, lambda) {
-  return method === "teacher" ? `teacher (λ = ${lambda === null ? "default" : lambda})` : method;
+  if (method === "teacher") return `teacher (λ = ${lambda === null ? "default" : lambda})`;
+  return method.replace(/_/g, " ");
 }
 
 function useUpload(file) {
@@ -255,7 +263,10 @@ async function init() {
   try { properties = await fetchJSON("/properties"); } catch (err) { showError(err.message); return; }
   buildConditions();
   syncControls();
-  $("method").addEventListener("change", (e) => { state.method = e.target.value; setLambdaControl(); toURL(); search(); });
+  $("method").addEventListener("change", (e) => { state.method = e.target.value; syncControls(); toURL(); search(); });
+  $("beta").addEventListener("change", (e) => { const v = parseFloat(e.target.value);
+                                                 state.beta = Number.isFinite(v) && v >= 0 ? v : null;
+                                                 toURL(); search(); });
   $("lambda").addEventListener("input", (e) => { $("lambda-value").textContent = `= ${(10 ** e.target.value).toPrecision(2)}`; });
   $("lambda").addEventListener("change", (e) => { state.lambda = Number((10 ** e.target.value).toPrecision(3));
                                                    setLambdaControl(); toURL(); search(); });
