@@ -131,6 +131,13 @@ def test_search_page_in_headless_chromium(page_server, tmp_path):
             page.wait_for_selector("#error:not([hidden])", timeout=60000)
             assert prop in page.inner_text("#error") and "no-such-label" in page.inner_text("#error")
             page.screenshot(path=str(tmp_path / "search-page-error.png"))
+            # 7. an oversized upload: the 413 is shown, the page does not hang
+            big = tmp_path / "big.png"
+            big.write_bytes(b"\x89PNG" + os.urandom(6 * 1024 * 1024))  # over the default 5 MiB
+            page.evaluate("document.querySelector('#error').hidden = true")
+            page.set_input_files("#upload", str(big))
+            page.wait_for_selector("#error:not([hidden])", timeout=60000)
+            assert "image: larger than" in page.inner_text("#error")
         finally:
             browser.close()
     assert outside == []
