@@ -35,14 +35,11 @@ class _EmbedActor:
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to ``address`` (a cluster) or start a local Ray once; reuse a running one."""
-    import ray
+    """Connect to ``address`` (a cluster) or start a local Ray once; reuse a running one
+    (cir_bench.embed.cluster: fast, explained failures and Ray's token authentication)."""
+    from cir_bench.embed.cluster import connect
 
-    if not ray.is_initialized():
-        if address:
-            ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
-        else:
-            ray.init(num_cpus=num_cpus, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+    connect(address, num_cpus)
 
 
 def extract_embeddings_ray(checkpoint: Path, dataset: Dataset, transform_args: dict[str, Any], actors: int = 2,
