@@ -244,6 +244,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--port must be in 1..65535, got {port}")
     if not args.address:
         _check_port_free(host, port)
+    else:  # before any work: the replicas load the bundle's files from the cache on their nodes
+        from cir_bench.embed.cluster import join
+        from cir_bench.pipeline import cache_dir_for
+
+        join(args.address, cache_dir_for(cfg), [cfg.dataset.root] if cfg.dataset.root else [])
     # train or load the model, embeddings and students once, here; the deployments load the files
     bundle = build_bundle(cfg, progress=not args.no_progress)
     bundle = with_index(bundle, sc, cfg.eval.search_batch)
@@ -520,6 +525,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "address", None) and not getattr(args, "stop", False):
+            from cir_bench.embed.cluster import connect
+
+            connect(args.address)  # first: a wrong address or a missing token fails in seconds
         return int(args.func(args))
     except USER_ERRORS as err:
         if args.debug:

@@ -5,8 +5,8 @@ token is at hand, an explicit address does not, and a client without it retries 
 ends in a bare ``ConnectionError``. Here: an address that does not answer fails at once with the
 address named; with a token available (``$RAY_AUTH_TOKEN``, the file ``$RAY_AUTH_TOKEN_PATH``, or
 ``~/.ray/auth_token``, where ``ray start`` writes it) token mode is switched on as Ray does for
-"auto"; without one, a short probe in a subprocess tells a cluster that wants a token apart and
-the error says what to set.
+"auto"; then one handshake with the cluster's GCS in a subprocess tells a refused client at
+once, and the error says what to set.
 """
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, Sequence
 
-PROBE_TIMEOUT_S = 5.0  # a client that is let in connects in ~2 s here
+PROBE_TIMEOUT_S = 5.0  # the handshake takes ~0.5 s here, interpreter start included
 
 
 class ClusterConnectError(ConnectionError):
@@ -79,15 +79,30 @@ def _enable_token_auth() -> None:
     maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
 
 
-def _probe(address: str) -> bool:
-    """Can a client connect within PROBE_TIMEOUT_S (in a subprocess, so a retry loop is cut)?"""
-    code = ("import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False, logging_level='ERROR'); "
-            "ray.shutdown()")
+_PROBE = """
+import sys
+try:
+    from ray._raylet import GcsClient
+    from ray.exceptions import AuthenticationError
+except ImportError:
+    sys.exit(4)
+try:
+    GcsClient(address=sys.argv[1])
+except AuthenticationError:
+    sys.exit(3)
+"""
+
+
+def _probe(address: str) -> str:
+    """Does the cluster let this client in? One handshake with its GCS in a subprocess (bounded:
+    a refused client is told at once, ~0.5 s; ``ray.init`` would retry for ~20 s): "ok", "auth"
+    (refused: no token or another cluster's), or "unknown"."""
     try:
-        done = subprocess.run([sys.executable, "-c", code, address], capture_output=True, timeout=PROBE_TIMEOUT_S)
+        done = subprocess.run([sys.executable, "-c", _PROBE, address], capture_output=True,
+                              timeout=PROBE_TIMEOUT_S, env=os.environ.copy())
     except subprocess.TimeoutExpired:
-        return False
-    return done.returncode == 0
+        return "unknown"
+    return {0: "ok", 3: "auth"}.get(done.returncode, "unknown")
 
 
 def connect(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -100,14 +115,18 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(num_cpus=num_cpus, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
         return
     check_reachable(address)
-    if not os.environ.get("RAY_AUTH_MODE"):
-        if token_source() is not None:
-            _enable_token_auth()
-        elif address != "auto" and not _probe(address):
+    if not os.environ.get("RAY_AUTH_MODE") and token_source() is not None:
+        _enable_token_auth()  # as ray.init("auto") does: a token at hand means token mode
+    if address != "auto" and _probe(address) == "auth":
+        where = token_source()
+        if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" and where:
             raise ClusterConnectError(
-                f"--address {address}: the cluster answers but refuses this client within {PROBE_TIMEOUT_S:.0f} s; "
-                "Ray clusters use token authentication by default: set RAY_AUTH_MODE=token and give the "
-                "cluster's token (the head node's ~/.ray/auth_token) as $RAY_AUTH_TOKEN or in ~/.ray/auth_token")
+                f"--address {address}: the cluster refuses the token from {where}; it must be the cluster's "
+                "token (the head node's ~/.ray/auth_token), given as $RAY_AUTH_TOKEN or in ~/.ray/auth_token")
+        raise ClusterConnectError(
+            f"--address {address}: the cluster answers but refuses this client: Ray clusters use token "
+            "authentication by default; set RAY_AUTH_MODE=token and give the cluster's token (the head node's "
+            "~/.ray/auth_token) as $RAY_AUTH_TOKEN or in ~/.ray/auth_token")
     try:
         ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
     except ConnectionError as err:
@@ -118,3 +137,92 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
             f"--address {address}: cannot join the cluster ({err}); with token authentication "
             f"(RAY_AUTH_MODE={os.environ.get('RAY_AUTH_MODE', 'unset')}, token from {where or 'nowhere'}) the token "
             "must be the head node's ~/.ray/auth_token") from None
+
+
+class SharedCacheError(ClusterConnectError):
+    """A node of the cluster cannot read or write the cache folder the driver uses."""
+
+
+MARKER_DIR = ".cluster-check"
+
+
+def _node_check(marker: str, token: str, reply: str, must_exist: list[str]) -> dict[str, str]:
+    """Runs on one node: read the driver's marker, write a reply beside it, look for paths."""
+    import os
+    import socket
+
+    seen = {"host": socket.gethostname()}
+    try:
+        content = Path(marker).read_text()
+    except OSError as err:
+        return {**seen, "problem": f"cannot read {marker} ({err.strerror or err})"}
+    if content != token:
+        return {**seen, "problem": f"reads another {marker} than the driver wrote (a different folder at that path)"}
+    try:
+        Path(reply).write_text(token)
+    except OSError as err:
+        return {**seen, "problem": f"cannot write in {Path(reply).parent} ({err.strerror or err})"}
+    missing = [p for p in must_exist if not os.path.exists(p)]
+    if missing:
+        return {**seen, "problem": f"has no {', '.join(missing)}"}
+    return seen
+
+
+def check_shared_folder(path: str | Path, must_exist: Sequence[str | Path] = (), timeout_s: float = 60.0,
+                        what: str = "cache folder", flag: str = "--cache-dir (or $CIR_BENCH_CACHE)") -> list[str]:
+    """Every alive node of the connected cluster reads a marker this process wrote in the folder
+    and writes one back, which this process then reads: checkpoints, embeddings and students
+    (the cache), trial results (Tune's storage) are files there, read and written by whichever
+    node a task lands on. ``must_exist``: other paths every node needs (a dataset root). Returns
+    the ids of the nodes checked; raises SharedCacheError naming the first node that cannot see
+    the folder."""
+    import secrets
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    folder = Path(path).expanduser().resolve() / MARKER_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_hex(16)
+    marker = folder / f"{token}.driver"
+    marker.write_text(token)
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    remote = ray.remote(num_cpus=0, max_retries=0)(_node_check)
+    replies = {n["NodeID"]: folder / f"{token}.{n['NodeID']}" for n in nodes}
+    try:
+        refs = {n["NodeID"]: remote.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)
+                                            ).remote(str(marker), token, str(replies[n["NodeID"]]),
+                                                     [str(Path(p).expanduser()) for p in must_exist])
+                for n in nodes}
+        ips = {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in nodes}
+        _, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+        if pending:
+            late = [node for node, ref in refs.items() if ref in pending]
+            raise SharedCacheError(f"cache check: node {late[0][:12]} ({ips[late[0]]}) did not answer within "
+                                   f"{timeout_s:.0f} s; is it busy or gone? (`ray status`)")
+        for node, ref in refs.items():
+            seen = ray.get(ref)
+            problem = seen.get("problem")
+            if problem is None:
+                try:
+                    if replies[node].read_text() != token:
+                        problem = f"wrote {replies[node]}, but this process reads something else there"
+                except OSError:
+                    problem = f"wrote its reply in its own {folder}, which this process does not see"
+            if problem:
+                raise SharedCacheError(
+                    f"{what} {folder.parent} is not shared with node {node[:12]} ({ips[node]}, host "
+                    f"{seen['host']}): it {problem}. Every node reads and writes files there: mount one shared "
+                    f"filesystem at the same path on every node and pass that path as {flag}")
+        return list(refs)
+    finally:
+        for written in [marker, *replies.values()]:
+            written.unlink(missing_ok=True)
+
+
+def join(address: str, cache_dir: str | Path, must_exist: Sequence[str | Path] = ()) -> dict[str, object]:
+    """Connect to the cluster at ``address`` and check that every node shares the cache folder;
+    returns what a manifest records of it (address, node ids)."""
+    connect(address)
+    nodes = check_shared_folder(cache_dir, must_exist)
+    return {"address": address, "nodes": nodes}

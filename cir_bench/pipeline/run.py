@@ -17,7 +17,7 @@ from cir_bench.config import RunConfig
 from cir_bench.metrics import build_eval_inputs, evaluate, find_twins, retrieved_similarity_at_k, summarize
 from cir_bench.models import pick_device
 from cir_bench.paths import file_sha256
-from cir_bench.pipeline.steps import backward_label, distil_or_load, load_dataset, prepare, teacher_label
+from cir_bench.pipeline.steps import backward_label, cache_dir_for, distil_or_load, load_dataset, prepare, teacher_label
 from cir_bench.pipeline.steps import query_sets as built_query_sets
 from cir_bench.results import write_run
 from cir_bench.search import METHODS, get_method
@@ -89,6 +89,14 @@ def run(cfg: RunConfig, progress: bool = True, log=print) -> Path:
             + f" (e.g. {', '.join(map(str, dataset.report.get('skipped_examples', [])[:3]))}; all in the manifest)")
     log(f"dataset {dataset.name}: {len(dataset)} items, properties "
         + ", ".join(f"{p.name}({p.num_classes})" for p in dataset.properties) + f"; device {device}")
+
+    cluster = None
+    if cfg.ray.address:  # before any work: every node must see the cache (and the dataset root)
+        from cir_bench.embed.cluster import join
+
+        cluster = join(cfg.ray.address, cache_dir_for(cfg), [cfg.dataset.root] if cfg.dataset.root else [])
+        log(f"Ray cluster {cfg.ray.address}: {len(cluster['nodes'])} node(s), each reads and writes the cache "
+            f"folder {cache_dir_for(cfg)}")
 
     # the query sets depend on the dataset only: built (or found unbuildable) before training
     built = built_query_sets(cfg, dataset, log)
@@ -199,6 +207,7 @@ def run(cfg: RunConfig, progress: bool = True, log=print) -> Path:
                               **({"setup": methods[s.label].setup_info()} if s.label in methods
                                  and methods[s.label].setup_info() else {})} for s in specs},
         "students": student_info,
+        "cluster": cluster,  # None: local; else the address and the nodes that shared the cache
         "timings": {**timings, "total_s": time.perf_counter() - t_start},
     }
     points = map_points(store.z, ids, database, np.unique(np.concatenate([q.positions for _, q, _ in built])),

@@ -34,6 +34,7 @@ def _evaluate(ctx, queries, method, k: int) -> dict[str, float]:
 def run_trial(config: dict[str, Any]) -> None:
     """The Tune trainable: reports one row per (query set, λ) of the sweep and one per
     query set for the calibrated λ."""
+    import ray
     import torch
     from ray import tune
 
@@ -49,7 +50,8 @@ def run_trial(config: dict[str, Any]) -> None:
     dataset, trained, ctx = prepared.dataset, prepared.trained, prepared.ctx
     k = cfg.eval.k
     common = {"val_acc": {k_: v for k_, v in (trained.history[-1] if trained.history else {}).items()
-                          if k_.startswith("val_acc")}, "checkpoint_reused": trained.reused}
+                          if k_.startswith("val_acc")}, "checkpoint_reused": trained.reused,
+              "node_id": ray.get_runtime_context().get_node_id()}  # where Ray placed the trial
 
     def method(lam: float) -> BackwardSearch:
         return BackwardSearch(cfg.search.preset, lam=float(lam), **cfg.search.overrides())
@@ -87,8 +89,15 @@ def run_experiment(exp: Experiment, storage_path: str | Path, resume: bool = Fal
 
     from cir_bench.embed.ray_extract import ensure_ray
 
-    ensure_ray(address)
     storage = Path(storage_path).expanduser().resolve()
+    if address:  # trials read and write the cache and Tune's storage on whichever node they run
+        from cir_bench.embed.cluster import check_shared_folder, join
+        from cir_bench.paths import cache_root
+
+        join(address, cache_root(cache_dir))
+        storage.mkdir(parents=True, exist_ok=True)
+        check_shared_folder(storage, what="Tune storage folder", flag="--storage-path")
+    ensure_ray(address)
     path = storage / exp.name
     trainable = tune.with_resources(trainable, {"cpu": exp.resources.cpu, "gpu": exp.resources.gpu})
     if resume:
