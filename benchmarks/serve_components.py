@@ -5,6 +5,9 @@ Serve deployment runs, timed side by side in one run; prints JSON.
   teacher iterations per query (the paper's Table 5 analogue) and the student's speed-up
   over the teacher (Table 6 analogue), item-id queries;
 - the image encoder on uploaded PNG bytes (decode + transform + forward) per batch size;
+- the student and the exact index as the ingress runs them: z handed over as numpy with a
+  wait per stage (before) vs left on the device with one wait per batch (``on_device`` +
+  ``one_sync``; the CUDA default), ms per call per batch size and identical top-10;
 - the index: exact torch top-10 vs FAISS (Flat, HNSW32, IVF1024) on the run's store and on
   synthetic stores of ``--large`` rows (recall@10 of FAISS against exact, ms per query).
 
@@ -33,6 +36,38 @@ def _time(fn, repeat: int) -> float:
     for _ in range(repeat):
         fn()
     return (time.perf_counter() - t0) / repeat
+
+
+def student_index(bundle, service, requests, sizes, repeat) -> list[dict]:
+    """Student -> exact index in one process, per request batch: before (numpy between the
+    stages, a wait for the device in each) and after (z stays on the device, one wait)."""
+    from cir_bench.serving import IndexSearch, StudentSearch
+    from cir_bench.serving.orchestrate import rank_job, search_job
+
+    device = str(service.teacher.device)
+    student, index = StudentSearch(bundle, device), IndexSearch(bundle, device)
+    if not hasattr(index.index, "one_sync"):
+        return []  # a FAISS backend: nothing to compare
+    rows = []
+    for b in sizes:
+        parsed = [service.parser.parse({**r, "method": "student"}) for r in requests[:b]]
+        jobs = [search_job(p, index.vectors([p["position"]])[0]) for p in parsed]
+
+        def call(on_device: bool) -> list:
+            out = student.transform_many(jobs, on_device=on_device)
+            return index.search_many([rank_job(bundle.catalog, p, o["z"]) for p, o in zip(parsed, out)])
+
+        row = {"batch": b}
+        answers = {}
+        for name, one_sync in (("before", False), ("after", True)):
+            index.index.one_sync = one_sync
+            row[f"{name}_ms_per_call"] = 1000 * _time(lambda: call(one_sync), max(repeat, 20))
+            answers[name] = call(one_sync)
+        row["speedup"] = row["before_ms_per_call"] / row["after_ms_per_call"]
+        row["identical_top10"] = float(np.mean([a["positions"] == c["positions"]
+                                                for a, c in zip(answers["before"], answers["after"])]))
+        rows.append(row)
+    return rows
 
 
 def main(stdout=None) -> None:
@@ -77,6 +112,7 @@ def main(stdout=None) -> None:
         pngs.append(buf.getvalue())
     out["encoder"] = [{"batch": b, "ms_per_image": 1000 * _time(lambda: service.encoder.embed(pngs[:b]),
                                                                  args.repeat) / b} for b in sizes]
+    out["student_index"] = student_index(bundle, service, requests, sizes, args.repeat)
     # index backends
     z = service.index.z
     stores = {"run_store": (z, np.asarray(bundle.catalog.database))}

@@ -201,8 +201,9 @@ class HandleStages:
         return await self._each(self.handles["teacher"].invert, jobs)
 
     async def transform(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        if "student" in self.local:  # under a millisecond: no hop, no batch wait
-            return self._local("student", len(jobs)).transform_many(jobs)
+        if "student" in self.local:  # under a millisecond: no hop, no batch wait; z stays on the
+            # device when the index is here too (one wait for the device per request batch)
+            return self._local("student", len(jobs)).transform_many(jobs, on_device="index" in self.local)
         return await self._each(self.handles["student"].transform, jobs)
 
     async def rank(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -18,6 +18,9 @@ DEPLOYMENTS = ("ingress", *STAGES)
 class ActorOptions:
     num_cpus: float = bounded(0.25, ge=0)
     num_gpus: float = bounded(0.0, ge=0)  # a replica uses CUDA exactly when it was given a GPU
+    # environment of the replica's process (Ray's runtime_env env_vars), e.g. Serve's own
+    # RAY_SERVE_* switches for that deployment only
+    env: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -81,7 +84,11 @@ class ServeSettings:
     def deployment(self, name: str) -> dict[str, Any]:
         """Ray Serve ``.options(...)`` of one deployment."""
         default = _ingress_default() if name == "ingress" else Deployment()
-        return dataclasses.asdict(self.deployments.get(name, default))
+        options = dataclasses.asdict(self.deployments.get(name, default))
+        env = options["ray_actor_options"].pop("env")
+        if env:
+            options["ray_actor_options"]["runtime_env"] = {"env_vars": {k: str(v) for k, v in env.items()}}
+        return options
 
     def batch(self, name: str) -> Batching:
         return self.batching.get(name, Batching())

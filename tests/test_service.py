@@ -5,6 +5,7 @@ import base64
 import io
 
 import numpy as np
+import torch
 import pytest
 
 from cir_bench.search import get_method
@@ -183,6 +184,49 @@ def test_service_components_on_cuda_match_cpu(service, prepared):
                 assert np.allclose([i["score"] for i in a["items"]], [i["score"] for i in b["items"]], atol=1e-4)
 
 
+def test_student_leaving_z_on_its_device_ranks_the_same(service, prepared):
+    """In the ingress the student hands z to the index as a tensor (on CUDA: no wait for the
+    device between the two); the answers are those of the numpy hand-over."""
+    from cir_bench.serving import IndexSearch, StudentSearch
+    from cir_bench.serving.orchestrate import rank_job, search_job
+
+    student, index = StudentSearch(service.bundle, "cpu"), IndexSearch(service.bundle, "cpu")
+    parsed = [service.parser.parse(r) for r in _requests(prepared.dataset, "student", 8)]
+    jobs = [search_job(p, index.vectors([p["position"]])[0]) for p in parsed]
+    as_numpy, as_tensor = student.transform_many(jobs), student.transform_many(jobs, on_device=True)
+    assert all(torch.is_tensor(t["z"]) and isinstance(n["z"], np.ndarray) for t, n in zip(as_tensor, as_numpy))
+    ranked = [index.search_many([rank_job(service.catalog, p, s["z"]) for p, s in zip(parsed, out)])
+              for out in (as_numpy, as_tensor)]
+    assert [r["positions"] for r in ranked[0]] == [r["positions"] for r in ranked[1]]
+    assert np.allclose([r["scores"] for r in ranked[0]], [r["scores"] for r in ranked[1]], atol=1e-6)
+    # a batch mixing student z (tensors) and knn z0 (numpy) is ranked in one call
+    mixed = [rank_job(service.catalog, parsed[0], as_tensor[0]["z"]), rank_job(service.catalog, parsed[1], jobs[1]["z0"])]
+    assert index.search_many(mixed)[0]["positions"] == ranked[0][0]["positions"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs CUDA")
+def test_student_and_index_on_cuda_wait_once_and_match_cpu(service, prepared):
+    """On CUDA: staged inputs, z left on the device, one wait in the index; the same top-10 as
+    the CPU up to near-ties, and a second batch does not disturb the first one's answers."""
+    from cir_bench.serving import IndexSearch, StudentSearch
+    from cir_bench.serving.orchestrate import rank_job, search_job
+
+    parsed = [service.parser.parse(r) for r in _requests(prepared.dataset, "student", 12)]
+    answers = {}
+    for device in ("cpu", "cuda"):
+        student, index = StudentSearch(service.bundle, device), IndexSearch(service.bundle, device)
+        assert index.index.one_sync is (device == "cuda")
+        jobs = [search_job(p, index.vectors([p["position"]])[0]) for p in parsed]
+        out = student.transform_many(jobs, on_device=True)
+        answers[device] = index.search_many([rank_job(service.catalog, p, s["z"]) for p, s in zip(parsed, out)])
+        again = index.search_many([rank_job(service.catalog, p, s["z"]) for p, s in zip(parsed[:3], out[:3])])
+        assert [a["positions"] for a in again] == [a["positions"] for a in answers[device][:3]]
+    overlap = np.mean([len(set(a["positions"]) & set(b["positions"])) / len(a["positions"])
+                       for a, b in zip(answers["cpu"], answers["cuda"])])
+    assert overlap >= 0.95, overlap
+
+
 def test_serve_config_is_checked_before_serve_starts_naming_file_and_key(tmp_path, service):
     from cir_bench.config import ConfigError
     from serve.app import with_index
@@ -237,3 +281,14 @@ def test_query_sets_are_canonical(tiny):
     assert tiny.query_sets([["shape", "style"], ["style"], ["style", "shape"]]) == [["style", "shape"], ["style"]]
     with pytest.raises(Exception, match="unknown property 'genre'"):
         tiny.query_sets([["genre"]])
+
+
+def test_serve_config_env_reaches_the_replica_as_runtime_env():
+    from serve.settings import settings_from_dict
+
+    settings = settings_from_dict({"deployments": {"ingress": {"ray_actor_options": {
+        "num_cpus": 0.5, "env": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": 0}}}}})
+    opts = settings.deployment("ingress")["ray_actor_options"]
+    assert opts == {"num_cpus": 0.5, "num_gpus": 0.0,
+                    "runtime_env": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}}
+    assert "runtime_env" not in settings.deployment("teacher")["ray_actor_options"]

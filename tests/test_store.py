@@ -69,6 +69,44 @@ def test_self_match_exclusion_against_numpy():
     assert kept[:, 0].tolist() == q_pos.tolist()  # self-match "keep": the query is its own top hit
 
 
+@pytest.mark.parametrize("chunk", [4, 1024])
+def test_one_sync_path_gives_the_plain_answers(chunk):
+    """The path CUDA takes by default (queue everything, wait once, redo rows whose tie
+    straddles the window), forced on the CPU: the same lists and scores as the plain path,
+    with self-matches, ties past the window and a database row that is no query's."""
+    rng = np.random.default_rng(3)
+    z = rng.normal(size=(200, 8)).astype(np.float32)
+    z[50:90] = z[50]  # 40 identical rows: every query close to them has ties past k + 16
+    db = np.sort(rng.choice(200, 150, replace=False))
+    q_pos = np.concatenate([rng.choice(200, 10, replace=False), [50, 51]])
+    plain = ExactIndex(torch.from_numpy(z), db, chunk=chunk)
+    fused = ExactIndex(torch.from_numpy(z), db, chunk=chunk, one_sync=True)
+    assert not plain.one_sync and fused.one_sync  # the default is the device's
+    for exclude in (None, q_pos):
+        for k in (1, 5, 30):
+            a = plain.search(torch.from_numpy(z[q_pos]), k, exclude=exclude)
+            b = fused.search(torch.from_numpy(z[q_pos]), k, exclude=exclude)
+            # rows redone after the window spilled are a matmul of another shape: scores agree
+            # to float32 rounding of a 8-term dot product, not bitwise
+            assert b[0].tolist() == a[0].tolist(), (k, exclude is None)
+            assert torch.allclose(b[1], a[1], rtol=0, atol=1e-6), (k, exclude is None)
+    near = fused.search(torch.from_numpy(z[[50]]), 5, exclude=np.array([50]))[0].tolist()[0]
+    assert near == [p for p in db if 50 < p < 90][:5]  # ties by position, the query left out
+    # results are copies: a later call does not change an earlier answer held by the caller
+    first = fused.search(torch.from_numpy(z[:3]), 4)
+    snapshot = first[0].clone()
+    fused.search(torch.from_numpy(z[100:103]), 4)
+    assert torch.equal(first[0], snapshot)
+
+
+def test_mask_rows_leaves_other_rows_and_minus_one_alone():
+    from cir_bench.index import mask_rows
+
+    scores = torch.arange(12, dtype=torch.float32).view(3, 4)
+    mask_rows(scores, np.array([2, -1, 0]))
+    assert scores.tolist() == [[0, 1, float("-inf"), 3], [4, 5, 6, 7], [float("-inf"), 9, 10, 11]]
+
+
 def test_store_cache_roundtrip(tmp_path):
     calls = []
 

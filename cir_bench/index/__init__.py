@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from cir_bench.index.base import SearchIndex, mask_rows, rank_scores, result_size, topk_stable
+from cir_bench.index.base import SearchIndex, mask_rows, rank_scores, result_size, topk_stable, topk_window
 from cir_bench.index.exact import ExactIndex
 from cir_bench.index.faiss_index import FaissIndex
 from cir_bench.registry import Registry
@@ -33,4 +33,4 @@ def build_index(name: str, z: torch.Tensor, positions: np.ndarray, device: torch
 
 
 __all__ = ["INDEXES", "build_index", "SearchIndex", "ExactIndex", "FaissIndex", "mask_rows", "rank_scores",
-           "result_size", "topk_stable"]
+           "result_size", "topk_stable", "topk_window"]

@@ -61,14 +61,39 @@ def result_size(k: int, n_rows: int, exclude: np.ndarray | None) -> int:
 
 def mask_rows(scores: torch.Tensor, local_rows: torch.Tensor | np.ndarray | None) -> torch.Tensor:
     """Set ``scores[i, local_rows[i]]`` to -inf in place where ``local_rows[i] >= 0``: the
-    self-match of query i (rows outside the database are -1 and left alone)."""
+    self-match of query i (rows outside the database are -1 and left alone). No host sync:
+    every row writes (-inf, or its own score back), so it stays queued on a GPU."""
     if local_rows is None:
         return scores
-    rows_of = torch.as_tensor(np.asarray(local_rows) if not torch.is_tensor(local_rows) else local_rows,
-                              device=scores.device)
-    hit = torch.nonzero(rows_of >= 0).flatten()
-    scores[hit, rows_of[hit]] = float("-inf")
+    rows = torch.as_tensor(np.asarray(local_rows) if not torch.is_tensor(local_rows) else local_rows,
+                           device=scores.device).long().view(-1, 1)
+    valid = rows >= 0
+    safe = torch.where(valid, rows, torch.zeros_like(rows))
+    current = scores.gather(1, safe)
+    scores.scatter_(1, safe, torch.where(valid, torch.full_like(current, float("-inf")), current))
     return scores
+
+
+def topk_window(sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The top-k of each row ordered by (score desc, column asc) from a window of k + 16
+    candidates, without a host sync, and per row whether a tie may straddle the window's edge
+    (then that row needs the full stable sort: ``topk_stable`` does it; None when the window is
+    the whole row)."""
+    n = sim.shape[1]
+    window = min(n, k + 16)
+    vals, idx = torch.topk(sim, window, dim=1)
+    spill = vals[:, window - 1] >= vals[:, k - 1] if window < n else None
+    idx, vals = _order_window(idx, vals, k)
+    return idx, vals, spill
+
+
+def _order_window(idx: torch.Tensor, vals: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # order the window by (score desc, column asc): sort by column, then stable by score
+    col_order = torch.argsort(idx, dim=1)
+    idx = torch.gather(idx, 1, col_order)
+    vals = torch.gather(vals, 1, col_order)
+    score_order = torch.sort(vals, dim=1, descending=True, stable=True).indices
+    return torch.gather(idx, 1, score_order)[:, :k], torch.gather(vals, 1, score_order)[:, :k]
 
 
 def topk_stable(sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,14 +109,7 @@ def topk_stable(sim: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
             full_idx = torch.sort(sim[rows], dim=1, descending=True, stable=True).indices[:, :window]
             idx[rows] = full_idx
             vals[rows] = torch.gather(sim[rows], 1, full_idx)
-    # order the window by (score desc, column asc): sort by column, then stable by score
-    col_order = torch.argsort(idx, dim=1)
-    idx = torch.gather(idx, 1, col_order)
-    vals = torch.gather(vals, 1, col_order)
-    score_order = torch.sort(vals, dim=1, descending=True, stable=True).indices
-    idx = torch.gather(idx, 1, score_order)[:, :k]
-    vals = torch.gather(vals, 1, score_order)[:, :k]
-    return idx, vals
+    return _order_window(idx, vals, k)
 
 
 def rank_scores(scores: torch.Tensor, k: int, local_rows: torch.Tensor | np.ndarray | None = None
