@@ -170,9 +170,11 @@ def test_serve_deploys_answers_and_stops(cluster, shared_cache, tmp_path):
 
 @pytest.mark.skipif(shutil.which("unshare") is None, reason="needs util-linux unshare")
 def test_a_node_that_cannot_see_the_cache_is_named(cluster, shared_cache, tmp_path):
-    probe = subprocess.run(["unshare", "--mount", "true"], capture_output=True)
-    if probe.returncode != 0:
-        pytest.skip(f"cannot create a mount namespace here (unshare: {probe.stderr.decode().strip()})")
+    scratch = tmp_path / "mount-probe"
+    scratch.mkdir()
+    probe = subprocess.run(["unshare", "--mount", "sh", "-c", f"mount -t tmpfs none {scratch}"], capture_output=True)
+    if probe.returncode != 0:  # needs root (CAP_SYS_ADMIN) in this container
+        pytest.skip(f"cannot mount in a new mount namespace here: {probe.stderr.decode().strip()[:200]}")
     # a third node whose view of the cache path is an empty tmpfs: a node without the shared mount
     mask = f"mount -t tmpfs none {shared_cache} && exec \"$@\""
     cluster.add_node("masked", wrap=["unshare", "--mount", "sh", "-c", mask, "sh"])
