@@ -297,10 +297,10 @@ def cmd_loadtest(args: argparse.Namespace) -> int:
     stages = default_stages([m.strip() for m in args.methods.split(",") if m.strip()],
                             numbers("--concurrency", args.concurrency, int),
                             numbers("--rates", args.rates) if args.rates else [], args.duration, args.warmup,
-                            args.max_requests)
+                            args.max_requests, tuple(v.strip() for v in args.via.split(",") if v.strip()))
     out = Path(args.out)
     rows = run_loadtest(args.url, stages, out, allow_remote=args.allow_remote)
-    cols = ["method", "mode", "concurrency", "rate", "requests", "errors", "p50_ms", "p90_ms", "p99_ms", "qps"]
+    cols = ["method", "via", "mode", "concurrency", "rate", "requests", "errors", "p50_ms", "p90_ms", "p99_ms", "qps"]
     import pandas as pd
 
     print(pd.DataFrame(rows)[cols].to_string(index=False, float_format=lambda v: f"{v:.2f}"))
@@ -511,6 +511,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, default=5.0, help="measured seconds per stage")
     p.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per stage (excluded)")
     p.add_argument("--max-requests", type=int, default=2000, help="request cap per stage")
+    p.add_argument("--via", default="post", help="post (JSON body), get (GET /search?… query string), or "
+                   "post,get to measure both side by side")
     p.add_argument("--out", default="runs/loadtest", help="folder for loadtest.json/.csv/.png")
     p.add_argument("--allow-remote", action="store_true", help="allow a non-loopback URL")
     p.set_defaults(func=cmd_loadtest)

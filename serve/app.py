@@ -346,12 +346,30 @@ class Ingress:
         except RequestError as err:
             status = err.status if err.status != 422 else (400 if err.field == "body" else 422)
             return _error(err.field, str(err).split(": ", 1)[1], status)
+        return await self._answer(body, t0)
+
+    @api.get("/search", summary="Conditional search by item id, as a query string (no body to read)",
+             description="`/search?item_id=<id>&<property>=<label>…&method=student&k=10[&lambda=…][&beta=…]`: "
+                         "the same answer as POST /search with that JSON body; uploads need POST. Cheaper "
+                         "through Serve: the replica does not fetch a body from the HTTP proxy.")
+    async def search_by_query(self, request: Request) -> JSONResponse:
+        from cir_bench.serving import RequestError, request_from_query
+
+        t0 = time.perf_counter()
+        try:
+            body = request_from_query(request.query_params.multi_items())
+        except RequestError as err:
+            return _error(err.field, str(err).split(": ", 1)[1], err.status)
+        return await self._answer(body, t0)
+
+    async def _answer(self, body: Any, t0: float) -> JSONResponse:
+        from cir_bench.serving import RequestError
+        from cir_bench.serving.orchestrate import answer
+
         try:
             parsed = self.parser.parse(body)
         except RequestError as err:
             return _error(err.field, str(err).split(": ", 1)[1], err.status)
-        from cir_bench.serving.orchestrate import answer
-
         (result,) = await answer([parsed], self.stages, self.catalog, t0)
         return JSONResponse(result)
 

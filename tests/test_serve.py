@@ -90,6 +90,33 @@ def test_http_answers_equal_in_process_answers(server, local_service, method):
         assert remote["timing_ms"]["total"] > 0 and set(remote["timing_ms"]) == set(local["timing_ms"])
 
 
+@pytest.mark.parametrize("method", ["teacher", "student", "knn", "soft_filtered_knn"])
+def test_get_with_a_query_string_answers_as_post(server, local_service, method):
+    from cir_bench.serving.loadtest import query_params
+
+    for i in range(2):
+        body = {**_request(local_service, i, method), **({"lambda": 0.05} if method == "teacher" else {}),
+                **({"beta": 0.3} if method == "soft_filtered_knn" else {})}
+        got = httpx.get(f"{server}/search", params=query_params(body), timeout=30)
+        assert got.status_code == 200, got.text
+        _same(got.json(), local_service.search(body), method)
+
+
+@pytest.mark.parametrize("query,field", [
+    ("item_id={id}&style=nope&method=knn", "conditions.style"),  # unknown label
+    ("item_id={id}&colour=red&method=knn", "conditions"),       # unknown property
+    ("item_id={id}&style={style}&style={style}", "style"),      # a key twice
+    ("item_id={id}&style={style}&k=ten", "k"),
+    ("item_id={id}&style={style}&image=abc", "image"),          # uploads need POST
+    ("style={style}&method=knn", "item_id"),                    # no query item
+])
+def test_bad_query_strings_get_422_naming_the_field(server, local_service, query, field):
+    body = _request(local_service, 0, "knn")
+    q = query.format(id=body["item_id"], style=body["conditions"]["style"])
+    r = httpx.get(f"{server}/search?{q}", timeout=30)
+    assert r.status_code == 422 and r.json()["field"] == field, r.text
+
+
 def test_concurrent_teacher_requests_are_batched(server, local_service):
     async def fire():
         async with httpx.AsyncClient(timeout=60) as client:
@@ -404,3 +431,17 @@ def test_condition_order_over_http(server, local_service):
                for c in ({"shape": shape, "style": style}, {"style": style, "shape": shape})]
     assert all(a.status_code == 200 for a in answers), answers[0].text
     assert [i["id"] for i in answers[0].json()["items"]] == [i["id"] for i in answers[1].json()["items"]]
+
+
+def test_query_params_and_request_from_query_round_trip():
+    from cir_bench.serving import RequestError, request_from_query
+    from cir_bench.serving.loadtest import Stage, check_stages, query_params
+
+    body = {"item_id": "a1", "conditions": {"style": "flat", "shape": "disc"}, "method": "teacher", "k": 7,
+            "lambda": 0.05}
+    assert request_from_query(query_params(body)) == body
+    with pytest.raises(RequestError, match="given more than once"):
+        request_from_query([("item_id", "a"), ("style", "x"), ("style", "y")])
+    assert request_from_query([("k", "ten"), ("beta", "lots")]) == {"k": "ten", "beta": "lots"}  # parser names them
+    with pytest.raises(ValueError, match="--via"):
+        check_stages([Stage("knn", "closed", via="put")])

@@ -358,6 +358,8 @@ def tune_section(path: Path, tidy: pd.DataFrame) -> dict[str, Any]:
 
 def loadtest_section(path: Path, data: dict[str, Any]) -> dict[str, Any]:
     frame = pd.DataFrame(data["stages"])
+    if "via" in frame and frame["via"].nunique() > 1:  # POST and GET measured side by side
+        frame["method"] = frame["method"] + " (" + frame["via"].str.upper() + ")"
     cols = [c for c in ("method", "mode", "concurrency", "rate", "requests", "errors", "p50_ms", "p90_ms", "p99_ms", "qps")
             if c in frame]
     figs = [Figure("loadtest.png", "Latency and throughput against concurrency (closed-loop stages)",

@@ -3,8 +3,10 @@ orchestration (used in-process by ``SearchService`` and by the Ray Serve app in 
 and the load test of a running server."""
 from cir_bench.serving.components import ImageEncoder, IndexSearch, ItemImages, ServeBundle, StudentSearch, \
     TeacherSearch, build_bundle
-from cir_bench.serving.requests import Catalog, RequestError, RequestParser, ServiceLimits, example_requests
+from cir_bench.serving.requests import Catalog, RequestError, RequestParser, ServiceLimits, example_requests, \
+    request_from_query
 from cir_bench.serving.service import SearchService
 
 __all__ = ["Catalog", "ImageEncoder", "IndexSearch", "ItemImages", "RequestError", "RequestParser", "SearchService",
-           "ServeBundle", "ServiceLimits", "StudentSearch", "TeacherSearch", "build_bundle", "example_requests"]
+           "ServeBundle", "ServiceLimits", "StudentSearch", "TeacherSearch", "build_bundle", "example_requests",
+           "request_from_query"]

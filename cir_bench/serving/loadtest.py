@@ -27,6 +27,13 @@ class Stage:
     duration_s: float = 5.0
     warmup_s: float = 1.0
     max_requests: int = 2000
+    via: str = "post"  # post: JSON body to POST /search | get: the same request as GET /search?…
+
+
+def query_params(body: dict) -> list[tuple[str, str]]:
+    """An item-id request body as the query string of GET /search (conditions as property=label)."""
+    params = [(k, str(v)) for k, v in body.items() if k not in ("conditions", "image")]
+    return params + [(p, str(label)) for p, label in body.get("conditions", {}).items()]
 
 
 def check_loopback(url: str, allow_remote: bool = False) -> None:
@@ -42,9 +49,9 @@ def check_loopback(url: str, allow_remote: bool = False) -> None:
                          "unless --allow-remote")
 
 
-async def _post(client, url: str, body: dict, t_ref: float) -> tuple[float, float, int]:
+async def _post(client, url: str, body: dict, t_ref: float, via: str = "post") -> tuple[float, float, int]:
     try:
-        r = await client.post(url, json=body)
+        r = await (client.get(url, params=query_params(body)) if via == "get" else client.post(url, json=body))
         status = r.status_code
     except Exception:
         status = 0
@@ -70,7 +77,7 @@ async def run_stage(url: str, bodies: list[dict], stage: Stage) -> tuple[list[tu
         if stage.mode == "closed":
             async def worker() -> None:
                 while time.perf_counter() < end and len(samples) < stage.max_requests:
-                    samples.append(await _post(client, url, body(), time.perf_counter()))
+                    samples.append(await _post(client, url, body(), time.perf_counter(), stage.via))
             await asyncio.gather(*[worker() for _ in range(stage.concurrency)])
         elif stage.mode == "open":
             tasks = []
@@ -80,7 +87,8 @@ async def run_stage(url: str, bodies: list[dict], stage: Stage) -> tuple[list[tu
                 delay = scheduled - time.perf_counter()
                 if delay > 0:
                     await asyncio.sleep(delay)
-                tasks.append(asyncio.create_task(_post(client, url, body(), scheduled)))  # latency from schedule
+                # latency from the scheduled send time
+                tasks.append(asyncio.create_task(_post(client, url, body(), scheduled, stage.via)))
             samples = list(await asyncio.gather(*tasks))
         else:
             raise ValueError(f"stage mode must be closed or open, got {stage.mode!r}")
@@ -152,6 +160,8 @@ def plot(frame, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     frame = frame.assign(load=frame.apply(lambda r: f"c={r['concurrency']}" if r["mode"] == "closed"
                                           else f"{r['rate']:g}/s", axis=1))
+    if "via" in frame and frame["via"].nunique() > 1:  # POST and GET side by side
+        frame = frame.assign(method=frame["method"] + " (" + frame["via"].str.upper() + ")")
     long = frame.melt(id_vars=["method", "load"], value_vars=["p50_ms", "p99_ms"], var_name="percentile",
                       value_name="ms")
     sns.barplot(data=long, x="load", y="ms", hue="method", ax=axes[0], errorbar=None)
@@ -171,6 +181,8 @@ def check_stages(stages: list[Stage]) -> None:
     for st in stages:
         if st.method not in METHODS:
             raise ValueError(f"--methods: unknown method {st.method!r}; choose from {', '.join(METHODS)}")
+        if st.via not in ("post", "get"):
+            raise ValueError(f"--via: expected post and/or get, got {st.via!r}")
         if st.mode == "closed" and st.concurrency < 1:
             raise ValueError(f"--concurrency must be >= 1, got {st.concurrency}")
         if st.mode == "open" and not (np.isfinite(st.rate) and st.rate > 0):
@@ -184,9 +196,9 @@ def check_stages(stages: list[Stage]) -> None:
 
 
 def default_stages(methods: list[str], concurrency: list[int], rates: list[float], duration_s: float,
-                   warmup_s: float, max_requests: int) -> list[Stage]:
-    stages = [Stage(m, "closed", concurrency=c, duration_s=duration_s, warmup_s=warmup_s, max_requests=max_requests)
-              for m in methods for c in concurrency]
-    stages += [Stage(m, "open", rate=r, duration_s=duration_s, warmup_s=warmup_s, max_requests=max_requests)
-               for m in methods for r in rates]
+                   warmup_s: float, max_requests: int, via: tuple[str, ...] = ("post",)) -> list[Stage]:
+    stages = [Stage(m, "closed", concurrency=c, duration_s=duration_s, warmup_s=warmup_s, max_requests=max_requests,
+                    via=v) for m in methods for c in concurrency for v in via]
+    stages += [Stage(m, "open", rate=r, duration_s=duration_s, warmup_s=warmup_s, max_requests=max_requests, via=v)
+               for m in methods for r in rates for v in via]
     return stages

@@ -35,6 +35,38 @@ class RequestError(ValueError):
         self.status = status  # the HTTP status the Serve app answers with
 
 
+def request_from_query(items: Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """A search request from a query string (``GET /search?item_id=…&style=Rococo&method=student``):
+    ``item_id``, ``method``, ``k``, ``lambda``, ``beta`` as in the JSON body; every other key is a
+    condition ``property=label``. Numbers that do not parse are passed on as text, so the parser
+    names the field; a key given twice and ``image`` (uploads need POST) are refused here."""
+    body: dict[str, Any] = {}
+    conditions: dict[str, str] = {}
+    seen: set[str] = set()
+    for key, value in items:
+        if key in seen:
+            raise RequestError(key, "given more than once in the query string")
+        seen.add(key)
+        if key == "image":
+            raise RequestError("image", "uploads go in the body of POST /search")
+        if key == "conditions":
+            raise RequestError("conditions", "in a query string each condition is its own key: ?<property>=<label>")
+        if key == "k":
+            body[key] = int(value) if value.strip().lstrip("-").isdigit() else value
+        elif key in ("lambda", "beta"):
+            try:
+                body[key] = float(value)
+            except ValueError:
+                body[key] = value
+        elif key in FIELDS:
+            body[key] = value
+        else:
+            conditions[key] = value
+    if conditions:
+        body["conditions"] = conditions
+    return body
+
+
 @dataclass
 class ServiceLimits:
     max_k: int = 100

@@ -178,13 +178,24 @@ function request(method, lambda) {
     form.append("k", String(state.k));
     if (method === "teacher" && lambda !== null) form.append("lambda", String(lambda));
     if (method === "soft_filtered_knn" && state.beta !== null) form.append("beta", String(state.beta));
-    return { method: "POST", body: form };
+    return { path: "/search", options: { method: "POST", body: form } };
   }
   const body = { item_id: state.item, conditions, method, k: state.k };
   if (method === "teacher" && lambda !== null) body.lambda = lambda;
   if (method === "soft_filtered_knn" && state.beta !== null) body.beta = state.beta;
-  return { method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body) };
+  if (Object.keys(conditions).some((p) => RESERVED.has(p))) {  // a property named like a field: JSON body
+    return { path: "/search", options: { method: "POST", headers: { "Content-Type": "application/json" },
+                                         body: JSON.stringify(body) } };
+  }
+  // an item query as GET /search?…: the same answer, and through Serve one round trip fewer
+  // (the replica does not fetch a request body from the HTTP proxy)
+  const params = new URLSearchParams();
+  for (const [key, value] of Object.entries(body)) if (key !== "conditions") params.append(key, String(value));
+  for (const [p, label] of Object.entries(conditions)) params.append(p, label);
+  return { path: "/search?" + params.toString(), options: { method: "GET" } };
 }
+
+const RESERVED = new Set(["item_id", "image", "conditions", "method", "k", "lambda", "beta"]);
 
 function render(box, title, answer) {
   box.textContent = "";
@@ -234,7 +245,8 @@ async function search() {
   const jobs = [[state.method, state.lambda]];
   if (state.compare) jobs.push([state.method2, state.lambda2]);
   try {
-    const answers = await Promise.all(jobs.map(([m, l]) => fetchJSON("/search", request(m, l))));
+    const answers = await Promise.all(jobs.map(([m, l]) => { const r = request(m, l);
+                                                             return fetchJSON(r.path, r.options); }));
     if (n !== searchCount) return;  // a newer search has started
     render($("results-a"), describe(...jobs[0]), answers[0]);
     $("results-b").hidden = !state.compare;
