@@ -76,6 +76,20 @@ def test_a_client_without_the_token_gets_one_line_in_seconds(cluster, tmp_path):
     assert elapsed < 10, elapsed
 
 
+def test_a_client_with_another_clusters_token_is_told_so(cluster, tmp_path):
+    home = tmp_path / "other-token-home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("0" * 32)  # not this cluster's token
+    t0 = time.perf_counter()
+    done = cli(cluster, "run", "--address", cluster.address, "--no-progress", home=home, timeout=60)
+    elapsed = time.perf_counter() - t0
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = [line for line in done.stderr.splitlines() if line.strip()][-1]
+    assert last.startswith(f"cir-bench: error: --address {cluster.address}: the cluster refuses the token from "
+                           f"{home / '.ray' / 'auth_token'}"), last
+    assert "Traceback" not in done.stderr and elapsed < 10, elapsed
+
+
 def test_run_extracts_embeddings_on_the_cluster_equal_to_in_process(cluster, shared_cache, tmp_path):
     from cir_bench.config import load_config
     from cir_bench.models import load_checkpoint
