@@ -7,7 +7,9 @@
 - the engines side by side (``engines``): the eager loop against the fixed-shape masked loop
   (``fixed`` on CPU) or its captured CUDA graph (``graph`` on CUDA), end to end (inversion +
   top-10) at batch 1 (median of repeated single queries) and at 1,000 / 10,000 queries (the
-  query set tiled), the speed-up, the fraction of identical top-10 lists, and capture time.
+  query set tiled), the speed-up, the fraction of identical top-10 lists, and capture time;
+- the gradient side by side (``gradients``): autograd against the gradient by hand, the same
+  measurements.
 
 Uses the same cached model, embeddings and student as ``cir-bench run`` with the same
 flags (it trains them first if the cache is cold).
@@ -30,42 +32,62 @@ from cir_bench.pipeline import distil_or_load, prepare, teacher
 from cir_bench.search.backward import BackwardSearch
 
 
-def engines(cfg, heads, z0, props, cond, index, exclude, sizes, device, sync) -> dict:
-    """Eager vs the fixed-shape (CPU) / graph-captured (CUDA) loop, measured side by side."""
-    base = {k: v for k, v in cfg.search.overrides().items() if k not in ("engine", "check_every")}
-    fast = "graph" if device.type == "cuda" else "fixed"
-    out: dict = {"fast_engine": fast, "sizes": list(sizes)}
-    tops = {}
-    for engine in ("eager", fast):
-        bs = BackwardSearch(cfg.search.preset, engine=engine, lam=float(cfg.search.lam), **base)
-        capture = 0.0
+def side_by_side(cfg, variants: dict[str, dict], heads, z0, props, cond, index, exclude, sizes, sync) -> dict:
+    """Backward Search run several ways (``variants``: label -> BackwardSearch keyword
+    arguments; the first is the baseline), end to end (inversion + top-10) at each batch size
+    (batch 1: median of 20 single queries; larger: the query set tiled, median of 3), the
+    trials of the variants interleaved so that the machine's drift hits them alike; the
+    speed-up of each over the first, the fraction of identical top-10 lists, capture time."""
+    base = {k: v for k, v in cfg.search.overrides().items() if k not in ("engine", "check_every", "gradient")}
+    searches = {label: BackwardSearch(cfg.search.preset, lam=float(cfg.search.lam), **{**base, **kw})
+                for label, kw in variants.items()}
+    capture = dict.fromkeys(searches, 0.0)
+    for label, bs in searches.items():
         for n in sizes:  # warm-up: every bucket once (the graph engine captures here)
             reps = (n + len(z0) - 1) // len(z0)
             bs.invert(heads, z0.repeat(reps, 1)[:n], props, cond.repeat(reps, 1)[:n])
-            capture += bs.last_capture_s
-        sync()
-        timing = {}
-        for n in sizes:
-            reps = max(1, (n + len(z0) - 1) // len(z0))
-            zz, cc = z0.repeat(reps, 1)[:max(n, len(z0))], cond.repeat(reps, 1)[:max(n, len(z0))]
-            ex = np.tile(exclude, reps)[:max(n, len(z0))]
-            trials = 20 if n == 1 else 3
-            times = []
-            for t in range(trials):
-                sl = slice(t, t + 1) if n == 1 else slice(0, n)  # batch 1: a different query each time
+            capture[label] += bs.last_capture_s
+    sync()
+    times: dict[str, dict[int, list[float]]] = {label: {n: [] for n in sizes} for label in searches}
+    for n in sizes:
+        reps = max(1, (n + len(z0) - 1) // len(z0))
+        zz, cc = z0.repeat(reps, 1)[:max(n, len(z0))], cond.repeat(reps, 1)[:max(n, len(z0))]
+        ex = np.tile(exclude, reps)[:max(n, len(z0))]
+        for t in range(20 if n == 1 else 3):
+            sl = slice(t, t + 1) if n == 1 else slice(0, n)  # batch 1: a different query each time
+            for label, bs in searches.items():
                 sync()
                 t0 = time.perf_counter()
                 r = bs.invert(heads, zz[sl], props, cc[sl])
-                top, _ = index.search(r.z, 10, exclude=ex[sl])
+                index.search(r.z, 10, exclude=ex[sl])
                 sync()
-                times.append(time.perf_counter() - t0)
-            timing[f"batch_{n}_ms"] = 1000 * float(np.median(times))
-        r = bs.invert(heads, z0, props, cond)
-        tops[engine], _ = index.search(r.z, 10, exclude=exclude)
-        out[engine] = {**timing, "capture_s": capture}
-    out["speedup"] = {f"batch_{n}": out["eager"][f"batch_{n}_ms"] / out[fast][f"batch_{n}_ms"] for n in sizes}
-    out["identical_top10"] = float((tops["eager"] == tops[fast]).all(dim=1).float().mean())
+                times[label][n].append(time.perf_counter() - t0)
+    out: dict = {"sizes": list(sizes)}
+    tops = {}
+    for label, bs in searches.items():
+        out[label] = {**{f"batch_{n}_ms": 1000 * float(np.median(times[label][n])) for n in sizes},
+                      "capture_s": capture[label]}
+        tops[label], _ = index.search(bs.invert(heads, z0, props, cond).z, 10, exclude=exclude)
+    first, *others = searches
+    for label in others:
+        key = "" if len(others) == 1 else f"_{label}"
+        out["speedup" + key] = {f"batch_{n}": out[first][f"batch_{n}_ms"] / out[label][f"batch_{n}_ms"] for n in sizes}
+        out["identical_top10" + key] = float((tops[first] == tops[label]).all(dim=1).float().mean())
     return out
+
+
+def engines(cfg, heads, z0, props, cond, index, exclude, sizes, device, sync) -> dict:
+    """Eager vs the fixed-shape (CPU) / graph-captured (CUDA) loop, measured side by side."""
+    fast = "graph" if device.type == "cuda" else "fixed"
+    return {"fast_engine": fast, **side_by_side(cfg, {"eager": {"engine": "eager"}, fast: {"engine": fast}},
+                                                heads, z0, props, cond, index, exclude, sizes, sync)}
+
+
+def gradients(cfg, heads, z0, props, cond, index, exclude, sizes, sync) -> dict:
+    """The gradient through autograd vs by hand (search/objective.py), the device's default
+    engine, measured side by side."""
+    return side_by_side(cfg, {"autograd": {"gradient": "autograd"}, "by_hand": {"gradient": "auto"}},
+                        heads, z0, props, cond, index, exclude, sizes, sync)
 
 
 def main(stdout=None) -> None:
@@ -151,6 +173,8 @@ def main(stdout=None) -> None:
         if sizes:
             out["query_sets"][name]["engines"] = engines(cfg, heads, z0, props, cond, index, exclude, sizes,
                                                          device, sync)
+            out["query_sets"][name]["gradients"] = gradients(cfg, heads, z0, props, cond, index, exclude, sizes,
+                                                             sync)
     print(json.dumps(out, indent=2), file=stdout or sys.stdout)
 
 

@@ -153,6 +153,9 @@ class SearchConfig:
     # uncaptured; eager/fixed turn capture off
     engine: Literal["auto", "eager", "fixed", "graph"] | None = None
     check_every: int | None = bounded(None, ge=0)  # fixed/graph: read the stop mask every N steps (0: never)
+    # how dL/dz is taken (likewise not in the cache keys): auto = by hand through heads that are
+    # Linear/ReLU/BatchNorm chains (autograd's arithmetic, fewer kernels), autograd otherwise
+    gradient: Literal["auto", "autograd"] | None = None
 
     def overrides(self) -> dict[str, Any]:
         """The fields that override the preset (what ``BackwardSearch(preset, **...)`` takes)."""

@@ -69,6 +69,18 @@ def tiny_trained(tiny_config, tiny):
 
 
 @pytest.fixture(scope="session")
+def tiny_search(tiny, tiny_config, tiny_trained):
+    """(dataset, embedding store, model in eval mode with frozen weights) for search tests."""
+    from cir_bench.pipeline import embed
+
+    store, _ = embed(tiny_config, tiny, tiny_trained, torch.device("cpu"))
+    model = tiny_trained.model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return tiny, store, model
+
+
+@pytest.fixture(scope="session")
 def local_ray():
     """``ray.init(num_cpus=2)`` once per test session."""
     ray = pytest.importorskip("ray")

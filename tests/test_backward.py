@@ -9,19 +9,14 @@ from cir_bench.data.base import UnknownLabelError
 from cir_bench.data.queries import QuerySet
 from cir_bench.search import SearchContext, get_method
 from cir_bench.search.backward import BackwardSearch
-from cir_bench.pipeline import embed
 from cir_bench.index import ExactIndex
 
 from .equivalence import SCORE_TOL, assert_same_rankings, normalised_distance
 
 
 @pytest.fixture(scope="module")
-def setup(tiny, tiny_config, tiny_trained):
-    store, _ = embed(tiny_config, tiny, tiny_trained, torch.device("cpu"))
-    model = tiny_trained.model.eval()
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return tiny, store, model
+def setup(tiny_search):
+    return tiny_search
 
 
 def _pred(model, z, prop):

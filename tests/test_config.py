@@ -147,8 +147,9 @@ def test_search_section_has_every_backward_search_setting():
     from cir_bench.config import SearchConfig
     from cir_bench.search.backward import BackwardSearchConfig
 
-    # engine and check_every choose how the loop runs (BackwardSearch's own arguments), not what it computes
-    assert {f.name for f in dataclasses.fields(SearchConfig)} - {"preset", "engine", "check_every"} == \
+    # engine, check_every and gradient choose how the loop runs (BackwardSearch's own arguments), not what
+    # it computes
+    assert {f.name for f in dataclasses.fields(SearchConfig)} - {"preset", "engine", "check_every", "gradient"} == \
         {f.name for f in dataclasses.fields(BackwardSearchConfig)}
 
 

@@ -35,14 +35,19 @@ import torch.nn.functional as F
 from cir_bench.data.base import UnknownLabelError
 from cir_bench.data.queries import QuerySet
 from cir_bench.search.base import Ranking, SearchContext, SearchMethod
+from cir_bench.search.objective import objective_for, state_version
 
 STOPPING_RULES = ("satisfied", "plateau", "none", "authors-code")
 # eager: the loop that shrinks its batch as queries freeze (CPU default); fixed: one shape,
 # masks, padded to a bucket; graph: fixed, each step a captured CUDA graph (CUDA default)
 ENGINES = ("auto", "eager", "fixed", "graph")
 BUCKETS = (1, 8, 64, 512, 4096)  # padded batch sizes of the fixed-shape loop (chunks of 4096)
+# how the gradient is taken: auto = by hand through the heads where they are plain chains
+# (search/objective.py), autograd otherwise
+GRADIENTS = ("auto", "autograd")
 # bumped when the same settings give other vectors (2: torch.optim.Adam's arithmetic), so
-# caches keyed on a teacher (distilled students) are rebuilt
+# caches keyed on a teacher (distilled students) are rebuilt; the gradient by hand gives
+# autograd's bits on the CPU and did not bump it
 IMPLEMENTATION_VERSION = 2
 
 
@@ -99,16 +104,19 @@ class BackwardSearch(SearchMethod):
     name = "backward"
 
     def __init__(self, preset: str = "paper", engine: str = "auto", check_every: int | None = None,
-                 **overrides: Any) -> None:
+                 gradient: str = "auto", **overrides: Any) -> None:
         if preset not in PRESETS:
             raise ValueError(f"unknown Backward Search preset '{preset}'; available: {', '.join(PRESETS)}")
         if engine not in ENGINES:
             raise ValueError(f"unknown Backward Search engine '{engine}'; available: {', '.join(ENGINES)}")
+        if gradient not in GRADIENTS:
+            raise ValueError(f"unknown Backward Search gradient '{gradient}'; available: {', '.join(GRADIENTS)}")
         if check_every is not None and int(check_every) < 0:
             raise ValueError(f"check_every must be >= 0 (0: never, run to max_iter), got {check_every}")
         self.preset = preset
         self.engine = engine  # how the loop runs, not what it computes: not in params()
         self.check_every = check_every
+        self.gradient = gradient  # likewise: how, not what
         self.config = replace(PRESETS[preset], **overrides)
         self.last_capture_s = 0.0  # seconds spent capturing CUDA graphs in the last invert()
 
@@ -123,40 +131,22 @@ class BackwardSearch(SearchMethod):
         _validate(heads, z0, properties, conditions)
         engine = self.resolved_engine(z0.device)
         self.last_capture_s = 0.0
+        objective = objective_for(heads, properties, cfg, analytic=self.gradient == "auto")
         chunk = cfg.batch_size if engine == "eager" else BUCKETS[-1]
         out_z, out_it, out_sat = [], [], []
         for start in range(0, z0.shape[0], chunk):
             sl = slice(start, start + chunk)
             if engine == "eager":
-                r = self._invert_chunk(heads, z0[sl], properties, conditions[sl])
+                r = self._invert_chunk(objective, heads, z0[sl], properties, conditions[sl])
             else:
-                r = self._invert_fixed(heads, z0[sl], properties, conditions[sl], capture=engine == "graph")
+                r = self._invert_fixed(objective, heads, z0[sl], properties, conditions[sl],
+                                       capture=engine == "graph")
             out_z.append(r.z)
             out_it.append(r.iterations)
             out_sat.append(r.satisfied)
         return InversionResult(torch.cat(out_z), torch.cat(out_it), torch.cat(out_sat))
 
-    def _losses(self, heads, z, z0, properties, conditions) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-query total loss (B,) and whether every condition is satisfied (B,)."""
-        cfg = self.config
-        ce = torch.zeros(z.shape[0], device=z.device)
-        satisfied = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
-        for m, prop in enumerate(properties):
-            logits = heads[prop](z)
-            w = float(cfg.condition_weights.get(prop, 1.0))
-            ce_m = F.cross_entropy(logits, conditions[:, m], reduction="none")
-            ce = ce + w * ce_m
-            satisfied &= logits.argmax(dim=1) == conditions[:, m]
-            if cfg.confidence > 0:
-                satisfied &= torch.exp(-ce_m.detach()) >= cfg.confidence  # p(c_m | z)
-        if cfg.average_conditions:
-            ce = ce / len(properties)
-        diff = z - z0
-        reg = diff.abs() if cfg.regularizer == "l1" else diff.pow(2)
-        reg = reg.sum(dim=1) if cfg.reduction == "sum" else reg.mean(dim=1)
-        return ce + cfg.lam * reg, satisfied
-
-    def _invert_chunk(self, heads, z0, properties, conditions) -> InversionResult:
+    def _invert_chunk(self, objective, heads, z0, properties, conditions) -> InversionResult:
         """The eager loop: the batch shrinks to its active rows as queries freeze."""
         cfg = self.config
         n = z0.shape[0]
@@ -182,20 +172,20 @@ class BackwardSearch(SearchMethod):
                 if key not in ("z0", "cond") and value is not full[key]:
                     full[key][rows] = value
 
-        with torch.enable_grad():
-            for it in range(cfg.max_iter):
-                if freezes and it % check_every == 0:
-                    n_active = int(w["active"].sum())
-                    if n_active == 0:
-                        break
-                    if n_active < 0.75 * rows.numel():  # shrink the working set
-                        write_back()
-                        keep = w["active"]
-                        rows = rows[keep]
-                        w = {key: value[keep] for key, value in w.items()}
-                w.update(self._step(heads, w, properties))
-            write_back()
-        return self._finish(heads, full, z0, properties, conditions)
+        adam = _adam_table(cfg, dev)
+        for it in range(cfg.max_iter):
+            if freezes and it % check_every == 0:
+                n_active = int(w["active"].sum())
+                if n_active == 0:
+                    break
+                if n_active < 0.75 * rows.numel():  # shrink the working set
+                    write_back()
+                    keep = w["active"]
+                    rows = rows[keep]
+                    w = {key: value[keep] for key, value in w.items()}
+            w.update(self._step(objective, w, adam))
+        write_back()
+        return self._finish(objective, heads, full, z0, properties, conditions)
 
     def resolved_engine(self, device: torch.device) -> str:
         """``auto``: the captured graph on CUDA, the eager loop elsewhere (on CPU the eager
@@ -206,7 +196,7 @@ class BackwardSearch(SearchMethod):
             raise ValueError("Backward Search engine 'graph' needs CUDA (use 'fixed' for the same loop uncaptured)")
         return self.engine
 
-    def _invert_fixed(self, heads, z0, properties, conditions, capture: bool) -> InversionResult:
+    def _invert_fixed(self, objective, heads, z0, properties, conditions, capture: bool) -> InversionResult:
         """The fixed-shape loop: the chunk padded to the next bucket size, every row stepped
         every time (a frozen or padding row is masked, so it does not move and keeps its best
         iterate and counters), the active mask read back every ``check_every`` steps only
@@ -218,11 +208,11 @@ class BackwardSearch(SearchMethod):
         freezes = cfg.stopping in ("satisfied", "plateau")
         every = self.check_every if self.check_every is not None else (10 if z0.device.type == "cuda" else 1)
         if capture:
-            runner = _captured_step(self, heads, tuple(properties), bucket, z0.device, conditions.dtype)
+            runner = _captured_step(self, objective, heads, tuple(properties), bucket, z0.device, conditions.dtype)
             self.last_capture_s += runner.capture_s
             runner.capture_s = 0.0  # reported once, by the call that paid it
         else:
-            runner = _EagerStep(self, heads, tuple(properties), bucket, z0.device, conditions.dtype)
+            runner = _EagerStep(self, objective, heads, tuple(properties), bucket, z0.device, conditions.dtype)
         state = runner.state
         runner.reset(z0.detach().float(), conditions, n)
         for it in range(cfg.max_iter):
@@ -230,41 +220,40 @@ class BackwardSearch(SearchMethod):
                 break
             runner.step()
         full = {key: value[:n] for key, value in state.items()}
-        return self._finish(heads, {k: v.clone() for k, v in full.items()}, full["z0"].clone(), properties,
-                            full["cond"].clone())
+        return self._finish(objective, heads, {k: v.clone() for k, v in full.items()}, full["z0"].clone(),
+                            properties, full["cond"].clone())
 
-    def _step(self, heads, w: Mapping[str, torch.Tensor], properties) -> dict[str, torch.Tensor]:
+    def _step(self, objective, w: Mapping[str, torch.Tensor], adam: tuple[torch.Tensor, torch.Tensor]
+              ) -> dict[str, torch.Tensor]:
         """One step of every row of ``w`` (the state: z0, cond, z, m1, m2, steps, active,
         best_loss, best_z, counter), frozen rows kept as they are: the new state. The eager
-        loop and the fixed-shape loop (and the CUDA graph it captures) both take this step."""
+        loop and the fixed-shape loop (and the CUDA graph it captures) both take this step.
+        ``adam``: Adam's step size and sqrt of the second bias correction per step count."""
         cfg = self.config
         b1, b2, eps = 0.9, 0.999, 1e-8
         w = dict(w)
         z, active = w["z"], w["active"]
-        zv = z.detach().requires_grad_(True)
-        loss, satisfied = self._losses(heads, zv, w["z0"], properties, w["cond"])
-        loss_d = loss.detach()
+        loss_d, satisfied, grad = objective(z, w["z0"], w["cond"], grad=True,
+                                            satisfied=cfg.stopping == "satisfied")
         if cfg.stopping == "satisfied":
             active = active & ~satisfied  # a satisfied query stops before stepping
         elif cfg.stopping == "plateau":
-            upd = (loss_d < w["best_loss"] - cfg.min_delta) & active
+            best = w["best_loss"] - cfg.min_delta if cfg.min_delta else w["best_loss"]
+            upd = (loss_d < best) & active
             w["best_loss"] = torch.where(upd, loss_d, w["best_loss"])
             w["best_z"] = torch.where(upd[:, None], z, w["best_z"])
-            w["counter"] = torch.where(upd, torch.zeros_like(w["counter"]), w["counter"] + active.float())
+            w["counter"] = torch.where(upd, 0.0, w["counter"] + active.float())
             active = active & (w["counter"] < cfg.patience)
         w["active"] = active
-        (grad,) = torch.autograd.grad(loss.sum(), zv)
         a = active[:, None]
         w["steps"] = w["steps"] + active.float()
         if cfg.optimizer == "adam":
             # torch.optim.Adam's arithmetic, element-wise: moments by lerp / mul+addcmul,
-            # bias corrections in float64 (as Python floats there: 1 - 0.999**t in float32
-            # is off by ~1e-5 relative), step lr/bc1 * m1 / (sqrt(m2)/sqrt(bc2) + eps)
+            # bias corrections in float64 (_adam_table), step lr/bc1 * m1 / (sqrt(m2)/sqrt(bc2) + eps)
             w["m1"] = torch.where(a, torch.lerp(w["m1"], grad, 1 - b1), w["m1"])
             w["m2"] = torch.where(a, torch.addcmul(w["m2"] * b2, grad, grad, value=1 - b2), w["m2"])
-            t = w["steps"].clamp(min=1).double()[:, None]
-            step_size = (cfg.lr / (1 - b1 ** t)).to(z.dtype)
-            bc2_sqrt = (1 - b2 ** t).sqrt().to(z.dtype)
+            t = w["steps"].long()[:, None]
+            step_size, bc2_sqrt = adam[0][t], adam[1][t]
             # z.addcdiv(m1, denom, value=-step_size), with a step size per row
             step = (-step_size * w["m1"]) / (w["m2"].sqrt() / bc2_sqrt + eps)
         else:
@@ -279,22 +268,28 @@ class BackwardSearch(SearchMethod):
         w["z"] = z_new
         return w
 
-    def _finish(self, heads, full: Mapping[str, torch.Tensor], z0, properties, conditions) -> InversionResult:
+    def _finish(self, objective, heads, full: Mapping[str, torch.Tensor], z0, properties, conditions
+                ) -> InversionResult:
         """The returned vector of each row (per stopping rule), its step count and whether
-        it satisfies every condition."""
+        it satisfies every condition (by the heads themselves: what the model predicts)."""
         cfg = self.config
-        with torch.enable_grad():
-            z, steps, best_z, best_loss = full["z"], full["steps"], full["best_z"], full["best_loss"]
-            final = z
-            if cfg.stopping == "plateau":
-                # the best iterate seen; the current one if it was never beaten
-                cur_loss, _ = self._losses(heads, z, z0, properties, conditions)
-                final = torch.where((cur_loss < best_loss)[:, None], z, best_z)
-            elif cfg.stopping == "authors-code":
-                final = torch.where(torch.isfinite(best_loss)[:, None], best_z, z)
-                steps = torch.full_like(steps, float(cfg.max_iter))  # the code never breaks
-            with torch.no_grad():
-                _, sat = self._losses(heads, final, z0, properties, conditions)
+        z, steps, best_z, best_loss = full["z"], full["steps"], full["best_z"], full["best_loss"]
+        final = z
+        if cfg.stopping == "plateau":
+            # the best iterate seen; the current one if it was never beaten (the loss the
+            # loop compared, from the same objective)
+            cur_loss, _, _ = objective(z, z0, conditions, satisfied=False)
+            final = torch.where((cur_loss < best_loss)[:, None], z, best_z)
+        elif cfg.stopping == "authors-code":
+            final = torch.where(torch.isfinite(best_loss)[:, None], best_z, z)
+            steps = torch.full_like(steps, float(cfg.max_iter))  # the code never breaks
+        with torch.no_grad():
+            sat = torch.ones(final.shape[0], dtype=torch.bool, device=final.device)
+            for m, prop in enumerate(properties):
+                logits = heads[prop](final)
+                sat &= logits.argmax(dim=1) == conditions[:, m]
+                if cfg.confidence > 0:
+                    sat &= torch.exp(-F.cross_entropy(logits, conditions[:, m], reduction="none")) >= cfg.confidence
         return InversionResult(final.detach(), steps.long(), sat)
 
     # -- the search method --------------------------------------------------------------
@@ -336,12 +331,23 @@ def _validate(heads: Mapping[str, torch.nn.Module], z0: torch.Tensor, properties
             raise UnknownLabelError(f"condition class id out of range for '{prop}' (0..{n - 1})")
 
 
+def _adam_table(cfg: BackwardSearchConfig, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Adam's step size lr / (1 - b1^t) and sqrt(1 - b2^t) for t = 0 .. max_iter + 1 (t = 0
+    read as 1), computed in float64 as torch.optim.Adam does with Python floats (1 - 0.999^t
+    in float32 is off by ~1e-5 relative) and cast once: one gather per step, not ten ops."""
+    t = torch.arange(cfg.max_iter + 2, dtype=torch.float64).clamp(min=1)
+    step_size = (cfg.lr / (1 - 0.9 ** t)).float()
+    bc2_sqrt = (1 - 0.999 ** t).sqrt().float()
+    return step_size.to(device), bc2_sqrt.to(device)
+
+
 class _EagerStep:
     """Static state buffers of one bucket and one masked step on them, run op by op."""
 
-    def __init__(self, search: BackwardSearch, heads, properties: tuple[str, ...], bucket: int,
+    def __init__(self, search: BackwardSearch, objective, heads, properties: tuple[str, ...], bucket: int,
                  device: torch.device, cond_dtype: torch.dtype) -> None:
-        self.search, self.heads, self.properties = search, heads, list(properties)
+        self.search, self.objective, self.heads, self.properties = search, objective, heads, list(properties)
+        self.adam = _adam_table(search.config, device)
         first = next(iter(heads.values()))
         d = next(m for m in first.modules() if isinstance(m, torch.nn.Linear)).in_features
         f32 = {"device": device, "dtype": torch.float32}
@@ -370,8 +376,7 @@ class _EagerStep:
         st["active"][:n] = True
 
     def step(self) -> None:
-        with torch.enable_grad():
-            new = self.search._step(self.heads, self.state, self.properties)
+        new = self.search._step(self.objective, self.state, self.adam)
         for key, value in new.items():
             if key not in ("z0", "cond"):
                 self.state[key].copy_(value)  # in place: the graph replays on these buffers
@@ -406,19 +411,22 @@ _GRAPH_CACHE: dict[tuple, tuple[Any, _GraphStep]] = {}
 _GRAPH_CACHE_SIZE = 32
 
 
-def _captured_step(search: BackwardSearch, heads, properties: tuple[str, ...], bucket: int, device: torch.device,
-                   cond_dtype: torch.dtype) -> _GraphStep:
-    """The captured step for (heads, properties, bucket, device, settings), reused across
-    calls and instances; a weak reference checks that ``heads`` is still the same object."""
+def _captured_step(search: BackwardSearch, objective, heads, properties: tuple[str, ...], bucket: int,
+                   device: torch.device, cond_dtype: torch.dtype) -> _GraphStep:
+    """The captured step for (heads and their weights, properties, bucket, device, settings,
+    gradient), reused across calls and instances; a weak reference checks that ``heads`` is
+    still the same object, the state version that its weights did not change (the analytic
+    objective captured copies of them)."""
     import json
     import weakref
 
-    key = (id(heads), properties, bucket, str(device), str(cond_dtype),
+    key = (id(heads), properties, bucket, str(device), str(cond_dtype), type(objective).__name__,
+           state_version({p: heads[p] for p in properties}),
            json.dumps(asdict(search.config), sort_keys=True, default=str))
     hit = _GRAPH_CACHE.get(key)
     if hit is not None and hit[0]() is heads:
         return hit[1]
-    runner = _GraphStep(search, heads, properties, bucket, device, cond_dtype)
+    runner = _GraphStep(search, objective, heads, properties, bucket, device, cond_dtype)
     if len(_GRAPH_CACHE) >= _GRAPH_CACHE_SIZE:
         _GRAPH_CACHE.pop(next(iter(_GRAPH_CACHE)))
     _GRAPH_CACHE[key] = (weakref.ref(heads), runner)
