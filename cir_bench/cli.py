@@ -196,11 +196,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def _check_port_free(host: str, port: int) -> None:
     """Refuse a port something already listens on: Serve's proxy shares a port with another
-    proxy (SO_REUSEPORT), and two apps would then answer in turn."""
+    proxy (SO_REUSEPORT), and two apps would then answer in turn. Connections of a server
+    stopped moments ago (TIME_WAIT, thousands after a load test) do not count: the proxy
+    binds past them too (SO_REUSEADDR), and so does this probe."""
     import socket
 
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as err:

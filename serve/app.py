@@ -169,11 +169,13 @@ def _device(bundle) -> str:
 class HandleStages:
     """``Stages`` (cir_bench.serving.orchestrate) through deployment handles: each item goes
     to its deployment on its own, and ``@serve.batch`` there batches concurrent requests.
-    Stages in ``local`` (the student, the index) are answered in the ingress itself."""
+    Stages in ``local`` (the student, the index; the teacher if asked) are answered in the
+    ingress itself; ``local_invert`` is the ingress's own batched inversion of one job."""
 
     def __init__(self, handles: dict[str, DeploymentHandle], z0: np.ndarray | None,
-                 local: dict[str, Any] | None = None) -> None:
+                 local: dict[str, Any] | None = None, local_invert=None) -> None:
         self.handles, self.z0, self.local = handles, z0, local or {}
+        self.local_invert = local_invert
         self.local_batches: dict[str, list[int]] = {name: [] for name in self.local}
 
     def _local(self, name: str, n: int):
@@ -198,6 +200,8 @@ class HandleStages:
         return await self._each(self.handles["index"].vector, positions)
 
     async def invert(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        if self.local_invert is not None:
+            return list(await asyncio.gather(*[self.local_invert(job) for job in jobs]))
         return await self._each(self.handles["teacher"].invert, jobs)
 
     async def transform(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -233,10 +237,11 @@ def _error(field: str, message: str, status: int = 422) -> JSONResponse:
 @serve.deployment
 @serve.ingress(api)
 class Ingress:
-    def __init__(self, bundle, encoder: DeploymentHandle, teacher: DeploymentHandle,
+    def __init__(self, bundle, encoder: DeploymentHandle, teacher: DeploymentHandle | None,
                  student: DeploymentHandle | None, index: DeploymentHandle | None, limits: dict[str, Any],
-                 local: list[str] | None = None) -> None:
-        from cir_bench.serving import IndexSearch, ItemImages, RequestParser, ServiceLimits, StudentSearch
+                 local: list[str] | None = None, teacher_batching: dict[str, Any] | None = None) -> None:
+        from cir_bench.serving import (IndexSearch, ItemImages, RequestParser, ServiceLimits, StudentSearch,
+                                       TeacherSearch)
 
         limits = dict(limits)
         ingress_store_mb = float(limits.pop("ingress_store_mb", 256))
@@ -250,6 +255,18 @@ class Ingress:
             local_stages["student"] = StudentSearch(bundle, _device(bundle))
         if "index" in (local or []):
             local_stages["index"] = IndexSearch(bundle, _device(bundle))
+        local_invert = None
+        if "teacher" in (local or []):
+            # in the ingress, concurrent requests still share one inversion (@serve.batch on
+            # this replica); it runs on one worker thread so that the ingress keeps answering
+            from concurrent.futures import ThreadPoolExecutor
+
+            local_stages["teacher"] = TeacherSearch(bundle, _device(bundle))
+            self._teacher_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher")
+            batching = teacher_batching or {}
+            self._invert_here.set_max_batch_size(int(batching.get("max_batch_size", 16)))
+            self._invert_here.set_batch_wait_timeout_s(float(batching.get("batch_wait_timeout_s", 0.001)))
+            local_invert = self._invert_here
         # a small store is also kept here, so an item-id query skips the hop to the Index for
         # its z0. Large stores stay in Index only.
         self.z0 = None
@@ -261,11 +278,16 @@ class Ingress:
             from cir_bench.embed import EmbeddingStore
 
             self.z0 = EmbeddingStore.load(Path(bundle.store)).z.numpy()
-        self.stages = HandleStages(self.handles, self.z0, local_stages)
+        self.stages = HandleStages(self.handles, self.z0, local_stages, local_invert)
         self.images = ItemImages(bundle)
         self._filtered: tuple[dict[str, str], list[int]] | None = None
         # a JSON body holds the image as base64 (4/3 of its size) plus small fields
         self.max_body = self.limits.max_image_bytes * 4 // 3 + 64 * 1024
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.001)
+    async def _invert_here(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        teacher = self.stages._local("teacher", len(jobs))
+        return await asyncio.get_running_loop().run_in_executor(self._teacher_thread, teacher.invert_many, jobs)
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
@@ -438,11 +460,13 @@ def build_app(bundle, settings=None):
         return cls.options(**settings.deployment(name)).bind(bundle, dataclasses.asdict(settings.batch(name)))
 
     local = local_stages(bundle, settings)
-    encoder, teacher = bind(Encoder, "encoder"), bind(Teacher, "teacher")
+    encoder = bind(Encoder, "encoder")
+    teacher = None if "teacher" in local else bind(Teacher, "teacher")
     student = None if "student" in local else bind(Student, "student")
     index = None if "index" in local else bind(Index, "index")
-    return Ingress.options(**settings.deployment("ingress")).bind(bundle, encoder, teacher, student, index,
-                                                                  dataclasses.asdict(settings.limits), local)
+    return Ingress.options(**settings.deployment("ingress")).bind(
+        bundle, encoder, teacher, student, index, dataclasses.asdict(settings.limits), local,
+        dataclasses.asdict(settings.batch("teacher")))
 
 
 def _store_fits(bundle, limit_mb: float) -> bool:

@@ -55,9 +55,11 @@ class IngressSection:
     # stages the ingress answers itself instead of calling their deployment: each hop through
     # a handle costs a few ms of Serve's queueing and a batch wait, while the student (one MLP
     # pass) and the exact index over a small in-memory store take well under a millisecond.
-    # The teacher and the encoder keep their deployments (batched; the ones to put on a GPU).
+    # The encoder and, by default, the teacher keep their deployments (batched; the ones to put
+    # on a GPU); "teacher" here answers it in the ingress too, still batched (batching.teacher),
+    # on a worker thread of the ingress's process: a CPU-only choice (README, serving).
     # "index" stays remote when the store is larger than limits.ingress_store_mb.
-    local: list[Literal["student", "index"]] = field(default_factory=lambda: ["student", "index"])
+    local: list[Literal["student", "index", "teacher"]] = field(default_factory=lambda: ["student", "index"])
 
 
 @dataclass

@@ -88,6 +88,10 @@ def test_http_answers_equal_in_process_answers(server, local_service, method):
         local = local_service.search(body)
         _same(remote, local, method)
         assert remote["timing_ms"]["total"] > 0 and set(remote["timing_ms"]) == set(local["timing_ms"])
+        if method == "teacher":  # the inversion's own time, inside the search stage's (hops included)
+            assert 0 < remote["timing_ms"]["inversion"] <= remote["timing_ms"]["search"]
+        else:
+            assert "inversion" not in remote["timing_ms"]
 
 
 @pytest.mark.parametrize("method", ["teacher", "student", "knn", "soft_filtered_knn"])
@@ -196,13 +200,13 @@ def _free_port() -> int:
     return port
 
 
-def _start_cli_serve(cache_dir, tmp_path, port: int, name: str = "serve"):
+def _start_cli_serve(cache_dir, tmp_path, port: int, name: str = "serve", *extra: str):
     import os
     import subprocess
     import sys
     import time
 
-    args = [sys.executable, "-m", "cir_bench.cli", "serve", "--port", str(port), "--no-progress"]
+    args = [sys.executable, "-m", "cir_bench.cli", "serve", "--port", str(port), "--no-progress", *extra]
     for o in tiny_overrides(cache_dir):
         args += ["--set", o]
     log_path = tmp_path / f"{name}.log"
@@ -267,14 +271,31 @@ def test_cli_serve_starts_prints_url_refuses_a_busy_port_and_stops_on_interrupt(
     assert code == 0 and "cir-bench serve: stopped" in log.read_text()
 
 
-def test_cli_serve_stop_ends_the_foreground_server(cache_dir, tiny_trained, tmp_path):
+def test_cli_serve_stop_ends_the_foreground_server(cache_dir, tiny_trained, tmp_path, local_service):
+    """Also: the teacher answered inside the ingress (``ingress.local`` with "teacher", a
+    CPU-only choice): the same answers as in-process, batched there, no Teacher deployment."""
     import re
     import subprocess
     import sys
 
+    import yaml
+
+    from serve.settings import default_path
+
+    config = yaml.safe_load(default_path().read_text())
+    config["ingress"]["local"] = ["student", "index", "teacher"]
+    (tmp_path / "local-teacher.yaml").write_text(yaml.safe_dump(config))
     port = _free_port()
-    proc, log = _start_cli_serve(cache_dir, tmp_path, port, "fg")
+    proc, log = _start_cli_serve(cache_dir, tmp_path, port, "fg", "--serve-config", str(tmp_path / "local-teacher.yaml"))
     try:
+        body = httpx.get(f"http://127.0.0.1:{port}/examples", params={"n": 2}, timeout=10).json()
+        for b in body:
+            teacher = httpx.post(f"http://127.0.0.1:{port}/search", json={**b, "method": "teacher"}, timeout=60)
+            assert teacher.status_code == 200, teacher.text
+            _same(teacher.json(), local_service.search({**b, "method": "teacher"}), "teacher")
+            assert 0 < teacher.json()["timing_ms"]["inversion"] <= teacher.json()["timing_ms"]["search"]
+        stats = httpx.get(f"http://127.0.0.1:{port}/stats", timeout=10).json()
+        assert stats["teacher"]["in_ingress"] and stats["teacher"]["batch_sizes"] == [1, 1]
         address = re.search(r"--stop --address (\S+)`", log.read_text()).group(1)
         stopped = subprocess.run([sys.executable, "-m", "cir_bench.cli", "serve", "--stop", "--address", address],
                                  capture_output=True, text=True, timeout=120)
@@ -445,3 +466,28 @@ def test_query_params_and_request_from_query_round_trip():
     assert request_from_query([("k", "ten"), ("beta", "lots")]) == {"k": "ten", "beta": "lots"}  # parser names them
     with pytest.raises(ValueError, match="--via"):
         check_stages([Stage("knn", "closed", via="put")])
+
+
+def test_port_check_refuses_a_listener_but_not_a_stopped_servers_connections():
+    """After a load test, the stopped server's connections linger in TIME_WAIT for a minute:
+    `cir-bench serve` on the same port must start (it used to be refused as "not free")."""
+    from cir_bench.cli import _check_port_free
+    from cir_bench.config import ConfigError
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    listener.listen()
+    with pytest.raises(ConfigError, match=f"--port {port}: 127.0.0.1:{port} is not free"):
+        _check_port_free("127.0.0.1", port)
+    client = socket.create_connection(("127.0.0.1", port))
+    accepted, _ = listener.accept()
+    accepted.close()  # the server side closes first: its end of the connection waits in TIME_WAIT
+    client.close()
+    listener.close()
+    plain = socket.socket()  # without SO_REUSEADDR the port reads as taken (what the check did)
+    with pytest.raises(OSError):
+        plain.bind(("127.0.0.1", port))
+    plain.close()
+    _check_port_free("127.0.0.1", port)  # free for a server that binds as Serve's proxy does

@@ -13,6 +13,8 @@ cluster the cache folder holding those files must be on a shared filesystem.
 """
 from __future__ import annotations
 
+import time
+
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -163,11 +165,13 @@ class TeacherSearch:
             bs = BackwardSearch(self.settings["preset"], lam=lam, **self.settings["overrides"])
             z0 = torch.as_tensor(np.stack([jobs[i]["z0"] for i in idx]), dtype=torch.float32, device=self.device)
             cond = torch.as_tensor([jobs[i]["classes"] for i in idx], device=self.device)
+            t0 = time.perf_counter()
             inv = bs.invert(self.heads, z0, list(props), cond)
             z, its, sat = inv.z.float().cpu().numpy(), inv.iterations.cpu().numpy(), inv.satisfied.cpu().numpy()
+            ms = 1000 * (time.perf_counter() - t0)  # the group's inversion, where it ran (the rest is hops)
             for row, i in enumerate(idx):
                 out[i] = {"z": z[row], "iterations": int(its[row]), "satisfied": bool(sat[row]), "lambda": lam,
-                          "batch_size": len(idx)}
+                          "batch_size": len(idx), "inversion_ms": ms}
         return out
 
 

@@ -104,5 +104,7 @@ async def answer(parsed: Sequence[Mapping[str, Any]], stages: Stages, catalog: C
         res["timing_ms"] = {"parse": 1000 * (t_parse - t0), "embed": 1000 * (t_embed - t_parse),
                             "search": 1000 * (t_search - t_embed), "rank": 1000 * (t_rank - t_search),
                             "total": 1000 * (time.perf_counter() - t0)}
+        if "inversion_ms" in searched[i]:  # inside "search": the teacher's own compute, without the hops
+            res["timing_ms"]["inversion"] = searched[i]["inversion_ms"]
         results.append(res)
     return results
