@@ -287,5 +287,6 @@ def test_serve_ingress_local_stages_are_checked():
 
     assert settings_from_dict({}).ingress.local == ["student", "index"]
     assert settings_from_dict({"ingress": {"local": []}}).ingress.local == []
-    with pytest.raises(ConfigError, match=r"ingress.local\[0\].*student, index"):
-        settings_from_dict({"ingress": {"local": ["teacher"]}})
+    assert settings_from_dict({"ingress": {"local": ["teacher"]}}).ingress.local == ["teacher"]
+    with pytest.raises(ConfigError, match=r"ingress.local\[0\].*student, index, teacher"):
+        settings_from_dict({"ingress": {"local": ["encoder"]}})
