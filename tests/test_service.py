@@ -292,3 +292,20 @@ def test_serve_config_env_reaches_the_replica_as_runtime_env():
     assert opts == {"num_cpus": 0.5, "num_gpus": 0.0,
                     "runtime_env": {"env_vars": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}}}
     assert "runtime_env" not in settings.deployment("teacher")["ray_actor_options"]
+
+
+def test_serve_config_shutdown_timing_reaches_the_deployment_options():
+    """Stopping checks for requests in flight every 0.1 s (Serve's 2 s loop made each stop ~5 s
+    longer); a config may set both, and the timeout still bounds the wait."""
+    from ray.serve.deployment import Deployment
+
+    from serve.settings import settings_from_dict
+
+    opts = settings_from_dict({}).deployment("teacher")
+    assert opts["graceful_shutdown_wait_loop_s"] == 0.1 and opts["graceful_shutdown_timeout_s"] == 20.0
+    set_ = settings_from_dict({"deployments": {"teacher": {"graceful_shutdown_timeout_s": 5}}}).deployment("teacher")
+    assert set_["graceful_shutdown_timeout_s"] == 5
+    import inspect
+
+    assert {"graceful_shutdown_wait_loop_s", "graceful_shutdown_timeout_s"} <= set(
+        inspect.signature(Deployment.options).parameters)  # names Serve takes
