@@ -27,9 +27,9 @@ from torch import nn
 
 _IDENTITY = (nn.Dropout, nn.Identity)
 # what autograd runs for an eval BatchNorm and for log_softmax
-_BN_BACKWARD = torch.ops.aten.native_batch_norm_backward
-_LOG_SOFTMAX_BACKWARD = torch.ops.aten._log_softmax_backward_data
-_RELU_BACKWARD = torch.ops.aten.threshold_backward
+_BN_BACKWARD = torch.ops.aten.native_batch_norm_backward.default
+_LOG_SOFTMAX_BACKWARD = torch.ops.aten._log_softmax_backward_data.default
+_RELU_BACKWARD = torch.ops.aten.threshold_backward.default
 
 
 class AutogradObjective:
