@@ -244,7 +244,13 @@ def test_report_of_run_compare_tune_loadtest_and_benchmark_together(tiny_run, tm
     bench = tmp_path / "bench.json"
     bench.write_text(json.dumps({"device": "cpu", "query_sets": {"style": {
         "n_queries": 100, "ms_per_query": {"student": 0.02, "teacher_batched": 0.3, "teacher_per_query": 4.0},
-        "speedup_batched_vs_per_query": 13.3, "identical_top10_batched_vs_per_query": 0.99}}}))
+        "speedup_batched_vs_per_query": 13.3, "identical_top10_batched_vs_per_query": 0.99,
+        "engines": {"fast_engine": "fixed", "sizes": [1, 1000], "eager": {"batch_1_ms": 6.0, "batch_1000_ms": 83.0,
+                    "capture_s": 0.0}, "fixed": {"batch_1_ms": 6.1, "batch_1000_ms": 1465.0, "capture_s": 0.0},
+                    "speedup": {"batch_1": 0.98, "batch_1000": 0.057}, "identical_top10": 1.0},
+        "gradients": {"sizes": [1, 1000], "autograd": {"batch_1_ms": 7.94, "batch_1000_ms": 135.3, "capture_s": 0.0},
+                      "by_hand": {"batch_1_ms": 5.43, "batch_1000_ms": 109.5, "capture_s": 0.0},
+                      "speedup": {"batch_1": 1.4631, "batch_1000": 1.2363}, "identical_top10": 1.0}}}}))
     rep = tmp_path / "all"
     assert main(["report", str(out), str(tune.parent), str(load), str(bench), "--out", str(rep),
                  "--resamples", "200", "--grid-queries", "1"]) == 0
@@ -254,6 +260,7 @@ def test_report_of_run_compare_tune_loadtest_and_benchmark_together(tiny_run, tm
                     "HTTP latency per stage", "Tune experiments", "Load tests", "Benchmarks"):
         assert heading in page, heading
     assert "0.700 [0.650, 0.750]" in page  # Table 3 cell with its interval, from the tidy file
+    assert "Backward Search run two ways" in page and "by_hand" in page and "1.463" in page  # gradients' speed-up
     assert (rep / "comparison.md").is_file()
 
 

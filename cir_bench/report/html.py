@@ -376,10 +376,37 @@ def benchmark_section(path: Path, data: dict[str, Any]) -> dict[str, Any]:
                    "queries": d.get("n_queries")})
         speed.append({"query_set": qs, **{k: v for k, v in d.items() if k.startswith(("speedup", "identical", "retrieved"))}})
     context = {k: v for k, v in data.items() if k != "query_sets" and not isinstance(v, (dict, list))}
-    return {"path": str(path), "context": context,
-            "tables": [Table("Table 5 layout: milliseconds per query", pd.DataFrame(ms)),
-                       Table("Table 6 layout: speed-ups and agreement, measured side by side in one run",
-                             pd.DataFrame(speed))]}
+    tables = [Table("Table 5 layout: milliseconds per query", pd.DataFrame(ms)),
+              Table("Table 6 layout: speed-ups and agreement, measured side by side in one run", pd.DataFrame(speed))]
+    ways = side_by_side_rows(data)
+    if ways:
+        tables.append(Table("Backward Search run two ways, side by side in one run (engines: the eager loop "
+                            "against the fixed-shape or graph-captured one; gradients: autograd against by hand)",
+                            pd.DataFrame(ways)))
+    return {"path": str(path), "context": context, "tables": tables}
+
+
+def side_by_side_rows(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per query set, comparison and variant of the benchmark's ``engines`` and
+    ``gradients`` sections: ms at each batch size, capture time, and against the first
+    variant the speed-up and the fraction of identical top-10 lists."""
+    rows = []
+    for qs, d in data.get("query_sets", {}).items():
+        for what in ("engines", "gradients"):
+            sec = d.get(what)
+            if not isinstance(sec, dict) or "sizes" not in sec:
+                continue
+            labels = [k for k, v in sec.items() if isinstance(v, dict) and any(str(x).endswith("_ms") for x in v)]
+            for i, label in enumerate(labels):
+                row = {"query_set": qs, "comparison": what, "variant": label,
+                       **{k: v for k, v in sec[label].items() if k.endswith("_ms")},
+                       "capture_s": sec[label].get("capture_s")}
+                if i:
+                    key = "" if len(labels) == 2 else f"_{label}"
+                    row.update({f"speedup_{k}": v for k, v in sec.get("speedup" + key, {}).items()})
+                    row["identical_top10"] = sec.get("identical_top10" + key)
+                rows.append(row)
+    return rows
 
 
 # --------------------------------------------------------------------------- writing
