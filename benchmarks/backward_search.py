@@ -5,7 +5,8 @@
 - student vs batched teacher vs per-query teacher: ms per query and ratios;
 - iterations per query (mean, std) per query set (the paper's Table 5 analogue);
 - the engines side by side (``engines``): the eager loop against the fixed-shape masked loop
-  (``fixed`` on CPU) or its captured CUDA graph (``graph`` on CUDA), end to end (inversion +
+  (``fixed`` on CPU) or its captured CUDA graph (``graph`` on CUDA), each also through
+  torch.compile (``fixed+compile``, ``graph+compile``), end to end (inversion +
   top-10) at batch 1 (median of repeated single queries) and at 1,000 / 10,000 queries (the
   query set tiled), the speed-up, the fraction of identical top-10 lists, and capture time;
 - the gradient side by side (``gradients``): autograd against the gradient by hand, the same
@@ -38,7 +39,8 @@ def side_by_side(cfg, variants: dict[str, dict], heads, z0, props, cond, index, 
     (batch 1: median of 20 single queries; larger: the query set tiled, median of 3), the
     trials of the variants interleaved so that the machine's drift hits them alike; the
     speed-up of each over the first, the fraction of identical top-10 lists, capture time."""
-    base = {k: v for k, v in cfg.search.overrides().items() if k not in ("engine", "check_every", "gradient")}
+    base = {k: v for k, v in cfg.search.overrides().items()
+            if k not in ("engine", "check_every", "gradient", "compile")}
     searches = {label: BackwardSearch(cfg.search.preset, lam=float(cfg.search.lam), **{**base, **kw})
                 for label, kw in variants.items()}
     capture = dict.fromkeys(searches, 0.0)
@@ -77,10 +79,11 @@ def side_by_side(cfg, variants: dict[str, dict], heads, z0, props, cond, index, 
 
 
 def engines(cfg, heads, z0, props, cond, index, exclude, sizes, device, sync) -> dict:
-    """Eager vs the fixed-shape (CPU) / graph-captured (CUDA) loop, measured side by side."""
+    """Eager vs the fixed-shape (CPU) / graph-captured (CUDA) loop, plain and through
+    torch.compile, measured side by side (compile time counted in capture_s)."""
     fast = "graph" if device.type == "cuda" else "fixed"
-    return {"fast_engine": fast, **side_by_side(cfg, {"eager": {"engine": "eager"}, fast: {"engine": fast}},
-                                                heads, z0, props, cond, index, exclude, sizes, sync)}
+    variants = {"eager": {"engine": "eager"}, fast: {"engine": fast}, f"{fast}+compile": {"engine": fast, "compile": True}}
+    return {"fast_engine": fast, **side_by_side(cfg, variants, heads, z0, props, cond, index, exclude, sizes, sync)}
 
 
 def gradients(cfg, heads, z0, props, cond, index, exclude, sizes, sync) -> dict:

@@ -156,6 +156,9 @@ class SearchConfig:
     # how dL/dz is taken (likewise not in the cache keys): auto = by hand through heads that are
     # Linear/ReLU/BatchNorm chains (autograd's arithmetic, fewer kernels), autograd otherwise
     gradient: Literal["auto", "autograd"] | None = None
+    # the fixed-shape step through torch.compile (fused kernels; compiled once per bucket and
+    # settings, seconds each, λ excluded; on CUDA captured after); engine auto then picks fixed on CPU
+    compile: bool | None = None
 
     def overrides(self) -> dict[str, Any]:
         """The fields that override the preset (what ``BackwardSearch(preset, **...)`` takes)."""

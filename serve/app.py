@@ -119,7 +119,7 @@ class Teacher(_Batched):
     def __init__(self, bundle, batching: dict[str, Any]) -> None:
         from cir_bench.serving import TeacherSearch
 
-        self.teacher = TeacherSearch(bundle, _device(bundle))
+        self.teacher = TeacherSearch(bundle, _device(bundle), int(batching.get("max_batch_size", 16)))
         self._setup_batching(self.invert, batching)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
@@ -261,9 +261,9 @@ class Ingress:
             # this replica); it runs on one worker thread so that the ingress keeps answering
             from concurrent.futures import ThreadPoolExecutor
 
-            local_stages["teacher"] = TeacherSearch(bundle, _device(bundle))
-            self._teacher_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher")
             batching = teacher_batching or {}
+            local_stages["teacher"] = TeacherSearch(bundle, _device(bundle), int(batching.get("max_batch_size", 16)))
+            self._teacher_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher")
             self._invert_here.set_max_batch_size(int(batching.get("max_batch_size", 16)))
             self._invert_here.set_batch_wait_timeout_s(float(batching.get("batch_wait_timeout_s", 0.001)))
             local_invert = self._invert_here

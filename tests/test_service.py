@@ -309,3 +309,31 @@ def test_serve_config_shutdown_timing_reaches_the_deployment_options():
 
     assert {"graceful_shutdown_wait_loop_s", "graceful_shutdown_timeout_s"} <= set(
         inspect.signature(Deployment.options).parameters)  # names Serve takes
+
+
+def test_teacher_with_compile_warms_up_and_answers_every_lambda_like_the_plain_one(service, prepared):
+    """search.compile in a serving config: the teacher compiles its step for one request and
+    for a small batch when it starts (not on the first requests), then answers any λ without
+    compiling again, with the plain teacher's lists (tests/test_backward.py: compiled kernels
+    round differently, so near-ties and a few amplified queries may differ)."""
+    import dataclasses
+
+    from cir_bench.search import backward
+    from cir_bench.serving import TeacherSearch
+    from cir_bench.serving.orchestrate import search_job
+
+    bundle = service.bundle
+    bundle = dataclasses.replace(bundle, students={("style",): bundle.students[("style",)]},
+                                 search={**bundle.search, "overrides": {**bundle.search["overrides"], "compile": True}})
+    teacher = TeacherSearch(bundle, "cpu")
+    assert teacher.warmup_s > 0
+    cached = len(backward._GRAPH_CACHE)
+    parsed = [service.parser.parse(r) for r in _requests(prepared.dataset, "teacher", 6)]
+    for lam in (None, 0.02):
+        jobs = [{**search_job(p, service.index.vectors([p["position"]])[0]), "lambda": lam} for p in parsed]
+        got = teacher.invert_many(jobs)
+        assert len(backward._GRAPH_CACHE) == cached  # buckets 1 and 8 were compiled at start, for every λ
+        plain = service.teacher.invert_many(jobs)
+        dist = [float(np.linalg.norm(g["z"] - p["z"]) / np.linalg.norm(p["z"])) for g, p in zip(got, plain)]
+        assert np.median(dist) <= 1e-4, dist
+        assert np.mean([abs(g["iterations"] - p["iterations"]) <= 1 for g, p in zip(got, plain)]) >= 0.8

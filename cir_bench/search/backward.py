@@ -104,7 +104,7 @@ class BackwardSearch(SearchMethod):
     name = "backward"
 
     def __init__(self, preset: str = "paper", engine: str = "auto", check_every: int | None = None,
-                 gradient: str = "auto", **overrides: Any) -> None:
+                 gradient: str = "auto", compile: bool = False, **overrides: Any) -> None:
         if preset not in PRESETS:
             raise ValueError(f"unknown Backward Search preset '{preset}'; available: {', '.join(PRESETS)}")
         if engine not in ENGINES:
@@ -113,12 +113,16 @@ class BackwardSearch(SearchMethod):
             raise ValueError(f"unknown Backward Search gradient '{gradient}'; available: {', '.join(GRADIENTS)}")
         if check_every is not None and int(check_every) < 0:
             raise ValueError(f"check_every must be >= 0 (0: never, run to max_iter), got {check_every}")
+        if compile and engine == "eager":
+            raise ValueError("compile needs the fixed-shape loop (engine 'fixed', 'graph' or 'auto'); the eager "
+                             "loop changes shape as queries freeze")
         self.preset = preset
         self.engine = engine  # how the loop runs, not what it computes: not in params()
         self.check_every = check_every
         self.gradient = gradient  # likewise: how, not what
+        self.compile = bool(compile)  # the fixed-shape step through torch.compile: likewise
         self.config = replace(PRESETS[preset], **overrides)
-        self.last_capture_s = 0.0  # seconds spent capturing CUDA graphs in the last invert()
+        self.last_capture_s = 0.0  # seconds spent compiling / capturing CUDA graphs in the last invert()
 
     def params(self) -> dict[str, Any]:
         return {"preset": self.preset, **asdict(self.config)}
@@ -189,9 +193,10 @@ class BackwardSearch(SearchMethod):
 
     def resolved_engine(self, device: torch.device) -> str:
         """``auto``: the captured graph on CUDA, the eager loop elsewhere (on CPU the eager
-        loop's shrinking batch beats a fixed shape; there is no launch cost to save)."""
+        loop's shrinking batch beats a fixed shape; there is no launch cost to save) unless
+        ``compile`` asks for the fixed shape."""
         if self.engine == "auto":
-            return "graph" if device.type == "cuda" else "eager"
+            return "graph" if device.type == "cuda" else ("fixed" if self.compile else "eager")
         if self.engine == "graph" and device.type != "cuda":
             raise ValueError("Backward Search engine 'graph' needs CUDA (use 'fixed' for the same loop uncaptured)")
         return self.engine
@@ -201,20 +206,24 @@ class BackwardSearch(SearchMethod):
         every time (a frozen or padding row is masked, so it does not move and keeps its best
         iterate and counters), the active mask read back every ``check_every`` steps only
         (0: never; run to max_iter). With ``capture`` on CUDA one step is a CUDA graph,
-        captured once per (heads, properties, bucket, settings) and replayed."""
+        captured once per (heads, properties, bucket, settings) and replayed. With ``compile``
+        the step goes through torch.compile (fused element-wise kernels), compiled once per
+        (heads, properties, bucket, settings but λ: λ is a tensor input, so every λ reuses it)
+        and, on CUDA, captured after that."""
         cfg = self.config
         n = z0.shape[0]
         bucket = next(b for b in BUCKETS if b >= n)
         freezes = cfg.stopping in ("satisfied", "plateau")
         every = self.check_every if self.check_every is not None else (10 if z0.device.type == "cuda" else 1)
-        if capture:
-            runner = _captured_step(self, objective, heads, tuple(properties), bucket, z0.device, conditions.dtype)
+        if capture or self.compile:
+            runner = _cached_step(self, objective, heads, tuple(properties), bucket, z0.device, conditions.dtype,
+                                  capture)
             self.last_capture_s += runner.capture_s
             runner.capture_s = 0.0  # reported once, by the call that paid it
         else:
             runner = _EagerStep(self, objective, heads, tuple(properties), bucket, z0.device, conditions.dtype)
         state = runner.state
-        runner.reset(z0.detach().float(), conditions, n)
+        runner.reset(z0.detach().float(), conditions, n, cfg.lam)
         for it in range(cfg.max_iter):
             if freezes and every and it % every == 0 and not bool(state["active"].any()):
                 break
@@ -223,18 +232,19 @@ class BackwardSearch(SearchMethod):
         return self._finish(objective, heads, {k: v.clone() for k, v in full.items()}, full["z0"].clone(),
                             properties, full["cond"].clone())
 
-    def _step(self, objective, w: Mapping[str, torch.Tensor], adam: tuple[torch.Tensor, torch.Tensor]
-              ) -> dict[str, torch.Tensor]:
+    def _step(self, objective, w: Mapping[str, torch.Tensor], adam: tuple[torch.Tensor, torch.Tensor],
+              lam: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """One step of every row of ``w`` (the state: z0, cond, z, m1, m2, steps, active,
         best_loss, best_z, counter), frozen rows kept as they are: the new state. The eager
         loop and the fixed-shape loop (and the CUDA graph it captures) both take this step.
-        ``adam``: Adam's step size and sqrt of the second bias correction per step count."""
+        ``adam``: Adam's step size and sqrt of the second bias correction per step count;
+        ``lam``: λ as a tensor (a compiled step), else the config's."""
         cfg = self.config
         b1, b2, eps = 0.9, 0.999, 1e-8
         w = dict(w)
         z, active = w["z"], w["active"]
         loss_d, satisfied, grad = objective(z, w["z0"], w["cond"], grad=True,
-                                            satisfied=cfg.stopping == "satisfied")
+                                            satisfied=cfg.stopping == "satisfied", lam=lam)
         if cfg.stopping == "satisfied":
             active = active & ~satisfied  # a satisfied query stops before stepping
         elif cfg.stopping == "plateau":
@@ -345,9 +355,13 @@ class _EagerStep:
     """Static state buffers of one bucket and one masked step on them, run op by op."""
 
     def __init__(self, search: BackwardSearch, objective, heads, properties: tuple[str, ...], bucket: int,
-                 device: torch.device, cond_dtype: torch.dtype) -> None:
+                 device: torch.device, cond_dtype: torch.dtype, compile: bool = False) -> None:
         self.search, self.objective, self.heads, self.properties = search, objective, heads, list(properties)
         self.adam = _adam_table(search.config, device)
+        self.compiled = compile
+        # λ of the current chunk; a tensor only for the compiled step (a Python float there
+        # would be a constant of the compiled code: one compilation per λ)
+        self.lam = torch.zeros((), device=device) if compile else None
         first = next(iter(heads.values()))
         d = next(m for m in first.modules() if isinstance(m, torch.nn.Linear)).in_features
         f32 = {"device": device, "dtype": torch.float32}
@@ -361,9 +375,11 @@ class _EagerStep:
         }
         self.capture_s = 0.0
 
-    def reset(self, z0: torch.Tensor, conditions: torch.Tensor, n: int) -> None:
+    def reset(self, z0: torch.Tensor, conditions: torch.Tensor, n: int, lam: float = 0.0) -> None:
         """Load a chunk of n rows; the padding rows are inactive from the start."""
         st = self.state
+        if self.lam is not None:
+            self.lam.fill_(lam)
         for key in ("z0", "z", "best_z"):
             st[key].zero_()
             st[key][:n].copy_(z0)
@@ -376,17 +392,40 @@ class _EagerStep:
         st["active"][:n] = True
 
     def step(self) -> None:
-        new = self.search._step(self.objective, self.state, self.adam)
+        if self.compiled:
+            if not hasattr(self, "_compiled_update"):
+                self._compiled_update = torch.compile(self._update, dynamic=False)
+            self._compiled_update(self.state, self.lam)
+        else:
+            self._update(self.state, None)
+
+    def _update(self, state: dict[str, torch.Tensor], lam: torch.Tensor | None) -> None:
+        new = self.search._step(self.objective, state, self.adam, lam)
         for key, value in new.items():
             if key not in ("z0", "cond"):
-                self.state[key].copy_(value)  # in place: the graph replays on these buffers
+                state[key].copy_(value)  # in place: the graph replays on these buffers
+
+
+class _CompiledStep(_EagerStep):
+    """The step through torch.compile, compiled on first use (timed as capture_s)."""
+
+    def __init__(self, *args) -> None:
+        _allow_recompiles()
+        super().__init__(*args, compile=True)
+        import time
+
+        t0 = time.perf_counter()
+        self.reset(self.state["z0"][:0].clone(), self.state["cond"][:0].clone(), 0)  # every row inactive
+        super().step()  # compiles
+        self.capture_s = time.perf_counter() - t0
 
 
 class _GraphStep(_EagerStep):
-    """The same step captured once in a CUDA graph and replayed (one launch per step)."""
+    """The same step (compiled or not) captured once in a CUDA graph and replayed (one launch
+    per step); the warm-up before the capture is where a compiled step compiles."""
 
-    def __init__(self, *args) -> None:
-        super().__init__(*args)
+    def __init__(self, *args, compile: bool = False) -> None:
+        super().__init__(*args, compile=compile)
         import time
 
         t0 = time.perf_counter()
@@ -411,23 +450,45 @@ _GRAPH_CACHE: dict[tuple, tuple[Any, _GraphStep]] = {}
 _GRAPH_CACHE_SIZE = 32
 
 
-def _captured_step(search: BackwardSearch, objective, heads, properties: tuple[str, ...], bucket: int,
-                   device: torch.device, cond_dtype: torch.dtype) -> _GraphStep:
-    """The captured step for (heads and their weights, properties, bucket, device, settings,
-    gradient), reused across calls and instances; a weak reference checks that ``heads`` is
-    still the same object, the state version that its weights did not change (the analytic
-    objective captured copies of them)."""
+def _cached_step(search: BackwardSearch, objective, heads, properties: tuple[str, ...], bucket: int,
+                 device: torch.device, cond_dtype: torch.dtype, capture: bool) -> _EagerStep:
+    """The captured and/or compiled step for (heads and their weights, properties, bucket,
+    device, settings, gradient, compile), reused across calls and instances; a weak reference
+    checks that ``heads`` is still the same object, the state version that its weights did not
+    change (the analytic objective captured copies of them). A compiled step takes λ as an
+    input, so λ is not part of its key."""
     import json
     import weakref
 
-    key = (id(heads), properties, bucket, str(device), str(cond_dtype), type(objective).__name__,
-           state_version({p: heads[p] for p in properties}),
-           json.dumps(asdict(search.config), sort_keys=True, default=str))
+    settings = asdict(search.config)
+    if search.compile:
+        settings.pop("lam")
+    key = (id(heads), properties, bucket, str(device), str(cond_dtype), type(objective).__name__, capture,
+           search.compile, state_version({p: heads[p] for p in properties}), json.dumps(settings, sort_keys=True,
+                                                                                    default=str))
     hit = _GRAPH_CACHE.get(key)
     if hit is not None and hit[0]() is heads:
         return hit[1]
-    runner = _GraphStep(search, objective, heads, properties, bucket, device, cond_dtype)
+    args = (search, objective, heads, properties, bucket, device, cond_dtype)
+    if capture:
+        if search.compile:
+            _allow_recompiles()
+        runner = _GraphStep(*args, compile=search.compile)
+    else:
+        runner = _CompiledStep(*args)
     if len(_GRAPH_CACHE) >= _GRAPH_CACHE_SIZE:
         _GRAPH_CACHE.pop(next(iter(_GRAPH_CACHE)))
     _GRAPH_CACHE[key] = (weakref.ref(heads), runner)
     return runner
+
+
+def _allow_recompiles() -> None:
+    """Every compiled step is the same code (``_EagerStep._update``) with other heads,
+    properties, bucket or settings: torch.compile counts each as a recompilation of that code
+    and, past its limit (8), would quietly run the rest uncompiled. Allow as many as the cache
+    holds."""
+    import torch._dynamo
+
+    conf = torch._dynamo.config
+    name = "recompile_limit" if hasattr(conf, "recompile_limit") else "cache_size_limit"
+    setattr(conf, name, max(getattr(conf, name), 2 * _GRAPH_CACHE_SIZE))

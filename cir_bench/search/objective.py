@@ -42,13 +42,15 @@ class AutogradObjective:
         return [self.heads[p](z) for p in self.properties]
 
     def __call__(self, z: torch.Tensor, z0: torch.Tensor, cond: torch.Tensor, grad: bool = False,
-                 satisfied: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                 satisfied: bool = True, lam: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Per-query loss (B,), whether every condition is satisfied (B,; None unless
-        ``satisfied``), dL/dz (B, d; None unless ``grad``)."""
+        ``satisfied``), dL/dz (B, d; None unless ``grad``); ``lam``: λ as a 0-d tensor instead
+        of the config's (a compiled step takes it as an input)."""
         with torch.enable_grad() if grad else torch.no_grad():
             zv = z.detach().requires_grad_(True) if grad else z.detach()
             ce, sat = _ce_and_satisfied(self.logits(zv), cond, self.properties, self.cfg, satisfied=satisfied)
-            loss = ce + _regulariser(zv - z0, self.cfg)
+            loss = ce + _regulariser(zv - z0, self.cfg, lam)
             g = torch.autograd.grad(loss.sum(), zv)[0] if grad else None
         return loss.detach(), sat, g
 
@@ -66,7 +68,8 @@ class AnalyticObjective:
         self.exact_bn_backward = True  # False: the plain product off the CPU (tests take it on the CPU)
 
     def __call__(self, z: torch.Tensor, z0: torch.Tensor, cond: torch.Tensor, grad: bool = False,
-                 satisfied: bool = True) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+                 satisfied: bool = True, lam: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         cfg = self.cfg
         z = z.detach()
         logits, saved = [], []
@@ -87,12 +90,15 @@ class AnalyticObjective:
         logp = [lg.log_softmax(dim=1) for lg in logits]
         ce, sat = _ce_and_satisfied(logits, cond, self.properties, cfg, logp=logp, satisfied=satisfied)
         diff = z - z0
-        loss = ce + _regulariser(diff, cfg)
+        loss = ce + _regulariser(diff, cfg, lam)
         if not grad:
             return loss, sat, None
         # the sums meeting in z in the order autograd adds them: the regulariser's (made
         # last, run first), then the heads from the last to the first
-        coef = self.lam32 if cfg.reduction == "sum" else float(np.float32(self.lam32) / np.float32(z.shape[1]))
+        if lam is not None:
+            coef = lam if cfg.reduction == "sum" else lam / z.shape[1]
+        else:
+            coef = self.lam32 if cfg.reduction == "sum" else float(np.float32(self.lam32) / np.float32(z.shape[1]))
         g = coef * diff.sign() if cfg.regularizer == "l1" else coef * (2 * diff)
         for m in range(len(self.properties) - 1, -1, -1):
             gs = self.grad_scale[m]
@@ -141,10 +147,10 @@ def _ce_and_satisfied(logits: list[torch.Tensor], cond: torch.Tensor, properties
     return ce, sat
 
 
-def _regulariser(diff: torch.Tensor, cfg: Any) -> torch.Tensor:
+def _regulariser(diff: torch.Tensor, cfg: Any, lam: torch.Tensor | None = None) -> torch.Tensor:
     reg = diff.abs() if cfg.regularizer == "l1" else diff.pow(2)
     reg = reg.sum(dim=1) if cfg.reduction == "sum" else reg.mean(dim=1)
-    return cfg.lam * reg
+    return (cfg.lam if lam is None else lam) * reg
 
 
 def head_chain(head: nn.Module) -> list[tuple] | None:

@@ -145,7 +145,7 @@ class TeacherSearch:
     """(z0, condition) -> z by Backward Search. ``invert_many`` runs one batched inversion per
     (property set, λ) group: concurrent requests share it."""
 
-    def __init__(self, bundle: ServeBundle, device: str | None = None) -> None:
+    def __init__(self, bundle: ServeBundle, device: str | None = None, max_batch: int = 8) -> None:
         from cir_bench.models import load_checkpoint
 
         self.device = torch.device(device or bundle.device)
@@ -154,6 +154,27 @@ class TeacherSearch:
             p.requires_grad_(False)  # only z is differentiated
         self.heads = model.heads
         self.settings = bundle.search
+        self.warmup_s = 0.0
+        if self.settings["overrides"].get("compile"):
+            self.warmup_s = self._warm_up(list(bundle.students), max_batch)
+
+    def _warm_up(self, query_sets: list[tuple[str, ...]], max_batch: int) -> float:
+        """With search.compile, compile the step of every query set for every bucket a batch
+        of up to ``max_batch`` requests lands in, now rather than on the first requests that
+        need it (seconds each; a load test at concurrency 16 stalled on one). Any λ reuses
+        them."""
+        from cir_bench.search.backward import BUCKETS, BackwardSearch
+
+        sizes = [b for b in BUCKETS if b < max_batch] + [next(b for b in BUCKETS if b >= min(max_batch, BUCKETS[-1]))]
+        first = next(iter(self.heads.values()))
+        d = next(m for m in first.modules() if isinstance(m, torch.nn.Linear)).in_features
+        t0 = time.perf_counter()
+        bs = BackwardSearch(self.settings["preset"], lam=float(self.settings["lam"]), **self.settings["overrides"])
+        for props in query_sets:
+            for n in sizes:
+                bs.invert(self.heads, torch.zeros(n, d, device=self.device), list(props),
+                          torch.zeros(n, len(props), dtype=torch.long, device=self.device))
+        return time.perf_counter() - t0
 
     def invert_many(self, jobs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """jobs: {"z0": (d,) array, "properties": [...], "classes": [...], "lambda": float | None}."""
