@@ -44,11 +44,16 @@ def side_by_side(cfg, variants: dict[str, dict], heads, z0, props, cond, index, 
     searches = {label: BackwardSearch(cfg.search.preset, lam=float(cfg.search.lam), **{**base, **kw})
                 for label, kw in variants.items()}
     capture = dict.fromkeys(searches, 0.0)
+    failed: dict[str, str] = {}
     for label, bs in searches.items():
-        for n in sizes:  # warm-up: every bucket once (the graph engine captures here)
-            reps = (n + len(z0) - 1) // len(z0)
-            bs.invert(heads, z0.repeat(reps, 1)[:n], props, cond.repeat(reps, 1)[:n])
-            capture[label] += bs.last_capture_s
+        try:
+            for n in sizes:  # warm-up: every bucket once (the graph engine captures, compile compiles here)
+                reps = (n + len(z0) - 1) // len(z0)
+                bs.invert(heads, z0.repeat(reps, 1)[:n], props, cond.repeat(reps, 1)[:n])
+                capture[label] += bs.last_capture_s
+        except Exception as err:  # e.g. torch.compile without a compiler for this device: say so, go on
+            failed[label] = f"{type(err).__name__}: {str(err)[:300]}"
+    searches = {label: bs for label, bs in searches.items() if label not in failed}
     sync()
     times: dict[str, dict[int, list[float]]] = {label: {n: [] for n in sizes} for label in searches}
     for n in sizes:
@@ -64,7 +69,7 @@ def side_by_side(cfg, variants: dict[str, dict], heads, z0, props, cond, index, 
                 index.search(r.z, 10, exclude=ex[sl])
                 sync()
                 times[label][n].append(time.perf_counter() - t0)
-    out: dict = {"sizes": list(sizes)}
+    out: dict = {"sizes": list(sizes), **{label: {"error": why} for label, why in failed.items()}}
     tops = {}
     for label, bs in searches.items():
         out[label] = {**{f"batch_{n}_ms": 1000 * float(np.median(times[label][n])) for n in sizes},
