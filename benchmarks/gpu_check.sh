@@ -20,8 +20,7 @@ timeout 240 python3 -m pytest -q -p no:cacheprovider -o addopts="" -k "cuda" \
 timeout 240 python3 benchmarks/serve_components.py --set device=cuda --large 500000 > "$OUT/serve_components_cuda.json" 2> "$OUT/serve_components.err"
 tail -3 "$OUT/serve_components.err"
 # eager vs graph-captured (plain and torch.compile) Backward Search and autograd vs the gradient
-# by hand (batch 1, 1,000,
-# 10,000; capture time; identical top-10)
+# by hand (batch 1, 1,000, 10,000; capture time; identical top-10)
 timeout 360 python3 benchmarks/backward_search.py --set device=cuda --n-queries 1000 --loop-queries 60 > "$OUT/backward_search_cuda.json" 2> "$OUT/backward_search.err"
 tail -3 "$OUT/backward_search.err"
 python3 -m tests.tiny_weights /tmp/tiny-weights > /dev/null
