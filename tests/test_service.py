@@ -311,6 +311,8 @@ def test_serve_config_shutdown_timing_reaches_the_deployment_options():
         inspect.signature(Deployment.options).parameters)  # names Serve takes
 
 
+@pytest.mark.skipif(__import__("shutil").which("g++") is None and __import__("shutil").which("c++") is None,
+                    reason="torch.compile on the CPU needs a C++ compiler (g++)")
 def test_teacher_with_compile_warms_up_and_answers_every_lambda_like_the_plain_one(service, prepared):
     """search.compile in a serving config: the teacher compiles its step for one request and
     for a small batch when it starts (not on the first requests), then answers any λ without

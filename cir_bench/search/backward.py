@@ -416,7 +416,13 @@ class _CompiledStep(_EagerStep):
 
         t0 = time.perf_counter()
         self.reset(self.state["z0"][:0].clone(), self.state["cond"][:0].clone(), 0)  # every row inactive
-        super().step()  # compiles
+        try:
+            super().step()  # compiles
+        except Exception as err:  # no C++ compiler (CPU) or Triton (CUDA) for torch.compile, ...
+            raise RuntimeError(f"Backward Search with compile: torch.compile failed ({type(err).__name__}: "
+                               f"{str(err).splitlines()[0][:300] if str(err) else ''}); it needs a C++ compiler "
+                               "(g++) on the CPU and Triton on CUDA. Set search.compile=false to run uncompiled"
+                               ) from err
         self.capture_s = time.perf_counter() - t0
 
 
