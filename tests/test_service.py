@@ -245,6 +245,10 @@ def test_serve_config_is_checked_before_serve_starts_naming_file_and_key(tmp_pat
         ("limits: {max_k: 10, max_kk: 3}\n", r"unknown config key 'limits.max_kk'"),
         ("http: {port: 70000}\n", r"'http.port' must be <= 65535"),
         ("index: {backend: annoy}\n", r"unknown index 'annoy'"),
+        ("ray_serve: {haproxy: maybe}\n", r"'ray_serve.haproxy' expects"),
+        ("ray_serve: {proxy: haproxy}\n", r"unknown config key 'ray_serve.proxy'"),
+        ("ingress: {local: [student, index, teacher]}\ndeployments:\n  teacher: {ray_actor_options: {num_gpus: 0.5}}\n",
+         r"deployments.teacher asks for num_gpus 0.5, but ingress.local answers teacher inside the ingress"),
         ("- a list\n", r"expected a mapping"),
     ]:
         bad.write_text(text)
@@ -256,6 +260,11 @@ def test_serve_config_is_checked_before_serve_starts_naming_file_and_key(tmp_pat
     b = with_index(service.bundle, load_serve_config(str(faiss_cfg)))
     assert b.index == "faiss" and b.index_options["factory"] == "HNSW32"
     assert settings_from_dict({}).deployment("ingress")["max_ongoing_requests"] == 256
+    assert shipped.ray_serve.haproxy and shipped.ray_serve.throughput_optimized
+    # a GPU for a stage with its own replica is fine
+    gpu = settings_from_dict({"ingress": {"local": ["student", "index"]},
+                              "deployments": {"teacher": {"ray_actor_options": {"num_gpus": 0.5}}}})
+    assert gpu.deployment("teacher")["ray_actor_options"]["num_gpus"] == 0.5
 
 
 def test_condition_order_does_not_matter(service, prepared):
