@@ -2,7 +2,8 @@
 one run; prints JSON (and writes it with --out).
 
 Each variant is the shipped serve/config.yaml with some keys changed (``VARIANTS`` below, or
-``--variant NAME:key=value;key=value``). For every round, every variant in turn (the order
+``--variant NAME:key=value;key=value``; a key ``run.<key>`` sets the run config of that server,
+e.g. ``run.search.compile=true``). For every round, every variant in turn (the order
 rotates per round, so drift on a noisy machine spreads over all of them): start `cir-bench
 serve` on a free loopback port, wait until it answers, then
 
@@ -49,14 +50,16 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 # name -> serve-config keys changed from the shipped file ("section.key": value)
+_OFF = {"ray_serve.haproxy": False, "ray_serve.throughput_optimized": False}
+_TEACHER_DEPLOYMENT = {"ingress.local": ["student", "index"], "teacher.compile": False}
 VARIANTS: dict[str, dict[str, Any]] = {
-    # the shipped config before Ray Serve's switches and the teacher in the ingress
-    "before": {"ray_serve.haproxy": False, "ray_serve.throughput_optimized": False,
-               "ingress.local": ["student", "index"]},
-    "ray_proxy": {"ray_serve.haproxy": False, "ray_serve.throughput_optimized": False},
-    "haproxy_only": {"ray_serve.throughput_optimized": False},
+    # one change at a time, from the config shipped before issue 14's serving work to today's
+    "before": {**_OFF, **_TEACHER_DEPLOYMENT},
+    "haproxy": {"ray_serve.throughput_optimized": False, **_TEACHER_DEPLOYMENT},
+    "throughput_optimized": dict(_TEACHER_DEPLOYMENT),
+    "teacher_in_ingress": {"teacher.compile": False},
     "shipped": {},
-    # the GPU machine's layout: the teacher a deployment of its own
+    # the GPU machine's layout on this machine: the teacher a deployment of its own
     "teacher_deployment": {"ingress.local": ["student", "index"]},
 }
 
@@ -70,10 +73,22 @@ def _set_key(config: dict, dotted: str, value: Any) -> None:
 
 
 def variant_config(base: dict, changes: dict[str, Any]) -> dict:
+    """The serve config of a variant (its ``run.*`` keys go to the run config instead)."""
     config = json.loads(json.dumps(base))
     for key, value in changes.items():
-        _set_key(config, key, value)
+        if not key.startswith("run."):
+            _set_key(config, key, value)
     return config
+
+
+def variant_run_args(changes: dict[str, Any]) -> list[str]:
+    """``run.search.compile: true`` -> ``--set search.compile=true`` for `cir-bench serve`."""
+    out = []
+    for key, value in changes.items():
+        if key.startswith("run."):
+            text = json.dumps(value) if not isinstance(value, str) else value
+            out += ["--set", f"{key[4:]}={text}"]
+    return out
 
 
 def _free_port() -> int:
@@ -257,7 +272,8 @@ def main(argv: list[str] | None = None) -> int:
                 cfg_path = Path(tmp) / f"{name}.yaml"
                 cfg_path.write_text(yaml.safe_dump(variant_config(base, variants[name])))
                 port = _free_port()
-                server = Server(cfg_path, port, run_args, Path(tmp) / f"{name}-{rnd}.log")
+                server = Server(cfg_path, port, run_args + variant_run_args(variants[name]),
+                                Path(tmp) / f"{name}-{rnd}.log")
                 try:
                     start_s = server.wait_ready(args.start_timeout)
                     print(f"round {rnd + 1}/{args.rounds}: {name} on :{port} (ready in {start_s:.0f} s)",

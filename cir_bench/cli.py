@@ -221,6 +221,19 @@ def _app_running(name: str) -> bool:
         return False
 
 
+def _print_teacher(url: str) -> None:
+    """Whether the served teacher compiled its search step (teacher.compile), from /stats."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/stats", timeout=30) as response:
+            teacher = json.loads(response.read()).get("teacher", {})
+    except (OSError, ValueError):
+        return  # e.g. a cluster's HTTP proxy this machine cannot reach: the server is up anyway
+    if "compile" in teacher:
+        print(f"cir-bench serve: teacher torch.compile {teacher['compile']}", flush=True)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """Start the Ray Serve app (blocks until Ctrl+C, SIGTERM or `serve --stop`), or stop it."""
     import os
@@ -251,6 +264,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cir_bench.embed.ray_extract import ensure_ray
     from cir_bench.serving import build_bundle
     from serve.app import build_app, with_index
+
     cfg = build_config(args)
     host, port = args.host or sc.http.host, args.port or sc.http.port
     if not 1 <= port <= 65535:
@@ -275,6 +289,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     url = f"http://{host}:{port}"
     print(f"cir-bench serve: {url}  (POST /search, GET /healthz, GET /properties, GET /stats, OpenAPI at /docs)",
           flush=True)
+    _print_teacher(url)
     if args.address:
         return 0  # deployed on the cluster; `cir-bench serve --stop --address ...` removes it
     print(f"cir-bench serve: Ray at {ray.get_runtime_context().gcs_address}; stop with Ctrl+C or "

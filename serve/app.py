@@ -127,11 +127,14 @@ class Encoder(_Batched):
 
 @serve.deployment
 class Teacher(_Batched):
-    def __init__(self, bundle, batching: dict[str, Any]) -> None:
+    def __init__(self, bundle, batching: dict[str, Any], compile: bool | str = False) -> None:
         from cir_bench.serving import TeacherSearch
 
-        self.teacher = TeacherSearch(bundle, _device(bundle), int(batching.get("max_batch_size", 16)))
+        self.teacher = TeacherSearch(bundle, _device(bundle), int(batching.get("max_batch_size", 16)), compile)
         self._setup_batching(self.invert, batching)
+
+    def stats(self) -> dict[str, Any]:
+        return {**super().stats(), **self.teacher.info()}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def invert(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -250,7 +253,8 @@ def _error(field: str, message: str, status: int = 422) -> JSONResponse:
 class Ingress:
     def __init__(self, bundle, encoder: DeploymentHandle, teacher: DeploymentHandle | None,
                  student: DeploymentHandle | None, index: DeploymentHandle | None, limits: dict[str, Any],
-                 local: list[str] | None = None, teacher_batching: dict[str, Any] | None = None) -> None:
+                 local: list[str] | None = None, teacher_batching: dict[str, Any] | None = None,
+                 teacher_compile: bool | str = False) -> None:
         from cir_bench.serving import (IndexSearch, ItemImages, RequestParser, ServiceLimits, StudentSearch,
                                        TeacherSearch)
 
@@ -273,7 +277,8 @@ class Ingress:
             from concurrent.futures import ThreadPoolExecutor
 
             batching = teacher_batching or {}
-            local_stages["teacher"] = TeacherSearch(bundle, _device(bundle), int(batching.get("max_batch_size", 16)))
+            local_stages["teacher"] = TeacherSearch(bundle, _device(bundle), int(batching.get("max_batch_size", 16)),
+                                                    teacher_compile)
             self._teacher_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher")
             self._invert_here.set_max_batch_size(int(batching.get("max_batch_size", 16)))
             self._invert_here.set_batch_wait_timeout_s(float(batching.get("batch_wait_timeout_s", 0.001)))
@@ -361,6 +366,8 @@ class Ingress:
         out = {name: await self.handles[name].stats.remote() for name in STAGES if name in self.handles}
         for name, sizes in self.stages.local_batches.items():
             out[name] = {"batch_sizes": list(sizes), "in_ingress": True}
+            if name == "teacher":
+                out[name].update(self.stages.local[name].info())
         return out
 
     @api.post("/search", openapi_extra={"requestBody": _SEARCH_BODY},
@@ -467,17 +474,17 @@ def build_app(bundle, settings=None):
 
     settings = settings or ServeSettings()
 
-    def bind(cls, name: str):
-        return cls.options(**settings.deployment(name)).bind(bundle, dataclasses.asdict(settings.batch(name)))
+    def bind(cls, name: str, *more):
+        return cls.options(**settings.deployment(name)).bind(bundle, dataclasses.asdict(settings.batch(name)), *more)
 
     local = local_stages(bundle, settings)
     encoder = bind(Encoder, "encoder")
-    teacher = None if "teacher" in local else bind(Teacher, "teacher")
+    teacher = None if "teacher" in local else bind(Teacher, "teacher", settings.teacher.compile)
     student = None if "student" in local else bind(Student, "student")
     index = None if "index" in local else bind(Index, "index")
     return Ingress.options(**settings.deployment("ingress")).bind(
         bundle, encoder, teacher, student, index, dataclasses.asdict(settings.limits), local,
-        dataclasses.asdict(settings.batch("teacher")))
+        dataclasses.asdict(settings.batch("teacher")), settings.teacher.compile)
 
 
 def _store_fits(bundle, limit_mb: float) -> bool:

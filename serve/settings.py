@@ -69,6 +69,17 @@ class IngressSection:
 
 
 @dataclass
+class TeacherSection:
+    # torch.compile of the served Backward Search step (cir_bench.serving.components:
+    # compile_decision): "auto" compiles on the CPU when a C++ compiler is there (the buckets a
+    # batch can reach, when the replica starts: seconds, cached on disk by torch) and serves
+    # uncompiled when not, saying so in /stats; true must compile; false leaves it to the run
+    # config's search.compile. Measured on 2 cores: teacher p50 14.6 -> 9.4 ms, 109 -> 204
+    # requests/s at concurrency 16 (benchmarks/serve_latency.py).
+    compile: Literal["auto", True, False] = "auto"
+
+
+@dataclass
 class Http:
     host: str = "127.0.0.1"
     port: int = bounded(8000, ge=1, le=65535)
@@ -100,6 +111,7 @@ class ServeSettings:
     limits: Limits = field(default_factory=Limits)
     index: IndexSection = field(default_factory=IndexSection)
     ingress: IngressSection = field(default_factory=IngressSection)
+    teacher: TeacherSection = field(default_factory=TeacherSection)
     http: Http = field(default_factory=Http)
     ray_serve: RayServeSection = field(default_factory=RayServeSection)
 

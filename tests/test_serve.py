@@ -272,6 +272,12 @@ def test_cli_serve_starts_prints_url_refuses_a_busy_port_and_stops_on_interrupt(
         assert all(stats[s]["in_ingress"] for s in ("student", "index", "teacher")), stats
         assert stats["index"]["batch_sizes"] and stats["teacher"]["batch_sizes"] == [1]
         assert "in_ingress" not in stats["encoder"]
+        # teacher.compile: auto compiles the search step where a C++ compiler is, and says so
+        from cir_bench.serving.components import cxx_compiler
+
+        assert stats["teacher"]["compiled"] == (cxx_compiler() is not None), stats["teacher"]
+        assert f"teacher torch.compile {stats['teacher']['compile']}" in log.read_text()
+        assert stats["teacher"]["compile"].startswith("on (teacher.compile: auto" if cxx_compiler() else "off (")
         # a second server on the same port is refused before any work (it used to share the port)
         t0 = time.perf_counter()
         second = subprocess.run([sys.executable, "-m", "cir_bench.cli", "serve", "--port", str(port),
@@ -289,8 +295,8 @@ def test_cli_serve_starts_prints_url_refuses_a_busy_port_and_stops_on_interrupt(
 
 def test_cli_serve_stop_ends_the_foreground_server(cache_dir, tiny_trained, tmp_path, local_service):
     """Also: the GPU machine's layout through the CLI, with Ray's Python proxy (ray_serve
-    switches off): the teacher a deployment of its own called through a handle, the same
-    answers as in-process, batched there."""
+    switches off) and teacher.compile false: the teacher a deployment of its own called
+    through a handle, the same answers as in-process, batched there."""
     import re
     import subprocess
     import sys
@@ -302,6 +308,7 @@ def test_cli_serve_stop_ends_the_foreground_server(cache_dir, tiny_trained, tmp_
     config = yaml.safe_load(default_path().read_text())
     config["ingress"]["local"] = ["student", "index"]
     config["ray_serve"] = {"haproxy": False, "throughput_optimized": False}
+    config["teacher"] = {"compile": False}
     (tmp_path / "teacher-deployment.yaml").write_text(yaml.safe_dump(config))
     port = _free_port()
     proc, log = _start_cli_serve(cache_dir, tmp_path, port, "fg", "--serve-config",
@@ -316,6 +323,7 @@ def test_cli_serve_stop_ends_the_foreground_server(cache_dir, tiny_trained, tmp_
             assert 0 < teacher.json()["timing_ms"]["inversion"] <= teacher.json()["timing_ms"]["search"]
         stats = httpx.get(f"http://127.0.0.1:{port}/stats", timeout=10).json()
         assert "in_ingress" not in stats["teacher"] and stats["teacher"]["batch_sizes"] == [1, 1]
+        assert stats["teacher"]["compiled"] is False and stats["teacher"]["compile"] == "off (teacher.compile: false)"
         address = re.search(r"--stop --address (\S+)`", log.read_text()).group(1)
         stopped = subprocess.run([sys.executable, "-m", "cir_bench.cli", "serve", "--stop", "--address", address],
                                  capture_output=True, text=True, timeout=120)

@@ -246,6 +246,7 @@ def test_serve_config_is_checked_before_serve_starts_naming_file_and_key(tmp_pat
         ("http: {port: 70000}\n", r"'http.port' must be <= 65535"),
         ("index: {backend: annoy}\n", r"unknown index 'annoy'"),
         ("ray_serve: {haproxy: maybe}\n", r"'ray_serve.haproxy' expects"),
+        ("teacher: {compile: sometimes}\n", r"'teacher.compile' must be one of auto, True, False"),
         ("ray_serve: {proxy: haproxy}\n", r"unknown config key 'ray_serve.proxy'"),
         ("ingress: {local: [student, index, teacher]}\ndeployments:\n  teacher: {ray_actor_options: {num_gpus: 0.5}}\n",
          r"deployments.teacher asks for num_gpus 0.5, but ingress.local answers teacher inside the ingress"),
@@ -348,3 +349,49 @@ def test_teacher_with_compile_warms_up_and_answers_every_lambda_like_the_plain_o
         dist = [float(np.linalg.norm(g["z"] - p["z"]) / np.linalg.norm(p["z"])) for g, p in zip(got, plain)]
         assert np.median(dist) <= 1e-4, dist
         assert np.mean([abs(g["iterations"] - p["iterations"]) <= 1 for g, p in zip(got, plain)]) >= 0.8
+
+
+def test_teacher_compile_setting_auto_true_false(monkeypatch):
+    """serve config teacher.compile: auto compiles on the CPU when a C++ compiler is found,
+    never on CUDA (not measured there), true forces, false leaves it to search.compile."""
+    import shutil
+
+    import torch
+
+    from cir_bench.serving.components import compile_decision
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr(shutil, "which", lambda name: f"/usr/bin/{name}" if name == "g++" else None)
+    assert compile_decision("auto", False, cpu) == (True, "teacher.compile: auto, /usr/bin/g++")
+    assert compile_decision("auto", False, cuda)[0] is False and "CPU only" in compile_decision("auto", False, cuda)[1]
+    assert compile_decision(False, False, cpu) == (False, "off (teacher.compile: false)")
+    assert compile_decision(False, True, cpu) == (True, "search.compile")
+    assert compile_decision(True, False, cuda) == (True, "teacher.compile: true")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    on, why = compile_decision("auto", False, cpu)
+    assert not on and "found no C++ compiler" in why
+
+
+def test_teacher_compile_auto_serves_uncompiled_when_compiling_fails(service, monkeypatch):
+    """auto: a torch.compile that fails (no working compiler, no Triton) leaves the teacher
+    uncompiled, answering, and saying why; true: the failure stops the replica with the reason."""
+    from cir_bench.search import backward
+    from cir_bench.serving import TeacherSearch
+    from cir_bench.serving import components
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Backward Search with compile: torch.compile failed (InvalidCxxCompiler: No working C++ "
+                           "compiler found); it needs a C++ compiler (g++) on the CPU and Triton on CUDA. Set "
+                           "search.compile=false to run uncompiled")
+
+    monkeypatch.setattr(components, "cxx_compiler", lambda: "/usr/bin/g++")
+    monkeypatch.setattr(backward, "_CompiledStep", broken)
+    backward._GRAPH_CACHE.clear()
+    teacher = TeacherSearch(service.bundle, "cpu", 8, "auto")
+    assert not teacher.compiled and teacher.info()["compile"].startswith("off: Backward Search with compile: "
+                                                                       "torch.compile failed (InvalidCxxCompiler")
+    job = {"z0": service.index.vectors([0])[0], "properties": ["style"], "classes": [1], "lambda": None}
+    assert teacher.invert_many([job])[0]["iterations"] >= 1
+    with pytest.raises(RuntimeError, match="torch.compile failed"):
+        TeacherSearch(service.bundle, "cpu", 8, True)
