@@ -113,12 +113,15 @@ class Server:
         while time.monotonic() - t0 < timeout:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"cir-bench serve exited with {self.proc.returncode}; log: {self.log_path}")
+            if "stop with Ctrl+C" not in self.log_path.read_text(errors="replace"):
+                time.sleep(0.5)  # not deployed yet (and until then the port may be anyone's)
+                continue
             try:
                 c = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
                 c.request("GET", "/healthz")
                 if c.getresponse().status == 200:
                     return time.monotonic() - t0
-            except OSError:
+            except (OSError, http.client.HTTPException):
                 pass
             time.sleep(0.5)
         raise TimeoutError(f"cir-bench serve did not answer in {timeout:.0f} s; log: {self.log_path}")

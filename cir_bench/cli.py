@@ -291,6 +291,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
           flush=True)
     _print_teacher(url)
     if args.address:
+        if sc.ray_serve.haproxy or sc.ray_serve.throughput_optimized:
+            print("cir-bench serve: on a cluster Serve's switches (ray_serve in the serve config) are the ones "
+                  "`ray start` was given on each node: RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1 "
+                  "ray start ... (README, Running on a Ray cluster)", flush=True)
         return 0  # deployed on the cluster; `cir-bench serve --stop --address ...` removes it
     print(f"cir-bench serve: Ray at {ray.get_runtime_context().gcs_address}; stop with Ctrl+C or "
           f"`cir-bench serve --stop --address {ray.get_runtime_context().gcs_address}`", flush=True)
