@@ -12,6 +12,8 @@ serve` on a free loopback port, wait until it answers, then
 - ``breakdown``: N sequential keep-alive GETs per method with the stdlib client, the client's
   latency beside the server's own ``timing_ms`` per stage (median): what the server spends,
   and what the hops and HTTP around it add (client − server total);
+- ``client_healthz_p50_ms``: GET /healthz through aiohttp, httpx and http.client: what a
+  client adds of its own;
 - ``stop_s``: how long Ctrl+C (SIGINT) takes to end the server.
 
 ``summary`` holds the median over rounds per variant, ``ratios`` each variant against the
@@ -178,6 +180,43 @@ def healthz(port: int, n: int) -> float:
     return float(np.percentile(lat, 50))
 
 
+def client_overhead(port: int, n: int = 300) -> dict[str, float]:
+    """GET /healthz p50 ms through three HTTP clients, one after another on one server: what a
+    load tester's own client adds (cir_bench.serving.loadtest uses aiohttp)."""
+    url = f"http://127.0.0.1:{port}/healthz"
+
+    async def with_aiohttp() -> list[float]:
+        import aiohttp
+
+        out = []
+        async with aiohttp.ClientSession() as session:
+            for _ in range(n + 30):
+                t0 = time.perf_counter()
+                async with session.get(url) as r:
+                    await r.read()
+                out.append(1000 * (time.perf_counter() - t0))
+        return out[30:]
+
+    async def with_httpx() -> list[float]:
+        import httpx
+
+        out = []
+        async with httpx.AsyncClient() as client:
+            for _ in range(n + 30):
+                t0 = time.perf_counter()
+                await client.get(url)
+                out.append(1000 * (time.perf_counter() - t0))
+        return out[30:]
+
+    result = {"aiohttp": float(np.percentile(asyncio.run(with_aiohttp()), 50)),
+              "http.client": healthz(port, n)}
+    try:
+        result["httpx"] = float(np.percentile(asyncio.run(with_httpx()), 50))
+    except ImportError:  # httpx comes with the test extra only
+        pass
+    return result
+
+
 def measure(port: int, args: argparse.Namespace) -> dict[str, Any]:
     from cir_bench.serving.loadtest import Stage, run_stage, summarize
 
@@ -185,7 +224,8 @@ def measure(port: int, args: argparse.Namespace) -> dict[str, Any]:
     conn.request("GET", "/examples?n=64")
     examples = json.loads(conn.getresponse().read())
     conn.close()
-    out: dict[str, Any] = {"healthz_p50_ms": healthz(port, args.sequential), "breakdown": {}, "stages": []}
+    out: dict[str, Any] = {"healthz_p50_ms": healthz(port, args.sequential), "breakdown": {}, "stages": [],
+                           "client_healthz_p50_ms": client_overhead(port)}
     for method in args.methods:
         out["breakdown"][method] = breakdown(port, examples, method, args.sequential)
     url = f"http://127.0.0.1:{port}/search"
@@ -205,7 +245,9 @@ def summarise(rows: list[dict], variants: list[str], methods: list[str], concurr
     for name in variants:
         mine = [r for r in rows if r["variant"] == name]
         per: dict[str, Any] = {"healthz_p50_ms": statistics.median(r["healthz_p50_ms"] for r in mine),
-                               "stop_s": statistics.median(r["stop_s"] for r in mine)}
+                               "stop_s": statistics.median(r["stop_s"] for r in mine),
+                               "client_healthz_p50_ms": {c: statistics.median(r["client_healthz_p50_ms"][c] for r in mine)
+                                                         for c in mine[0]["client_healthz_p50_ms"]}}
         for m in methods:
             entry: dict[str, float] = {}
             for c in concurrency:

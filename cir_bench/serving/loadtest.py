@@ -63,10 +63,10 @@ async def _post(client, url: str, body: dict, t_ref: float, via: str = "post") -
 async def run_stage(url: str, bodies: list[dict], stage: Stage) -> tuple[list[tuple[float, float, int]], int]:
     """(send time, latency s, HTTP status) per request after warm-up, and how many were sent.
 
-    The client is aiohttp: on 2 cores httpx's AsyncClient spent ≈ 1.9 ms of its own per request
-    on loopback (GET /healthz 2.7-2.8 ms against 0.9 ms with aiohttp or the stdlib's
-    http.client), more than the student's whole server time, and a load tester's overhead is
-    counted as the server's latency."""
+    The client is aiohttp: on 2 cores httpx's AsyncClient spent ≈ 1.5-1.9 ms of its own per
+    request on loopback (GET /healthz 2.5-2.8 ms against 0.8-1.1 ms with aiohttp or the stdlib's
+    http.client; benchmarks/serve_latency.py), more than the student's whole server time, and a
+    load tester's overhead is counted as the server's latency."""
     import aiohttp
 
     connector = aiohttp.TCPConnector(limit=max(stage.concurrency, 64))
