@@ -253,37 +253,46 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print("cir-bench serve: stopped")
         return 0
     sc = load_serve_config(args.serve_config)  # both configs are checked before any work
-    if not args.address:
-        # Serve's switches (serve/runtime.py) are read from the environment when a process
-        # imports Serve: set before ray is imported here and before the local Ray starts
-        from serve.runtime import serve_environment
-
-        os.environ.update(serve_environment(sc.ray_serve.haproxy, sc.ray_serve.throughput_optimized))
-    from ray import serve
-
-    from cir_bench.embed.ray_extract import ensure_ray
-    from cir_bench.serving import build_bundle
-    from serve.app import build_app, with_index
-
     cfg = build_config(args)
     host, port = args.host or sc.http.host, args.port or sc.http.port
     if not 1 <= port <= 65535:
         raise ConfigError(f"--port must be in 1..65535, got {port}")
     if not args.address:
         _check_port_free(host, port)
+        # Serve's switches (serve/runtime.py) are read from the environment when a process
+        # imports Serve: set before ray is imported here and before the local Ray starts, and
+        # only once the arguments are known to be good (a refused call leaves the environment
+        # as it was: callers in the same process, e.g. tests, would otherwise inherit them)
+        from serve.runtime import serve_environment
+
+        os.environ.update(serve_environment(sc.ray_serve.haproxy, sc.ray_serve.throughput_optimized,
+                                            http_port=port))
     else:  # before any work: the replicas load the bundle's files from the cache on their nodes
         from cir_bench.embed.cluster import join
         from cir_bench.pipeline import cache_dir_for
 
         join(args.address, cache_dir_for(cfg), [cfg.dataset.root] if cfg.dataset.root else [])
+    from ray import serve
+
+    from cir_bench.embed.ray_extract import ensure_ray
+    from cir_bench.serving import build_bundle
+    from serve.app import build_app, with_index
+
     # train or load the model, embeddings and students once, here; the deployments load the files
     bundle = build_bundle(cfg, progress=not args.no_progress)
     bundle = with_index(bundle, sc, cfg.eval.search_batch)
     ensure_ray(args.address)
     if not args.address:
         _check_port_free(host, port)  # again: another server may have started meanwhile
-    serve.start(http_options={"host": host, "port": int(port)})
-    serve.run(build_app(bundle, sc), route_prefix="/", name=APP_NAME)
+    try:
+        serve.start(http_options={"host": host, "port": int(port)})
+        serve.run(build_app(bundle, sc), route_prefix="/", name=APP_NAME)
+    except RuntimeError as err:
+        if "HAProxy" not in str(err):
+            raise
+        alerts = [line.split(":", 1)[-1].strip() for line in str(err).splitlines() if "[ALERT]" in line]
+        raise ConfigError(f"Ray's HAProxy (ray_serve.haproxy) did not start: {'; '.join(alerts[:2]) or err}. "
+                          "Set ray_serve.haproxy: false in the serve config to use Ray's Python proxy") from None
     import ray
 
     url = f"http://{host}:{port}"

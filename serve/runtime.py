@@ -17,7 +17,8 @@ benchmarks/serve_latency.py measures the combinations side by side.
 
 HAProxy mode brings three more listeners that Ray puts on fixed ports (a fallback Python proxy
 on 8500, HAProxy's stats page on 8404 and its Prometheus exporter on 9101, the last two on
-every interface): here they get free ports, so two servers on one machine do not collide. A
+every interface): here each keeps Ray's port when it is free and otherwise gets a free one
+outside the kernel's ephemeral range, so two servers on one machine do not collide. A
 stopped ingress replica stays up for ``RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S`` (Ray:
 30 s, for a cloud load balancer to deregister it); the HAProxy in front of a local server is
 updated within ~0.1 s, so 1 s is enough and keeps Ctrl+C quick (measured: 34.7 s -> 6.4 s).
@@ -29,17 +30,56 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+from pathlib import Path
 from typing import Mapping
 
 LOCAL_DRAIN_S = "1"
 SWITCHES = {"haproxy": "RAY_SERVE_ENABLE_HA_PROXY", "throughput_optimized": "RAY_SERVE_THROUGHPUT_OPTIMIZED"}
 
 
-def free_port() -> int:
-    """A TCP port free on every interface now (HAProxy's stats listener binds them all)."""
+# Ray's fixed ports for HAProxy mode's side listeners, kept when free
+SIDE_PORTS = {"RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": 8500, "RAY_SERVE_HAPROXY_STATS_PORT": 8404,
+              "RAY_SERVE_HAPROXY_METRICS_PORT": 9101}
+# ports Ray itself may take: its default GCS, client server and dashboard ports, and the ranges
+# it hands replicas in direct-ingress mode (HTTP, gRPC)
+RAY_RESERVED = {6379, 8000, 8265, 10001, 52365, *range(30000, 31001), *range(40000, 41001)}
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands out for bind(0) and outgoing connections."""
+    try:
+        lo, hi = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(lo), int(hi)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def port_is_free(port: int) -> bool:
+    """Nothing listens on ``port`` on any interface (bound as HAProxy binds: SO_REUSEADDR, so
+    the TIME_WAIT connections of a server stopped moments ago do not count)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("", 0))
-        return int(sock.getsockname()[1])
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("", port))
+        except OSError:
+            return False
+    return True
+
+
+def side_port(preferred: int, taken: set[int]) -> int:
+    """Ray's port when it is free, else a free one outside the kernel's ephemeral range: a
+    port merely free now (bind to 0, then released) can be handed to one of the dozens of
+    sockets Ray's processes open while they start, before HAProxy binds it (seen: HAProxy
+    then exits with "Address already in use")."""
+    lo, hi = ephemeral_range()
+    for port in (preferred, *range(20000, 30000), *range(10000, 20000)):
+        if port in taken or port in RAY_RESERVED and port != preferred or lo <= port <= hi:
+            continue
+        if port_is_free(port):
+            return port
+    raise RuntimeError("ray_serve.haproxy: no free port outside the ephemeral range "
+                       f"{lo}-{hi} for HAProxy's side listeners; set {', '.join(SIDE_PORTS)} or "
+                       "ray_serve.haproxy: false")
 
 
 def haproxy_binary() -> str:
@@ -62,9 +102,10 @@ def haproxy_binary() -> str:
         "ray_serve.haproxy: false in the serve config (Ray's Python proxy: one actor call more per request)")
 
 
-def serve_environment(haproxy: bool, throughput_optimized: bool,
-                      environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The variables to set before a local Ray starts."""
+def serve_environment(haproxy: bool, throughput_optimized: bool, environ: Mapping[str, str] | None = None,
+                      http_port: int | None = None) -> dict[str, str]:
+    """The variables to set before a local Ray starts (``http_port``: the app's own port,
+    which the side listeners must not take)."""
     env = os.environ if environ is None else environ
     out = {SWITCHES["haproxy"]: "1" if haproxy else "0",
            SWITCHES["throughput_optimized"]: "1" if throughput_optimized else "0"}
@@ -73,10 +114,13 @@ def serve_environment(haproxy: bool, throughput_optimized: bool,
     if not haproxy:
         return out
     haproxy_binary()
-    for name in ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_HAPROXY_STATS_PORT",
-                 "RAY_SERVE_HAPROXY_METRICS_PORT"):
+    taken = {int(env[name]) for name in SIDE_PORTS if str(env.get(name, "")).isdigit()}
+    taken |= {http_port} if http_port else set()
+    for name, preferred in SIDE_PORTS.items():
         if not env.get(name):
-            out[name] = str(free_port())
+            port = side_port(preferred, taken)
+            out[name] = str(port)
+            taken.add(port)
     if not env.get("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"):
         out["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = LOCAL_DRAIN_S
     return out

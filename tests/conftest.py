@@ -23,6 +23,19 @@ USER_WEIGHTS_ROOT = Path(os.environ.get("CIR_BENCH_WEIGHTS") or Path(os.environ.
                          or Path.home() / ".cache" / "cir-bench").expanduser() / "weights")
 
 
+@pytest.fixture(autouse=True)
+def _serve_switches_restored():
+    """Serve's switches live in the environment (cir-bench serve sets them before Ray starts):
+    whatever a test sets there in this process must not reach the Ray and the servers of the
+    tests after it (an HAProxy where a test expects Ray's proxy, side ports taken twice)."""
+    before = {k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")}
+    yield
+    for key in [k for k in os.environ if k.startswith("RAY_SERVE_")]:
+        if key not in before:
+            del os.environ[key]
+    os.environ.update(before)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("cir-bench-cache")

@@ -22,6 +22,7 @@ import yaml
 from .conftest import tiny_overrides
 from .equivalence import normalised_distance
 from .ray_cluster import LocalCluster, free_port
+from .test_serve import serve_config
 
 pytest.importorskip("ray")
 
@@ -154,9 +155,12 @@ def test_tune_runs_two_trials_on_both_nodes(cluster, shared_cache, tmp_path):
 
 def test_serve_deploys_answers_and_stops(cluster, shared_cache, tmp_path):
     port = free_port()
+    config = serve_config(tmp_path / "serve.yaml", teacher={"compile": False})
     done = cli(cluster, "serve", "--address", cluster.address, "--port", str(port), *tiny_flags(shared_cache),
-               "--no-progress")
+               "--no-progress", "--serve-config", config)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    # the serve config's ray_serve switches cannot reach a running cluster: said, with the fix
+    assert "Serve's switches (ray_serve in the serve config) are the ones `ray start` was given" in done.stdout
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 60

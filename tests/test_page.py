@@ -11,7 +11,7 @@ import signal
 import httpx
 import pytest
 
-from .test_serve import _free_port, _start_cli_serve, _wait_or_kill
+from .test_serve import _free_port, _start_cli_serve, _wait_or_kill, serve_config
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
@@ -19,7 +19,9 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 @pytest.fixture(scope="module")
 def page_server(cache_dir, tiny_trained, tmp_path_factory):
     port = _free_port()
-    proc, log = _start_cli_serve(cache_dir, tmp_path_factory.mktemp("page"), port, "page")
+    folder = tmp_path_factory.mktemp("page")
+    proc, log = _start_cli_serve(cache_dir, folder, port, "page", "--serve-config",
+                                 serve_config(folder / "serve.yaml", teacher={"compile": False}))
     yield f"http://127.0.0.1:{port}"
     os.kill(proc.pid, signal.SIGINT)
     _wait_or_kill(proc, 60)

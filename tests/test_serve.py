@@ -192,6 +192,20 @@ def test_bad_input_gets_4xx_then_service_still_serves(server, local_service, con
     assert ok.status_code == 200
 
 
+def serve_config(path, **changes) -> str:
+    """The shipped serve/config.yaml with sections replaced (e.g. teacher={"compile": False},
+    for tests that do not need the teacher compiled: it costs ~25 s on a cold start), written
+    to ``path``; returns the path as a string."""
+    import yaml
+
+    from serve.settings import default_path
+
+    config = yaml.safe_load(default_path().read_text())
+    config.update(changes)
+    path.write_text(yaml.safe_dump(config))
+    return str(path)
+
+
 def _free_port() -> int:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -251,8 +265,17 @@ def test_cli_serve_starts_prints_url_refuses_a_busy_port_and_stops_on_interrupt(
     import sys
     import time
 
+    import yaml
+
+    from serve.settings import default_path
+
+    # the shipped config but for the teacher's batches: up to 1 (the shipped 16 compiles the
+    # step for buckets 1, 8 and 16 of both query sets at start, ≈ 40 s here; 1 compiles two)
+    batching = yaml.safe_load(default_path().read_text())["batching"]
+    batching["teacher"]["max_batch_size"] = 1
+    config = serve_config(tmp_path / "shipped-but-teacher-batch-1.yaml", batching=batching)
     port = _free_port()
-    proc, log = _start_cli_serve(cache_dir, tmp_path, port)
+    proc, log = _start_cli_serve(cache_dir, tmp_path, port, "serve", "--serve-config", config)
     try:
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).json() == {"status": "ok"}
         # the shipped config (ray_serve.haproxy): HAProxy holds the port, on loopback only
@@ -301,18 +324,10 @@ def test_cli_serve_stop_ends_the_foreground_server(cache_dir, tiny_trained, tmp_
     import subprocess
     import sys
 
-    import yaml
-
-    from serve.settings import default_path
-
-    config = yaml.safe_load(default_path().read_text())
-    config["ingress"]["local"] = ["student", "index"]
-    config["ray_serve"] = {"haproxy": False, "throughput_optimized": False}
-    config["teacher"] = {"compile": False}
-    (tmp_path / "teacher-deployment.yaml").write_text(yaml.safe_dump(config))
+    config = serve_config(tmp_path / "teacher-deployment.yaml", ingress={"local": ["student", "index"]},
+                          ray_serve={"haproxy": False, "throughput_optimized": False}, teacher={"compile": False})
     port = _free_port()
-    proc, log = _start_cli_serve(cache_dir, tmp_path, port, "fg", "--serve-config",
-                                 str(tmp_path / "teacher-deployment.yaml"))
+    proc, log = _start_cli_serve(cache_dir, tmp_path, port, "fg", "--serve-config", config)
     try:
         assert {name for _, name in _listeners(port)} == {"ray::ProxyActor"}, _listeners(port)
         body = httpx.get(f"http://127.0.0.1:{port}/examples", params={"n": 2}, timeout=10).json()
@@ -521,21 +536,32 @@ def test_port_check_refuses_a_listener_but_not_a_stopped_servers_connections():
     _check_port_free("127.0.0.1", port)  # free for a server that binds as Serve's proxy does
 
 
-def test_serve_environment_sets_rays_switches_and_frees_its_fixed_ports(monkeypatch):
+def test_serve_environment_sets_rays_switches_and_side_ports():
     """serve/runtime.py: the config decides the two switches; in HAProxy mode Ray's fixed
-    side ports (8500, 8404, 9101) become free ones, the drain after a stop becomes 1 s, and
-    what the user already set wins."""
-    from serve.runtime import serve_environment
+    side ports (8500, 8404, 9101) are kept where free and moved where not, the drain after a
+    stop becomes 1 s, and what the user already set wins."""
+    from serve.runtime import ephemeral_range, serve_environment
 
     env = serve_environment(True, True, environ={})
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
-    ports = [int(env[k]) for k in ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_HAPROXY_STATS_PORT",
-                                   "RAY_SERVE_HAPROXY_METRICS_PORT")]
-    assert all(1024 < p < 65536 for p in ports) and not {8500, 8404, 9101} & set(ports)
-    for p in ports:  # each was free when chosen
+    names = ("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+    ports = [int(env[k]) for k in names]
+    lo, hi = ephemeral_range()
+    # Ray's ports where free, else free ones that no bind(0) or outgoing connection can take
+    # meanwhile (outside the kernel's ephemeral range); distinct
+    assert len(set(ports)) == 3 and not any(lo <= p <= hi for p in ports), ports
+    for p in ports:
         with socket.socket() as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind(("", p))
+    # the stats port chosen above busy (another server's HAProxy): another free one, not the app's port
+    with socket.socket() as busy:
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        busy.bind(("", ports[1]))
+        busy.listen()
+        moved = serve_environment(True, True, environ={}, http_port=20000)
+    stats = int(moved["RAY_SERVE_HAPROXY_STATS_PORT"])
+    assert stats != ports[1] and stats != 20000 and not lo <= stats <= hi
     assert env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "1"
     mine = serve_environment(True, False, environ={"RAY_SERVE_HAPROXY_STATS_PORT": "18404",
                                                    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "30"})
