@@ -15,14 +15,19 @@
 Uses the same cached model, embeddings and student as ``cir-bench run`` with the same
 flags (it trains them first if the cache is cold).
 
-    .venv/bin/python benchmarks/backward_search.py [--n-queries 1000] [--set key=value ...]
+    .venv/bin/python benchmarks/backward_search.py [--n-queries 1000] [--set key=value ...] [--out F]
+
+``--out F`` also writes the JSON to F after every stage (``"complete": false`` until the end),
+so a run cut short by a time limit (a lent GPU machine) keeps what it measured.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -107,7 +112,16 @@ def main(stdout=None) -> None:
                     help="per-query loop on only the first N queries (default: all)")
     ap.add_argument("--engine-sizes", default="1,1000,10000",
                     help="batch sizes of the engine comparison (empty: skip it)")
+    ap.add_argument("--out", type=Path, default=None,
+                    help="also write the JSON here after every stage (complete: false until the end)")
     args = ap.parse_args()
+
+    def checkpoint(complete: bool = False) -> None:
+        if args.out is not None:
+            tmp = args.out.with_name(args.out.name + ".tmp")
+            tmp.write_text(json.dumps({**out, "complete": complete}, indent=2))
+            os.replace(tmp, args.out)
+
     cfg = load_config(args.config, args.set)
     prepared = prepare(cfg, progress=False)
     dataset, trained, store, device = prepared.dataset, prepared.trained, prepared.store, prepared.device
@@ -177,12 +191,16 @@ def main(stdout=None) -> None:
             "satisfied_rate": float(batched.satisfied.float().mean()),
             "retrieved_similarity_at_10_student_vs_teacher": float(retrieved_sim),
         }
+        checkpoint()
         sizes = [int(v) for v in args.engine_sizes.split(",") if v.strip()]
         if sizes:
             out["query_sets"][name]["engines"] = engines(cfg, heads, z0, props, cond, index, exclude, sizes,
                                                          device, sync)
+            checkpoint()
             out["query_sets"][name]["gradients"] = gradients(cfg, heads, z0, props, cond, index, exclude, sizes,
                                                              sync)
+            checkpoint()
+    checkpoint(complete=True)
     print(json.dumps(out, indent=2), file=stdout or sys.stdout)
 
 

@@ -11,20 +11,28 @@ import signal
 import httpx
 import pytest
 
-from .test_serve import _free_port, _start_cli_serve, _wait_or_kill, serve_config
+from .test_serve import _free_port, _listeners, _start_cli_serve, _wait_or_kill, serve_config
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
 @pytest.fixture(scope="module")
 def page_server(cache_dir, tiny_trained, tmp_path_factory):
+    """`cir-bench serve` with Ray's Python proxy (the ray_serve switches off; the shipped
+    HAProxy layout is tested in tests/test_serve.py) and the teacher uncompiled; stopped the
+    way Ctrl+C stops it, and that is checked."""
     port = _free_port()
     folder = tmp_path_factory.mktemp("page")
-    proc, log = _start_cli_serve(cache_dir, folder, port, "page", "--serve-config",
-                                 serve_config(folder / "serve.yaml", teacher={"compile": False}))
-    yield f"http://127.0.0.1:{port}"
-    os.kill(proc.pid, signal.SIGINT)
-    _wait_or_kill(proc, 60)
+    config = serve_config(folder / "serve.yaml", teacher={"compile": False},
+                          ray_serve={"haproxy": False, "throughput_optimized": False})
+    proc, log = _start_cli_serve(cache_dir, folder, port, "page", "--serve-config", config)
+    try:
+        assert {name for _, name in _listeners(port)} == {"ray::ProxyActor"}, _listeners(port)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.kill(proc.pid, signal.SIGINT)  # what Ctrl+C sends
+        code = _wait_or_kill(proc, 60)
+    assert code == 0 and "cir-bench serve: stopped" in log.read_text(), log.read_text()[-2000:]
 
 
 def _an_item(server: str) -> tuple[dict, str, str]:

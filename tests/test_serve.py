@@ -257,10 +257,14 @@ def _listeners(port: int) -> set[tuple[str, str]]:
     return out
 
 
-def test_cli_serve_starts_prints_url_refuses_a_busy_port_and_stops_on_interrupt(cache_dir, tiny_trained, tmp_path,
-                                                                                 local_service):
+def test_cli_serve_starts_prints_url_refuses_a_busy_port_and_serve_stop_ends_it(cache_dir, tiny_trained, tmp_path,
+                                                                                  local_service):
+    """The shipped layout through the CLI (HAProxy, the teacher compiled in the ingress), and
+    `serve --stop --address` from another process ending the foreground server. Ctrl+C on a
+    server with Ray's Python proxy: the page server's teardown (tests/test_page.py); the
+    teacher as a deployment of its own (the GPU layout): the ``server`` fixture above."""
     import os
-    import signal
+    import re
     import subprocess
     import sys
     import time
@@ -310,35 +314,6 @@ def test_cli_serve_starts_prints_url_refuses_a_busy_port_and_stops_on_interrupt(
             second.stderr[-1000:]
         assert time.perf_counter() - t0 < 30
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
-    finally:
-        os.kill(proc.pid, signal.SIGINT)  # what Ctrl+C sends
-        code = _wait_or_kill(proc, 60)
-    assert code == 0 and "cir-bench serve: stopped" in log.read_text()
-
-
-def test_cli_serve_stop_ends_the_foreground_server(cache_dir, tiny_trained, tmp_path, local_service):
-    """Also: the GPU machine's layout through the CLI, with Ray's Python proxy (ray_serve
-    switches off) and teacher.compile false: the teacher a deployment of its own called
-    through a handle, the same answers as in-process, batched there."""
-    import re
-    import subprocess
-    import sys
-
-    config = serve_config(tmp_path / "teacher-deployment.yaml", ingress={"local": ["student", "index"]},
-                          ray_serve={"haproxy": False, "throughput_optimized": False}, teacher={"compile": False})
-    port = _free_port()
-    proc, log = _start_cli_serve(cache_dir, tmp_path, port, "fg", "--serve-config", config)
-    try:
-        assert {name for _, name in _listeners(port)} == {"ray::ProxyActor"}, _listeners(port)
-        body = httpx.get(f"http://127.0.0.1:{port}/examples", params={"n": 2}, timeout=10).json()
-        for b in body:
-            teacher = httpx.post(f"http://127.0.0.1:{port}/search", json={**b, "method": "teacher"}, timeout=60)
-            assert teacher.status_code == 200, teacher.text
-            _same(teacher.json(), local_service.search({**b, "method": "teacher"}), "teacher")
-            assert 0 < teacher.json()["timing_ms"]["inversion"] <= teacher.json()["timing_ms"]["search"]
-        stats = httpx.get(f"http://127.0.0.1:{port}/stats", timeout=10).json()
-        assert "in_ingress" not in stats["teacher"] and stats["teacher"]["batch_sizes"] == [1, 1]
-        assert stats["teacher"]["compiled"] is False and stats["teacher"]["compile"] == "off (teacher.compile: false)"
         address = re.search(r"--stop --address (\S+)`", log.read_text()).group(1)
         stopped = subprocess.run([sys.executable, "-m", "cir_bench.cli", "serve", "--stop", "--address", address],
                                  capture_output=True, text=True, timeout=120)
