@@ -12,7 +12,6 @@ under the authors' names.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import pickle
 import zipfile
@@ -44,6 +43,9 @@ class WeightsFile:
     min_bytes: int = 1024  # below this the file is certainly truncated
     alternatives: tuple[str, ...] = ()  # other accepted paths (e.g. open_clip's safetensors copy)
     kind: str = "checkpoint"  # or "text" (a vocabulary)
+    # classes of the authors' code the checkpoint pickles ("module.Class"): loaded as inert
+    # stubs; any other non-tensor global is refused (load_restricted)
+    pickled_classes: tuple[str, ...] = ()
 
     def check(self, path: Path) -> None:
         """Refuse a file that cannot be these weights, without loading it: an HTML page, a
@@ -179,15 +181,18 @@ def _load_state(path: Path, min_bytes: int) -> Any:
                 warnings.simplefilter("ignore", FutureWarning)
                 module = torch.jit.load(str(path), map_location="cpu")
             return {k: v.float() for k, v in module.state_dict().items()}
+    refused = unsafe_globals(path)
+    if refused:
+        raise UnsafeWeightsError(path, refused)
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise BadWeightsError(f"{path}: holds objects a weights-only load refuses ({err}); "
-                              "this is not the expected checkpoint") from None
+    except pickle.UnpicklingError:  # a legacy file naming a global outside the allow-list
+        raise UnsafeWeightsError(path, ["a global outside the weights-only allow-list"]) from None
 
 
 class _Stub:
-    """What the restricted unpickler returns for classes it does not allow."""
+    """An inert stand-in for a class of the authors' code that a checkpoint pickles (CoVR's
+    learning-rate schedule): it keeps nothing and runs nothing."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         pass
@@ -196,47 +201,48 @@ class _Stub:
         pass
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """Reads Lightning/Fabric checkpoints holding pickled objects of the authors' code (CoVR's
-    scheduler): torch tensor rebuilds, collections and builtins only; any other class becomes an
-    inert stub, and nothing it names is imported or run."""
+class UnsafeWeightsError(BadWeightsError):
+    """A checkpoint whose pickle asks for globals outside the allow-list: refused before
+    anything in it is unpickled."""
 
-    ALLOWED_MODULES = ("torch", "collections", "numpy.core.multiarray", "numpy._core.multiarray", "numpy")
-    BUILTINS = {"dict", "list", "tuple", "set", "frozenset", "int", "float", "str", "bytes", "bool", "complex",
-                "slice", "range", "bytearray", "object"}
+    def __init__(self, path: Path, refused: Sequence[str]) -> None:
+        self.path, self.refused = Path(path), tuple(refused)
+        shown = ", ".join(self.refused[:8]) + ("…" if len(self.refused) > 8 else "")
+        super().__init__(f"{path}: refused before loading: its pickle asks for {shown}, which a weights file "
+                         "never needs (loading it could run code); this is not the authors' checkpoint")
 
-    def find_class(self, module: str, name: str) -> Any:
-        if module == "builtins" and name in self.BUILTINS:
-            return super().find_class(module, name)
-        if module == "collections" and name in ("OrderedDict", "defaultdict", "Counter", "deque"):
-            return super().find_class(module, name)
-        if module.startswith("torch") and (name.startswith("_rebuild") or name.endswith("Storage")
-                                           or name in ("Size", "device", "dtype", "float32", "float16",
-                                                       "bfloat16")):
-            return super().find_class(module, name)
-        if module in ("torch._utils", "torch.serialization"):
-            return super().find_class(module, name)
-        if module.split(".")[0] == "numpy" and name in ("_reconstruct", "ndarray", "dtype", "scalar"):
-            return super().find_class(module, name)
-        return type(name, (_Stub,), {"__module__": "cir_bench.stub." + module})
+
+def unsafe_globals(path: Path, allowed: Sequence[str] = ()) -> list[str] | None:
+    """The globals ``path``'s pickle names that neither ``torch.load(weights_only=True)`` nor
+    ``allowed`` accepts, read from its opcodes without unpickling; None for a legacy
+    (non-zip) file, which the weights-only unpickler itself guards."""
+    if not zipfile.is_zipfile(path):
+        return None
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except (ValueError, RuntimeError, KeyError, zipfile.BadZipFile) as err:
+        raise BadWeightsError(f"{path}: not a torch checkpoint ({err})") from None
+    return [n for n in names if n not in allowed]
 
 
 def load_restricted(path: Path, spec: WeightsFile | None = None) -> Any:
-    """``torch.load`` through ``RestrictedUnpickler`` (for .ckpt files with pickled objects)."""
+    """``torch.load(weights_only=True)`` for checkpoints that pickle a few objects of the
+    authors' code (``spec.pickled_classes``, e.g. a Lightning/Fabric .ckpt's schedule): those
+    exact classes load as inert stubs, tensors and plain data as torch allows them; any
+    other global is refused, naming the file and the global, before anything is unpickled."""
     with _with_source(spec):
         check_file(path, spec.min_bytes if spec else 1024)
-
-    class _Module:  # torch.load wants a pickle *module*
-        Unpickler = RestrictedUnpickler
-        __name__ = "restricted_pickle"
-
-        @staticmethod
-        def load(f: io.BufferedReader, **kw: Any) -> Any:
-            return RestrictedUnpickler(f, **kw).load()
-
+    allowed = spec.pickled_classes if spec else ()
+    refused = unsafe_globals(path, allowed)
+    if refused:
+        raise UnsafeWeightsError(path, refused)
+    stubs = [(type(name.rsplit(".", 1)[-1], (_Stub,), {"__module__": "cir_bench.stub"}), name) for name in allowed]
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=_Module)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        with torch.serialization.safe_globals(stubs):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # a legacy file naming a global outside the allow-list
+        raise UnsafeWeightsError(path, ["a global outside the weights-only allow-list"]) from None
+    except (RuntimeError, EOFError) as err:
         with _with_source(spec):
             raise BadWeightsError(f"{path}: cannot be read ({err}); truncated or damaged download?") from None
 

@@ -7,8 +7,8 @@ preprocessing: Resize((384, 384)) bicubic, no crop; CLIP mean/std. Text: the con
 
 Weights (Hugging Face repo lucas-ventura/CoVR, MIT): ``covr/webvid-covr.ckpt`` (the zero-shot
 CoVR model), a Lightning Fabric file {"epoch", "model": state dict in BLIP key names,
-"optimizer", "scheduler": a pickled object of the authors' code} read by a restricted unpickler
-(no code of the file runs); plus ``covr/bert-base-uncased/vocab.txt`` (Apache-2.0, from the
+"optimizer", "scheduler": a pickled object of the authors' code} read weights-only with that one
+class as an inert stub (no code of the file runs; any other global is refused); plus ``covr/bert-base-uncased/vocab.txt`` (Apache-2.0, from the
 Hugging Face repo google-bert/bert-base-uncased) for the tokenizer. CoVR-2 (BLIP-2) is not here.
 """
 from __future__ import annotations
@@ -132,7 +132,9 @@ class CoVR(QueryComposer):
 
     @staticmethod
     def required_files(checkpoint: str = "webvid-covr.ckpt", **_: Any) -> list[WeightsFile]:
-        return [WeightsFile(f"covr/{checkpoint}", SOURCE, LICENCE),
+        # Fabric's .ckpt pickles the authors' learning-rate schedule object (src/tools/scheduler.py)
+        return [WeightsFile(f"covr/{checkpoint}", SOURCE, LICENCE,
+                            pickled_classes=("src.tools.scheduler.CosineSchedule", "src.tools.scheduler.StepSchedule")),
                 WeightsFile("covr/bert-base-uncased/vocab.txt", VOCAB_SOURCE, "Apache-2.0", min_bytes=16,
                             kind="text")]
 

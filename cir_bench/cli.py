@@ -9,11 +9,11 @@ from pathlib import Path
 from typing import Sequence
 
 from cir_bench.config import ConfigError, RunConfig
-from cir_bench.paths import DamagedCacheError
+from cir_bench.paths import DamagedCacheError, UntrustedFolderError
 
 APP_NAME = "cir-bench"
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError, KeyError,
-                                               DamagedCacheError, ConnectionError)
+                                               DamagedCacheError, ConnectionError, UntrustedFolderError)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -179,7 +179,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     storage = Path(args.storage_path)
     t0 = time.perf_counter()
     tidy, errors = run_experiment(exp, storage, resume=args.resume, address=args.address,
-                                  cache_dir=args.cache_dir, verbose=0 if args.no_progress else 1)
+                                  cache_dir=args.cache_dir, verbose=0 if args.no_progress else 1,
+                                  trust_storage=args.trust_storage)
     for err in errors:
         print(f"failed trial {err.splitlines()[0][:300]}", file=sys.stderr)
     if tidy.empty:
@@ -530,6 +531,8 @@ def make_parser() -> argparse.ArgumentParser:
                    help="experiment YAML file, or the name of a shipped one: quick (default), table3, lambda_sweep")
     p.add_argument("--storage-path", default="runs/tune", help="experiment directory root (default runs/tune)")
     p.add_argument("--resume", action="store_true", help="resume an interrupted experiment; finished trials stay")
+    p.add_argument("--trust-storage", action="store_true",
+                   help="resume even if others can write to the storage folder (its pickled files run as code)")
     p.add_argument("--address", help="join an existing Ray cluster (default: start a local one)")
     p.add_argument("--cache-dir", help="shared cache of checkpoints/embeddings "
                    "(default $CIR_BENCH_CACHE or ~/.cache/cir-bench)")

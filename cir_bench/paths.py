@@ -148,3 +148,39 @@ def file_sha256(path: str | Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+class UntrustedFolderError(PermissionError):
+    """A folder whose files cir-bench would unpickle (Ray Tune's experiment state) that someone
+    other than this user (or root) can change: loading it would run their code as ours."""
+
+    def __init__(self, path: str | Path, reason: str, flag: str) -> None:
+        self.path, self.reason, self.flag = Path(path), reason, flag
+        super().__init__(f"{path}: {reason}; its pickled files would run code of whoever can write there. Make it "
+                         f"writable only by you (chmod go-w) or, if everyone who can write there may run code as "
+                         f"you, pass {flag}")
+
+
+def check_private_tree(root: str | Path, flag: str) -> None:
+    """Raise ``UntrustedFolderError`` unless ``root``, every folder above it and everything in
+    it is owned by this user or root and not writable by group or others (a folder above with
+    the sticky bit, such as /tmp, is fine: others cannot replace what is ours in it)."""
+    import stat
+
+    root = Path(root).resolve()
+    me = os.geteuid()
+
+    def check(path: Path, above: bool) -> None:
+        st = path.lstat()
+        if st.st_uid not in (me, 0):
+            raise UntrustedFolderError(path, f"owned by uid {st.st_uid}, not by you (uid {me})", flag)
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not (above and st.st_mode & stat.S_ISVTX):
+            raise UntrustedFolderError(path, f"writable by {'others' if st.st_mode & stat.S_IWOTH else 'its group'} "
+                                             f"(mode {stat.filemode(st.st_mode)})", flag)
+
+    for parent in reversed(root.parents):
+        check(parent, above=True)
+    check(root, above=False)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            check(Path(dirpath) / name, above=False)

@@ -171,33 +171,91 @@ class _Scheduler:
         self.lr = 0.1
 
 
-def test_restricted_unpickler_stubs_unknown_classes_and_runs_nothing(tmp_path):
-    # a Lightning-style checkpoint holding an object of the authors' module src.tools.scheduler
-    module = types.ModuleType("src.tools.scheduler")
-    _Scheduler.__module__ = "src.tools.scheduler"
-    module.CosineSchedule = _Scheduler
-    _Scheduler.__qualname__ = _Scheduler.__name__ = "CosineSchedule"
-    fake = {"src": types.ModuleType("src"), "src.tools": types.ModuleType("src.tools"), "src.tools.scheduler": module}
-    fake["src"].tools, fake["src.tools"].scheduler = fake["src.tools"], module
+def _with_fake_module(module_name: str, cls: type, save) -> None:
+    """``save()`` while ``module_name`` exists (as the authors' code does when they save), then
+    forget it: the loader must not need it."""
+    parts = module_name.split(".")
+    fake = {".".join(parts[:i]): types.ModuleType(".".join(parts[:i])) for i in range(1, len(parts) + 1)}
+    cls.__module__ = module_name
+    setattr(fake[module_name], cls.__name__, cls)
     saved = {k: sys.modules.get(k) for k in fake}
     sys.modules.update(fake)
-    path = tmp_path / "webvid-covr.ckpt"
     try:
-        torch.save({"epoch": 1, "model": {"w": torch.ones(3)}, "scheduler": _Scheduler()}, path)
+        save()
     finally:
-        for k, v in saved.items():  # the loader must not need the authors' code
+        for k, v in saved.items():
             if v is None:
                 sys.modules.pop(k, None)
             else:
                 sys.modules[k] = v
-    with pytest.raises(BadWeightsError, match="weights-only load refuses"):
-        load_state(path)
-    ckpt = load_restricted(path)
+
+
+def _evil_checkpoint(path, command: str) -> None:
+    """A torch zip checkpoint whose data.pkl calls torch._utils._import_dotted_name("os.system")
+    and then that function with ``command`` (the attack the old unpickler let through)."""
+    import zipfile
+
+    base = path.with_suffix(".base")
+    torch.save({"model": {"w": torch.zeros(600)}}, base)
+
+    def text(s: str) -> bytes:
+        return b"X" + len(s).to_bytes(4, "little") + s.encode()
+
+    payload = (b"\x80\x02ctorch._utils\n_import_dotted_name\n" + text("os.system") + b"\x85R"
+               + text(command) + b"\x85R.")
+    with zipfile.ZipFile(base) as zin, zipfile.ZipFile(path, "w") as zout:
+        for info in zin.infolist():
+            zout.writestr(info, payload if info.filename.endswith("data.pkl") else zin.read(info.filename))
+    base.unlink()
+
+
+def test_checkpoints_load_weights_only_with_the_formats_own_classes_as_stubs(tmp_path):
+    from baselines.base import UnsafeWeightsError, WeightsFile
+
+    # a Lightning-style checkpoint holding the authors' src.tools.scheduler.CosineSchedule
+    _Scheduler.__qualname__ = _Scheduler.__name__ = "CosineSchedule"
+    path = tmp_path / "webvid-covr.ckpt"
+    _with_fake_module("src.tools.scheduler", _Scheduler, lambda: torch.save(
+        {"epoch": 1, "model": {"w": torch.ones(3)}, "scheduler": _Scheduler()}, path))
+    with pytest.raises(UnsafeWeightsError, match="src.tools.scheduler.CosineSchedule") as err:
+        load_state(path)  # no format declared it
+    assert err.value.refused == ("src.tools.scheduler.CosineSchedule",) and err.value.path == path
+    spec = WeightsFile("covr/webvid-covr.ckpt", "test", "MIT", pickled_classes=("src.tools.scheduler.CosineSchedule",))
+    ckpt = load_restricted(path, spec)
     assert torch.equal(ckpt["model"]["w"], torch.ones(3))
     assert type(ckpt["scheduler"]).__name__ == "CosineSchedule" and not hasattr(ckpt["scheduler"], "lr")
+    # another class of the same module is not in the allow-list: refused, named
+    _Scheduler.__qualname__ = _Scheduler.__name__ = "Other"
+    other = tmp_path / "other.ckpt"
+    _with_fake_module("src.tools.scheduler", _Scheduler, lambda: torch.save({"x": _Scheduler()}, other))
+    with pytest.raises(UnsafeWeightsError, match="src.tools.scheduler.Other"):
+        load_restricted(other, spec)
 
-    # a pickle whose reduce would run a shell command: the stub is built instead, nothing runs
+
+def test_a_checkpoint_that_runs_code_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys):
+    from baselines.base import UnsafeWeightsError, WeightsFile
+    from cir_bench.cli import main
+
     marker = tmp_path / "pwned"
+    root = tmp_path / "weights"
+    (root / "covr" / "bert-base-uncased").mkdir(parents=True)
+    (root / "covr" / "bert-base-uncased" / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\n[MASK]\n")
+    evil = root / "covr" / "webvid-covr.ckpt"
+    _evil_checkpoint(evil, f"touch {marker}")
+    spec = WeightsFile("covr/webvid-covr.ckpt", "test", "MIT", min_bytes=16,
+                       pickled_classes=("src.tools.scheduler.CosineSchedule",))
+    for load in (lambda: load_restricted(evil, spec), lambda: load_state(evil)):
+        with pytest.raises(UnsafeWeightsError, match="torch._utils._import_dotted_name") as err:
+            load()
+        assert err.value.refused == ("torch._utils._import_dotted_name",)
+        assert not marker.exists()
+    # the attack as it came: a plain `cir-bench check-weights --baselines covr`
+    assert main(["check-weights", "--weights-dir", str(root), "--baselines", "covr", "--no-hash"]) == 1
+    out = capsys.readouterr().out
+    assert "covr: DAMAGED" in out and "torch._utils._import_dotted_name" in out and str(evil) in out
+    assert not marker.exists()
+    # a legacy (non-zip) pickle asking for os.system: the weights-only unpickler refuses it
+    legacy = tmp_path / "legacy.pt"
 
     class Evil:
         def __reduce__(self):
@@ -205,11 +263,10 @@ def test_restricted_unpickler_stubs_unknown_classes_and_runs_nothing(tmp_path):
 
             return (os.system, (f"touch {marker}",))
 
-    evil = tmp_path / "evil.ckpt"
-    torch.save({"model": {"w": torch.zeros(600)}, "x": Evil()}, evil)
-    loaded = load_restricted(evil)
-    assert not marker.exists()  # os.system was never called
-    assert type(loaded["x"]).__module__.startswith("cir_bench.stub.")  # an inert stub took its place
+    torch.save({"w": torch.zeros(600), "x": Evil()}, legacy, _use_new_zipfile_serialization=False)
+    with pytest.raises(UnsafeWeightsError):
+        load_restricted(legacy)
+    assert not marker.exists()
 
 
 def test_covr_query_path_swaps_cls_for_enc_and_cross_attends(composers, images):

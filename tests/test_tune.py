@@ -108,3 +108,39 @@ def test_calibration_on_synthart_tiny(tiny_config, tiny, tiny_trained):
     assert result.status == "ok" and abs(result.value - target) <= (hi - lo) / 8
     unreachable = calibrate(mts, hi + 0.5, tolerance=0.01, lam_min=1e-4, lam_max=1.0)
     assert unreachable.status == "unreachable" and unreachable.lam is None
+
+
+def test_resume_refuses_a_storage_folder_others_can_write(tmp_path, cache_dir, capsys):
+    """Tune's tuner.pkl is unpickled on --resume: from a folder another user can write, that runs
+    their code. Refused, naming the folder, before anything is loaded; --trust-storage says what
+    it trusts."""
+    import pickle
+
+    from cir_bench.paths import UntrustedFolderError, check_private_tree
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            import os
+
+            return (os.system, (f"touch {marker}",))
+
+    storage = tmp_path / "shared-tune"
+    exp_dir = storage / "tiny"
+    exp_dir.mkdir(parents=True)
+    (exp_dir / "tuner.pkl").write_bytes(pickle.dumps(Payload()))
+    exp_dir.chmod(0o777)
+    config = _experiment(tmp_path, cache_dir)
+    assert main(["tune", config, "--storage-path", str(storage), "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"{exp_dir}: writable by others" in err and "--trust-storage" in err and len(err.splitlines()) == 1
+    assert not marker.exists()
+    exp_dir.chmod(0o755)
+    check_private_tree(exp_dir, flag="--trust-storage")  # private now
+    (exp_dir / "tuner.pkl").chmod(0o666)
+    try:
+        check_private_tree(exp_dir, flag="--trust-storage")
+        raise AssertionError("a file others can write was accepted")
+    except UntrustedFolderError as refused:
+        assert refused.path == exp_dir / "tuner.pkl" and "writable by others" in refused.reason

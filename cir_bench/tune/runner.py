@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
@@ -80,14 +81,17 @@ def run_trial(config: dict[str, Any]) -> None:
 
 
 def run_experiment(exp: Experiment, storage_path: str | Path, resume: bool = False, address: str | None = None,
-                   cache_dir: str | None = None, verbose: int = 1, trainable: Callable[[dict], None] = run_trial
-                   ) -> tuple[pd.DataFrame, list[str]]:
+                   cache_dir: str | None = None, verbose: int = 1, trainable: Callable[[dict], None] = run_trial,
+                   trust_storage: bool = False) -> tuple[pd.DataFrame, list[str]]:
     """Run (or resume) the experiment with Ray Tune; returns the tidy results table and one
     line per trial that failed (after its ``max_failures`` retries). ``trainable``: the
-    function one trial runs (``run_trial``; tests wrap it to inject failures)."""
+    function one trial runs (``run_trial``; tests wrap it to inject failures). Resuming
+    unpickles Tune's files from the storage folder: it is refused when others can write
+    there, unless ``trust_storage``."""
     from ray import tune
 
     from cir_bench.embed.ray_extract import ensure_ray
+    from cir_bench.paths import check_private_tree
 
     storage = Path(storage_path).expanduser().resolve()
     if address:  # trials read and write the cache and Tune's storage on whichever node they run
@@ -97,12 +101,18 @@ def run_experiment(exp: Experiment, storage_path: str | Path, resume: bool = Fal
         join(address, cache_root(cache_dir))
         storage.mkdir(parents=True, exist_ok=True)
         check_shared_folder(storage, what="Tune storage folder", flag="--storage-path")
-    ensure_ray(address)
     path = storage / exp.name
-    trainable = tune.with_resources(trainable, {"cpu": exp.resources.cpu, "gpu": exp.resources.gpu})
     if resume:
         if not tune.Tuner.can_restore(str(path)):
             raise FileNotFoundError(f"no Tune experiment to resume at {path}")
+        if trust_storage:
+            print(f"cir-bench: --trust-storage: unpickling Tune's files under {path} without checking who can "
+                  "write there", file=sys.stderr, flush=True)
+        else:
+            check_private_tree(path, flag="--trust-storage")
+    ensure_ray(address)
+    trainable = tune.with_resources(trainable, {"cpu": exp.resources.cpu, "gpu": exp.resources.gpu})
+    if resume:
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=False, restart_errored=True)
     else:
         exp_dict = asdict(exp)
