@@ -70,29 +70,32 @@ def html_tables(path: Path) -> list[dict]:
     return parser.tables
 
 
-def fake_run(path: Path, per_method: dict[str, np.ndarray], seed: int = 0, lam: float = 0.005) -> Path:
+def fake_run(path: Path, per_method: dict[str, np.ndarray], seed: int = 0, lam: float = 0.005,
+             prop: str = "style", label: str = "a", id_prefix: str = "") -> Path:
     """A run directory written with the suite's own writer from hand-made per-query values
-    (precision, context): methods named as the pipeline names them."""
+    (precision, context): methods named as the pipeline names them; ``prop`` (also the query
+    set's name), ``label`` and ``id_prefix`` are what a user's CSV could hold."""
     n = len(next(iter(per_method.values())))
-    items = pd.DataFrame({"id": [f"q{i:03d}" for i in range(n)] + [f"d{i:03d}" for i in range(20)],
-                          "split": ["test"] * (n + 20), "style": ["a", "b"] * ((n + 20) // 2)})
+    items = pd.DataFrame({"id": [f"{id_prefix}q{i:03d}" for i in range(n)] + [f"{id_prefix}d{i:03d}" for i in range(20)],
+                          "split": ["test"] * (n + 20), prop: [label, "b"] * ((n + 20) // 2)})
     rows, metrics = [], []
     for method, values in per_method.items():
         family = method.split("[")[0]
         params = {"lam": float(method.split("=")[1].rstrip("]"))} if family == "backward" else {}
         for i, v in enumerate(values):
-            rows.append({"query_set": "style", "method": method, "query_id": f"q{i:03d}",
-                         "conditions": json.dumps({"style": "a"}), "ranked_ids": [f"d{j:03d}" for j in range(10)],
+            rows.append({"query_set": prop, "method": method, "query_id": f"{id_prefix}q{i:03d}",
+                         "conditions": json.dumps({prop: label}),
+                         "ranked_ids": [f"{id_prefix}d{j:03d}" for j in range(10)],
                          "scores": [1.0 - j / 10 for j in range(10)], "metric_precision_at_10": float(v),
                          "metric_context_at_10": float(1 - v), "metric_mts_at_10": float(1 - v) / 2,
                          "metric_hit_context_at_10": float(1 - v)})
-        metrics.append({"query_set": "style", "method": method, "name": family, "n_queries": n,
+        metrics.append({"query_set": prop, "method": method, "name": family, "n_queries": n,
                         "precision_at_10": float(np.mean(values)), "context_at_10": float(1 - np.mean(values)),
                         "ms_per_query": 0.1, "params": json.dumps(params)})
     manifest = {"created": "2026-11-27T00:00:00+00:00", "seed": seed,
                 "config": {"seed": seed, "out": str(path), "search": {"lam": lam}, "eval": {"k": 10},
                            "dataset": {"name": "not-installed", "options": {}}},
-                "dataset": {"name": "hand-made", "fingerprint": "f" * 16, "n_items": len(items)}}
+                "dataset": {"name": f"hand-made {label}", "fingerprint": "f" * 16, "n_items": len(items)}}
     write_run(path, pd.DataFrame(rows), pd.DataFrame(metrics), items, manifest)
     return path
 
@@ -137,6 +140,54 @@ def _assert_metric_cells(page: Path) -> int:
                 checked += 1
     assert checked
     return checked
+
+
+class _Elements(HTMLParser):
+    """Every start tag of a page with its attribute names, and its text."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, tuple[str, ...]]] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, tuple(sorted(name for name, _ in attrs))))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def test_labels_ids_and_property_names_from_data_create_nothing_in_either_report(tmp_path):
+    """A report is a file people send each other: what a CSV held is shown as text, never
+    read as HTML or Markdown. The hostile run's pages have exactly the benign run's elements."""
+    from collections import Counter
+
+    hostile = {"prop": "<style>table{display:none}</style>",
+               "label": "<meta http-equiv=refresh content=0;url=http://example.invalid>"
+                        "<script>alert(1)</script>|x](javascript:alert(1))",
+               "id_prefix": "<img src=x onerror=alert(1)>![t](http://example.invalid/t.png)"}
+    benign = {"prop": "style", "label": "a", "id_prefix": ""}
+    rng = np.random.default_rng(0)
+    per_method = {"knn": rng.uniform(0.2, 0.6, 30), "backward[lam=0.005]": rng.uniform(0.4, 0.9, 30)}
+    pages = {}
+    for name, names in (("benign", benign), ("hostile", hostile)):
+        run = fake_run(tmp_path / name, per_method, **names)
+        html, md = write_html_report(classify([run]), tmp_path / f"{name}-report")
+        parser = _Elements()
+        parser.feed(html.read_text(encoding="utf-8"))
+        pages[name] = (parser, md.read_text(encoding="utf-8"))
+    benign_tags, hostile_tags = Counter(pages["benign"][0].tags), Counter(pages["hostile"][0].tags)
+    assert hostile_tags == benign_tags, (hostile_tags - benign_tags, benign_tags - hostile_tags)
+    text = "".join(pages["hostile"][0].text)
+    assert hostile["prop"] in text and "<script>alert(1)</script>" in text  # shown, as text
+    md = pages["hostile"][1]
+    for raw in ("<style", "<meta", "<script", "<img", "](javascript", "](http"):
+        assert raw not in md, raw
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;\\|x]\\(javascript" in md
+    # every table row has as many cells as its header: a pipe in a label does not add one
+    for block in re.findall(r"(?:^\|.*\n)+", md, flags=re.M):
+        widths = {len(re.findall(r"(?<!\\)\|", line)) for line in block.splitlines()}
+        assert len(widths) == 1, block
 
 
 def test_pareto_and_the_verdict_by_hand():

@@ -429,9 +429,12 @@ def write_html_report(inputs: ReportInputs, out: Path, opts: ReportOptions | Non
                "benchmarks": [benchmark_section(p, d) for p, d in inputs.benchmarks],
                "opts": opts, "inputs": [str(r.path) for r in inputs.runs] + [str(p) for p, _ in inputs.tunes]
                + [str(p) for p, _ in inputs.loadtests] + [str(p) for p, _ in inputs.benchmarks]}
-    env = jinja2.Environment(loader=jinja2.PackageLoader("cir_bench.report", "templates"),
-                             autoescape=jinja2.select_autoescape(["html"]), trim_blocks=True, lstrip_blocks=True,
-                             undefined=jinja2.StrictUndefined)
+    loader = jinja2.PackageLoader("cir_bench.report", "templates")
+    options = {"trim_blocks": True, "lstrip_blocks": True, "undefined": jinja2.StrictUndefined}
+    # every value from data is escaped: labels, ids and property names are whatever a CSV held
+    envs = {"report.html.j2": jinja2.Environment(loader=loader, autoescape=True, **options),
+            "report.md.j2": jinja2.Environment(loader=loader, autoescape=True, finalize=markdown_text, **options)}
+    envs["report.md.j2"].filters["code_block"] = markdown_code_block
     out.mkdir(parents=True, exist_ok=True)
     fig_dir = out / "report_figures"
     fig_dir.mkdir(exist_ok=True)
@@ -443,8 +446,36 @@ def write_html_report(inputs: ReportInputs, out: Path, opts: ReportOptions | Non
     paths = [out / "report.html", out / "report.md"]
     for path, template in zip(paths, ("report.html.j2", "report.md.j2")):
         with atomic_write(path) as tmp:
-            tmp.write_text(env.get_template(template).render(**context), encoding="utf-8")
+            tmp.write_text(envs[template].get_template(template).render(**context), encoding="utf-8")
     return paths
+
+
+def markdown_text(value: Any) -> Any:
+    r"""A value from data as inert Markdown text: backslash, backtick, table pipe, link and image
+    brackets and line breaks escaped (HTML's <, >, & and quotes are escaped after this, as
+    entities); template output (``Markup``) passes as it is.
+
+    >>> print(markdown_text("a|b](javascript:x) `c`"))
+    a\|b]\(javascript:x) \`c\`
+    """
+    from markupsafe import Markup
+
+    if isinstance(value, Markup) or value is None:
+        return value
+    text = str(value).replace("\\", "\\\\").replace("`", "\\`").replace("|", "\\|")
+    return text.replace("](", "]\\(").replace("][", "]\\[").replace("\r", " ").replace("\n", " ")
+
+
+def markdown_code_block(text: Any, language: str = "") -> Any:
+    """``text`` verbatim in a fenced code block whose fence is longer than any run of
+    backticks inside it (nothing in a code block is read as Markdown or HTML)."""
+    import re
+
+    from markupsafe import Markup
+
+    text = str(text)
+    fence = "`" * max(3, 1 + max((len(m) for m in re.findall(r"`+", text)), default=0))
+    return Markup(f"{fence}{language}\n{text}{'' if text.endswith(chr(10)) else chr(10)}{fence}")
 
 
 def _all_figures(context: dict[str, Any]) -> list[Figure]:
