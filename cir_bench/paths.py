@@ -184,3 +184,31 @@ def check_private_tree(root: str | Path, flag: str) -> None:
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
             check(Path(dirpath) / name, above=False)
+
+
+def kernel_cache_dir(cache_dir: str | Path | None = None) -> Path:
+    """Where torch.compile keeps the kernels cir-bench compiles: ``<base>/<key>``, the base
+    ``$CIR_BENCH_KERNEL_CACHE`` or ``<cache root>/kernels``, the key naming the torch version, the CPU capability torch runs with (ATEN_CPU_CAPABILITY
+    changes it) and the machine's CPU (model and flags), so that a kernel built for one is
+    never loaded under another (torch's shared default cache is keyed by none of them)."""
+    import platform
+
+    import torch
+
+    cpu = platform.machine()
+    with contextlib.suppress(OSError):
+        info = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
+        cpu += "".join(line for line in info if line.startswith(("model name", "flags")))[:20000]
+    key = (f"torch-{torch.__version__}-{torch.backends.cpu.get_cpu_capability().lower()}-"
+           f"{hashlib.sha256(cpu.encode()).hexdigest()[:12]}")
+    base = os.environ.get("CIR_BENCH_KERNEL_CACHE")
+    return (Path(base).expanduser() if base else cache_root(cache_dir) / "kernels") / key
+
+
+def use_kernel_cache(cache_dir: str | Path | None = None) -> Path:
+    """Point torch.compile's cache (TorchInductor reads $TORCHINDUCTOR_CACHE_DIR when it
+    compiles) at ``kernel_cache_dir()``, created private to this user."""
+    path = kernel_cache_dir(cache_dir)
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+    return path

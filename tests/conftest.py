@@ -16,6 +16,11 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 2))
 # Serve's proxy must answer its readiness check within 5 s by default; on 2 busy cores it may
 # not, and Serve then kills it. Ray's workers inherit this from the process that starts Ray.
 os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
+# compiled kernels outlive a test session, as a user's do (cir_bench.paths.kernel_cache_dir keys
+# them by torch version and CPU capability, so suites run under other ATEN_CPU_CAPABILITY values
+# one after another share this folder safely)
+os.environ.setdefault("CIR_BENCH_KERNEL_CACHE", os.path.join(__import__("tempfile").gettempdir(),
+                                                             f"cir-bench-test-kernels-{os.getuid()}"))
 
 # The user's weights root, read before the session cache fixture points $CIR_BENCH_CACHE (and
 # with it the default weights folder) at a temporary folder: real-weight tests look here.

@@ -421,6 +421,7 @@ def test_compiled_step_gives_the_fixed_loops_lists_and_serves_every_lambda(setup
     first = BackwardSearch(compile=True, lam=0.01)
     a = first.invert(model.heads, z0, props, cond)
     assert first.last_capture_s > 0
+    assert first.compiled and first.setup_info()["compile"]["8"]["note"].startswith("verified against the eager")
     _judge_compiled(ds, store, a, BackwardSearch(engine="fixed", lam=0.01).invert(model.heads, z0, props, cond),
                     "compiled vs fixed, lambda=0.01")
     second = BackwardSearch(compile=True, lam=0.05)
@@ -429,6 +430,57 @@ def test_compiled_step_gives_the_fixed_loops_lists_and_serves_every_lambda(setup
     _judge_compiled(ds, store, b, BackwardSearch(engine="fixed", lam=0.05).invert(model.heads, z0, props, cond),
                     "compiled vs fixed, lambda=0.05")
     assert float(normalised_distance(a.z, b.z).max()) > 1e-3  # λ did change the answer
+
+
+def test_a_compiled_step_that_computes_something_else_is_not_used(setup, monkeypatch, capsys):
+    """A compiled step is checked against the eager step on a probe batch when it is built:
+    kernels that compute something else (a stale kernel cache, a miscompile; here a compile that
+    perturbs every update) are not used: the search runs the uncompiled step, with its
+    answers, and says why (stderr, setup_info for the manifest)."""
+    from cir_bench.search import backward
+
+    ds, store, model = setup
+
+    def miscompile(fn, **kwargs):
+        def wrong(state, lam):
+            fn(state, lam)
+            state["z"].add_(0.05 * torch.sign(state["z"]))  # what a wrong kernel might do
+        return wrong
+
+    monkeypatch.setattr(backward.torch, "compile", miscompile)
+    backward._GRAPH_CACHE.clear()
+    props = ["style"]
+    z0 = store.z[:6]
+    cond = (_pred(model, z0, "style") + 1) % ds.property("style").num_classes
+    bs = BackwardSearch(compile=True, lam=0.01)
+    got = bs.invert(model.heads, z0, props, cond[:, None])
+    backward._GRAPH_CACHE.clear()
+    assert not bs.compiled
+    note = bs.setup_info()["compile"]["8"]
+    assert note["compiled"] is False and "disagrees with the eager step" in note["note"], note
+    assert "fell back to the uncompiled step: the compiled step disagrees" in capsys.readouterr().err
+    fixed = BackwardSearch(engine="fixed", lam=0.01).invert(model.heads, z0, props, cond[:, None])
+    assert torch.equal(got.z, fixed.z)  # the plain fixed-shape loop's answers, bit for bit
+
+
+def test_the_kernel_cache_is_keyed_by_torch_and_cpu_capability(tmp_path):
+    """torch.compile's kernels live in cir-bench's own folder per torch version, CPU capability
+    and CPU: a kernel built under ATEN_CPU_CAPABILITY=avx2 is never loaded under another."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import torch; from cir_bench.paths import kernel_cache_dir; "
+            "print(torch.backends.cpu.get_cpu_capability().lower(), kernel_cache_dir())")
+    seen = {}
+    for cap in ("default", "avx2", "avx512"):  # a CPU without one runs the best it has
+        env = {**{k: v for k, v in os.environ.items() if k != "CIR_BENCH_KERNEL_CACHE"},
+               "CIR_BENCH_CACHE": str(tmp_path), "ATEN_CPU_CAPABILITY": cap}
+        used, path = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                    check=True).stdout.split()
+        assert path.startswith(str(tmp_path / "kernels" / f"torch-{torch.__version__}-{used}-")), path
+        seen[used] = path
+    assert len(set(seen.values())) == len(seen)  # one folder per capability torch ran with
 
 
 @pytest.mark.gpu

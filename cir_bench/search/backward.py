@@ -26,6 +26,7 @@ Presets:
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
@@ -126,9 +127,23 @@ class BackwardSearch(SearchMethod):
         self.compile = bool(compile)  # the fixed-shape step through torch.compile: likewise
         self.config = replace(PRESETS[preset], **overrides)
         self.last_capture_s = 0.0  # seconds spent compiling / capturing CUDA graphs in the last invert()
+        # with compile: per bucket used, whether the compiled step runs and what its check found
+        self.compile_outcomes: dict[int, tuple[bool, str]] = {}
 
     def params(self) -> dict[str, Any]:
         return {"preset": self.preset, **asdict(self.config)}
+
+    @property
+    def compiled(self) -> bool:
+        """With compile: whether every bucket used so far runs the compiled (verified) step."""
+        return self.compile and all(ok for ok, _ in self.compile_outcomes.values())
+
+    def setup_info(self) -> dict[str, Any]:
+        """With compile, per bucket used: compiled or fell back, and why (the manifest)."""
+        if not self.compile:
+            return {}
+        return {"compile": {str(b): {"compiled": ok, "note": note}
+                            for b, (ok, note) in sorted(self.compile_outcomes.items())}}
 
     # -- the inversion -----------------------------------------------------------------
     def invert(self, heads: Mapping[str, torch.nn.Module], z0: torch.Tensor, properties: Sequence[str],
@@ -223,6 +238,8 @@ class BackwardSearch(SearchMethod):
                                   capture)
             self.last_capture_s += runner.capture_s
             runner.capture_s = 0.0  # reported once, by the call that paid it
+            if self.compile:
+                self.compile_outcomes[bucket] = (runner.compiled, runner.compile_note or "")
         else:
             runner = _EagerStep(self, objective, heads, tuple(properties), bucket, z0.device, conditions.dtype)
         state = runner.state
@@ -377,6 +394,7 @@ class _EagerStep:
             "counter": torch.zeros(bucket, **f32),
         }
         self.capture_s = 0.0
+        self.compile_note: str | None = None  # a compiled step: verified, or why it fell back
 
     def reset(self, z0: torch.Tensor, conditions: torch.Tensor, n: int, lam: float = 0.0) -> None:
         """Load a chunk of n rows; the padding rows are inactive from the start."""
@@ -410,23 +428,76 @@ class _EagerStep:
 
 
 class _CompiledStep(_EagerStep):
-    """The step through torch.compile, compiled on first use (timed as capture_s)."""
+    """The step through torch.compile, compiled on first use (timed as capture_s), with its
+    kernels in cir-bench's own cache (paths.kernel_cache_dir) and checked against the eager
+    step before it is trusted (``verify_compiled_step``)."""
 
     def __init__(self, *args) -> None:
-        _allow_recompiles()
-        super().__init__(*args, compile=True)
         import time
 
+        from cir_bench.paths import use_kernel_cache
+
+        _allow_recompiles()
+        use_kernel_cache()
+        super().__init__(*args, compile=True)
         t0 = time.perf_counter()
         self.reset(self.state["z0"][:0].clone(), self.state["cond"][:0].clone(), 0)  # every row inactive
-        try:
-            super().step()  # compiles
-        except Exception as err:  # no C++ compiler (CPU) or Triton (CUDA) for torch.compile, ...
-            raise RuntimeError(f"Backward Search with compile: torch.compile failed ({type(err).__name__}: "
-                               f"{str(err).splitlines()[0][:300] if str(err) else ''}); it needs a C++ compiler "
-                               "(g++) on the CPU and Triton on CUDA. Set search.compile=false to run uncompiled"
-                               ) from err
+        super().step()  # compiles
         self.capture_s = time.perf_counter() - t0
+        self.compile_note = verify_compiled_step(self, _EagerStep(*args))
+
+
+class CompiledStepMismatch(RuntimeError):
+    """The compiled step does not compute what the eager step computes on the probe batch."""
+
+    def __init__(self, median_distance: float, tolerance: float, same_topk: float) -> None:
+        self.median_distance, self.tolerance, self.same_topk = median_distance, tolerance, same_topk
+        super().__init__(f"the compiled step disagrees with the eager step on a probe batch (median normalised "
+                         f"distance of z {median_distance:.3g} > {tolerance:.3g}, or identical top-10 of a probe "
+                         f"gallery {same_topk:.0%} < {PROBE_MIN_SAME_TOPK:.0%})")
+
+
+PROBE_STEPS = 8  # steps of the probe run that checks a compiled step against the eager one
+PROBE_SEED = 20240611  # the probe batch is a fixed draw: the check is the same on every machine
+PROBE_MIN_SAME_TOPK = 0.9
+PROBE_GALLERY = 256  # random vectors the probe ranks, top-10 each
+
+
+def verify_compiled_step(compiled: _EagerStep, eager: _EagerStep) -> str:
+    """Run the compiled and the eager step ``PROBE_STEPS`` times on the same probe batch (a
+    seeded draw of z0 and conditions filling the bucket) and compare: the median over rows of
+    |z_c − z_e| / |z_e| must stay within PROBE_STEPS · fan-in · ε(float32) · 8 (a forward error
+    bound of the heads' dot products, accumulated over the steps, with room for Adam's
+    normalisation), and the top-10 of a seeded probe gallery (by dot product) must be the same
+    for ≥ 90 % of the rows. Raises ``CompiledStepMismatch``; returns what it measured."""
+    cfg = compiled.search.config
+    state = compiled.state
+    bucket, d = state["z0"].shape
+    gen = torch.Generator().manual_seed(PROBE_SEED)
+    z0 = torch.randn(bucket, d, generator=gen)
+    classes = [next(m for m in reversed(list(compiled.heads[p].modules())) if isinstance(m, torch.nn.Linear))
+               .out_features for p in compiled.properties]
+    cond = torch.stack([torch.randint(0, n, (bucket,), generator=gen) for n in classes], 1)
+    dev = state["z0"].device
+    z0, cond = z0.to(dev), cond.to(device=dev, dtype=state["cond"].dtype)
+    for runner in (compiled, eager):
+        runner.reset(z0, cond, bucket, cfg.lam)
+        for _ in range(PROBE_STEPS):
+            runner.step()
+    zc, ze = compiled.state["z"].float().cpu(), eager.state["z"].float().cpu()
+    fan_in = max(m.in_features for p in compiled.properties for m in compiled.heads[p].modules()
+                 if isinstance(m, torch.nn.Linear))
+    tolerance = PROBE_STEPS * fan_in * torch.finfo(torch.float32).eps * 8
+    dist = (zc - ze).norm(dim=1) / ze.norm(dim=1).clamp_min(1e-12)
+    median = float(dist.median()) if torch.isfinite(dist).all() else float("inf")
+    k = 10
+    gallery = torch.randn(PROBE_GALLERY, d, generator=gen)
+    top_c, top_e = (zc @ gallery.T).topk(k, dim=1).indices, (ze @ gallery.T).topk(k, dim=1).indices
+    same = float((top_c.sort(dim=1).values == top_e.sort(dim=1).values).all(dim=1).float().mean())
+    if not median <= tolerance or same < PROBE_MIN_SAME_TOPK:
+        raise CompiledStepMismatch(median, tolerance, same)
+    return (f"verified against the eager step on a {bucket}-row probe ({PROBE_STEPS} steps: median distance "
+            f"{median:.1e} <= {tolerance:.1e}, identical top-{k} of a probe gallery {same:.0%})")
 
 
 class _GraphStep(_EagerStep):
@@ -479,16 +550,36 @@ def _cached_step(search: BackwardSearch, objective, heads, properties: tuple[str
     if hit is not None and hit[0]() is heads:
         return hit[1]
     args = (search, objective, heads, properties, bucket, device, cond_dtype)
-    if capture:
-        if search.compile:
+    try:
+        if capture and search.compile:
             _allow_recompiles()
-        runner = _GraphStep(*args, compile=search.compile)
-    else:
-        runner = _CompiledStep(*args)
+            runner = _GraphStep(*args, compile=True)
+            runner.compile_note = verify_compiled_step(runner, _EagerStep(*args))
+        elif capture:
+            runner = _GraphStep(*args)
+        else:
+            runner = _CompiledStep(*args)
+    except Exception as err:  # noqa: BLE001 -- no compiler, a failed build, a mismatch: never fatal
+        if not search.compile:
+            raise
+        runner = _GraphStep(*args) if capture else _EagerStep(*args)
+        runner.compile_note = f"fell back to the uncompiled step: {_compile_failure(err)}"
+    if search.compile and not runner.compiled:
+        print(f"cir-bench: Backward Search compile (bucket {bucket}, {', '.join(properties)}): "
+              f"{runner.compile_note}", file=sys.stderr, flush=True)
     if len(_GRAPH_CACHE) >= _GRAPH_CACHE_SIZE:
         _GRAPH_CACHE.pop(next(iter(_GRAPH_CACHE)))
     _GRAPH_CACHE[key] = (weakref.ref(heads), runner)
     return runner
+
+
+def _compile_failure(err: Exception) -> str:
+    """Why compiling failed, in one line, and what it needs."""
+    if isinstance(err, CompiledStepMismatch):
+        return str(err)
+    first = str(err).splitlines()[0][:300] if str(err) else ""
+    return (f"torch.compile failed ({type(err).__name__}: {first}); it needs a C++ compiler (g++) on the CPU "
+            "and Triton on CUDA")
 
 
 def _allow_recompiles() -> None:

@@ -178,9 +178,10 @@ class TeacherSearch:
     def __init__(self, bundle: ServeBundle, device: str | None = None, max_batch: int = 8,
                  compile: bool | str = False) -> None:
         """``compile`` (the serve config's ``teacher.compile``): True compiles the search step
-        with torch.compile (an error says what is missing), "auto" compiles on the CPU when a
-        C++ compiler is found and serves uncompiled when it is not or when compiling fails
-        (``compile_note`` says which), False leaves it to the run config's search.compile."""
+        with torch.compile, "auto" compiles on the CPU when a C++ compiler is found, False
+        leaves it to the run config's search.compile. A compiled step is checked against the
+        eager one when built; one that fails to build or to agree is not served: the teacher
+        serves uncompiled and ``compile_note`` says why."""
         from cir_bench.models import load_checkpoint
 
         self.device = torch.device(device or bundle.device)
@@ -190,42 +191,42 @@ class TeacherSearch:
         self.heads = model.heads
         self.settings = {**bundle.search, "overrides": dict(bundle.search["overrides"])}
         self.warmup_s = 0.0
-        wanted, self.compile_note = compile_decision(compile, bool(self.settings["overrides"].get("compile")),
-                                                     self.device)
+        wanted, why = compile_decision(compile, bool(self.settings["overrides"].get("compile")), self.device)
         self.settings["overrides"]["compile"] = wanted
+        self.compiled, self.compile_note = False, why
         if wanted:
-            try:
-                self.warmup_s = self._warm_up(list(bundle.students), max_batch)
-            except RuntimeError as err:
-                if compile != "auto" or "torch.compile failed" not in str(err):
-                    raise
-                self.settings["overrides"]["compile"] = False  # auto: serve uncompiled, and say why
-                self.compile_note = f"off: {str(err).split('; it needs')[0]}"
-        self.compiled = bool(self.settings["overrides"]["compile"])
-        if self.compiled:
-            self.compile_note = f"on ({self.compile_note}; compiled in {self.warmup_s:.1f} s)"
+            self.warmup_s, outcomes = self._warm_up(list(bundle.students), max_batch)
+            failed = [note for ok, note in outcomes if not ok]
+            self.compiled = not failed
+            if self.compiled:
+                self.compile_note = f"on ({why}; compiled and verified in {self.warmup_s:.1f} s)"
+            else:  # serve the plain step rather than a step that failed to build or to agree
+                self.settings["overrides"]["compile"] = False
+                self.compile_note = f"off: {failed[0]}"
 
     def info(self) -> dict[str, Any]:
         """What /stats reports of this teacher."""
         return {"compiled": self.compiled, "compile": self.compile_note, "compile_s": round(self.warmup_s, 2)}
 
-    def _warm_up(self, query_sets: list[tuple[str, ...]], max_batch: int) -> float:
-        """With search.compile, compile the step of every query set for every bucket a batch
-        of up to ``max_batch`` requests lands in, now rather than on the first requests that
-        need it (seconds each; a load test at concurrency 16 stalled on one). Any λ reuses
-        them."""
+    def _warm_up(self, query_sets: list[tuple[str, ...]], max_batch: int) -> tuple[float, list[tuple[bool, str]]]:
+        """With search.compile, compile (and verify) the step of every query set for every
+        bucket a batch of up to ``max_batch`` requests lands in, now rather than on the first
+        requests that need it (seconds each; a load test at concurrency 16 stalled on one).
+        Any λ reuses them. Returns the seconds and each step's outcome."""
         from cir_bench.search.backward import BUCKETS, BackwardSearch
 
         sizes = [b for b in BUCKETS if b < max_batch] + [next(b for b in BUCKETS if b >= min(max_batch, BUCKETS[-1]))]
         first = next(iter(self.heads.values()))
         d = next(m for m in first.modules() if isinstance(m, torch.nn.Linear)).in_features
         t0 = time.perf_counter()
-        bs = BackwardSearch(self.settings["preset"], lam=float(self.settings["lam"]), **self.settings["overrides"])
+        outcomes = []
         for props in query_sets:
+            bs = BackwardSearch(self.settings["preset"], lam=float(self.settings["lam"]), **self.settings["overrides"])
             for n in sizes:
                 bs.invert(self.heads, torch.zeros(n, d, device=self.device), list(props),
                           torch.zeros(n, len(props), dtype=torch.long, device=self.device))
-        return time.perf_counter() - t0
+            outcomes += bs.compile_outcomes.values()
+        return time.perf_counter() - t0, outcomes
 
     def invert_many(self, jobs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         """jobs: {"z0": (d,) array, "properties": [...], "classes": [...], "lambda": float | None}."""
