@@ -297,9 +297,12 @@ def test_soft_filtered_knn_matches_a_plain_loop(setup, beta, props):
     qs = QuerySet(props, test[:12], cond)
     got = get_method("soft_filtered_knn", beta=beta).search(ctx, qs, 10)
     loop = _soft_scores_by_loop(ds, store, model, ctx, qs, beta)
-    # scores: float32 cosine + float32 log-softmax against float64 (1e-4 covers both)
-    assert_same_rankings(got.positions, got.scores, [a for a, _ in loop], [b for _, b in loop], tie=1e-4,
-                         what=f"soft_filtered_knn beta={beta}")
+    # scores: float32 cosine (1e-4 covers it) + beta * float32 log-softmax per condition
+    # (another 1e-4 each) against float64; an item may cross the k-th place only at a near-tie,
+    # which near_tie_equal checks, so the overlap may fall below 1 there
+    tie = 1e-4 * (1 + beta * len(props))
+    assert_same_rankings(got.positions, got.scores, [a for a, _ in loop], [b for _, b in loop], tie=tie,
+                         min_overlap=0.8, what=f"soft_filtered_knn beta={beta}")
     if beta == 0.0:  # beta = 0 is plain kNN
         knn = get_method("knn").search(ctx, qs, 10)
         assert_same_rankings(got.positions, got.scores, knn.positions, knn.scores, what="beta=0 vs knn")
