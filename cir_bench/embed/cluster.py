@@ -36,6 +36,23 @@ def token_source(environ: Mapping[str, str] | None = None, home: Path | None = N
     return str(default) if default.is_file() else None
 
 
+def private_token_file(home: Path | None = None) -> Path | None:
+    """Ray writes the token it generates for a local cluster (~/.ray/auth_token) readable by
+    every user: whoever reads it may run code on the cluster. Make ours 0600 (and its folder
+    0700)."""
+    path = (home or Path.home()) / ".ray" / "auth_token"
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    if st.st_uid == os.geteuid():
+        if st.st_mode & 0o077:
+            path.chmod(0o600)
+        if path.parent.stat().st_mode & 0o077:
+            path.parent.chmod(0o700)
+    return path
+
+
 def _host_port(address: str) -> tuple[str, int] | None:
     bare = address.split("://", 1)[-1]
     host, _, port = bare.rpartition(":")
@@ -113,6 +130,7 @@ def connect(address: str | None = None, num_cpus: int | None = None) -> None:
         return
     if not address:
         ray.init(num_cpus=num_cpus, ignore_reinit_error=True, include_dashboard=False, log_to_driver=False)
+        private_token_file()
         return
     check_reachable(address)
     if not os.environ.get("RAY_AUTH_MODE") and token_source() is not None:
