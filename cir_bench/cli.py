@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Sequence
 
 from cir_bench.config import ConfigError, RunConfig
-from cir_bench.paths import DamagedCacheError, UntrustedFolderError
+from cir_bench.paths import DamagedCacheError, FolderInUseError, UntrustedFolderError
 
 APP_NAME = "cir-bench"
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError, KeyError,
-                                               DamagedCacheError, ConnectionError, UntrustedFolderError)
+                                               DamagedCacheError, ConnectionError, UntrustedFolderError,
+                                               FolderInUseError)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:

@@ -212,3 +212,74 @@ def use_kernel_cache(cache_dir: str | Path | None = None) -> Path:
     path.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
     return path
+
+
+class FolderInUseError(RuntimeError):
+    """Another cir-bench process holds the lock of a folder this one would write."""
+
+    def __init__(self, path: str | Path, holder: str) -> None:
+        self.path, self.holder = Path(path), holder
+        super().__init__(f"{path} is being written by another cir-bench ({holder or 'a process'}); wait for it "
+                         "to finish or choose another --out")
+
+
+LOCK_NAME = ".cir-bench.lock"
+
+
+@contextlib.contextmanager
+def exclusive_folder(folder: str | Path) -> Iterator[Path]:
+    """Hold an exclusive lock on ``folder`` (created if needed) while writing it; a second
+    process asking for it is refused at once with ``FolderInUseError`` naming the first (its
+    pid, start time and command, kept in the lock file). The lock goes with the process."""
+    import fcntl
+    import time
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FolderInUseError(folder, os.pread(fd, 4096, 0).decode(errors="replace").strip()) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
+                      f"{' '.join(sys.argv)[:500]}\n".encode(), 0)
+        yield folder
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def build_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on the cache entry ``path`` (``<path>.lock``) while building it:
+    a second process building the same entry waits (saying so) and then finds it built."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"cir-bench: waiting for another process building {path}", file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def load_or_build(path: str | Path, load: Callable[[Path], Any], build: Callable[[], Any],
+                  on_damaged: str = "rebuild") -> tuple[Any, bool]:
+    """The cached object at ``path`` and True, or ``build()``'s (which writes ``path``) and
+    False; built under ``build_lock``, so two processes never build one entry twice: the
+    second waits and loads what the first wrote. ``load`` may return None to reject a file."""
+    hit = load_cached(path, load, on_damaged)
+    if hit is not None:
+        return hit, True
+    with build_lock(path):
+        hit = load_cached(path, load, on_damaged)
+        if hit is not None:
+            return hit, True
+        return build(), False

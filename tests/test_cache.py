@@ -23,7 +23,7 @@ def _run(cache: Path, out: Path, *extra: str) -> int:
 
 
 def _only(folder: Path, pattern: str) -> Path:
-    (path,) = [p for p in folder.glob(pattern) if not p.name.endswith(".sha256")]
+    (path,) = [p for p in folder.glob(pattern) if not p.name.endswith((".sha256", ".lock"))]
     return path
 
 
@@ -85,9 +85,59 @@ def test_concurrent_runs_on_a_fresh_cache_leave_one_complete_file(tmp_path):
     procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-500:] for o in outs]
-    names = sorted(p.name for p in (cache / "checkpoints").iterdir())
+    names = sorted(p.name for p in (cache / "checkpoints").iterdir() if not p.name.endswith(".lock"))
     assert len(names) == 2 and names[1] == names[0] + ".sha256", names  # one checkpoint, its checksum
     leftovers = [p for p in cache.rglob("*") if p.name.endswith(".tmp")]
     assert leftovers == []
-    reported = {json.loads(o[0][o[0].index("{"):])["checkpoint"] for o in outs}
-    assert len(reported) == 1
+    reported = [json.loads(o[0][o[0].index("{"):]) for o in outs]
+    assert len({r["checkpoint"] for r in reported}) == 1
+    # the entry was built once: the second process waited for the first (or came after it)
+    assert sorted(r["reused"] for r in reported) == [False, True], reported
+
+
+def test_a_second_run_on_the_same_folder_is_refused_at_once_naming_the_first(tmp_path, capsys):
+    """`--out` is locked while a run writes it (here held by this process, as a first run
+    would): a second run stops before any work, naming the holder."""
+    import os
+    import time
+
+    from cir_bench.paths import exclusive_folder
+
+    out = tmp_path / "run"
+    with exclusive_folder(out):
+        t0 = time.perf_counter()
+        assert _run(tmp_path / "cache", out) == 2
+        assert time.perf_counter() - t0 < 30
+    err = capsys.readouterr().err
+    assert f"{out} is being written by another cir-bench (pid {os.getpid()}" in err, err
+    assert not (tmp_path / "cache" / "checkpoints").exists()  # nothing was trained
+
+
+def test_a_cache_entry_is_built_once_when_two_ask_for_it(tmp_path, capsys):
+    import threading
+    import time
+
+    from cir_bench.paths import load_or_build, write_checked
+
+    path = tmp_path / "entry.txt"
+    built = []
+
+    def build():
+        built.append(1)
+        time.sleep(1.0)
+        write_checked(path, lambda tmp: tmp.write_text("built"))
+        return "built"
+
+    results = []
+
+    def ask():
+        results.append(load_or_build(path, lambda p: p.read_text(), build))
+
+    threads = [threading.Thread(target=ask) for _ in range(2)]
+    threads[0].start()
+    time.sleep(0.3)
+    threads[1].start()
+    for t in threads:
+        t.join(30)
+    assert len(built) == 1 and sorted(results) == [("built", False), ("built", True)], (built, results)
+    assert f"waiting for another process building {path}" in capsys.readouterr().err

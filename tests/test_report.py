@@ -190,6 +190,29 @@ def test_labels_ids_and_property_names_from_data_create_nothing_in_either_report
         assert len(widths) == 1, block
 
 
+def test_a_folder_holding_files_of_two_runs_is_refused(tmp_path, monkeypatch, capsys):
+    """A run's manifest records each file's sha256 and is written last, after the old one is
+    removed: results of another run written beside it (two runs on one folder) are named, and
+    a write cut short leaves no manifest, so the old provenance is never shown for new files."""
+    from cir_bench.report.inputs import ReportInputError
+
+    rng = np.random.default_rng(1)
+    first = fake_run(tmp_path / "a", {"knn": rng.uniform(0, 1, 20), "backward[lam=0.005]": rng.uniform(0, 1, 20)})
+    other = fake_run(tmp_path / "b", {"knn": rng.uniform(0, 1, 20)})
+    (first / "results.parquet").write_bytes((other / "results.parquet").read_bytes())
+    with pytest.raises(ReportInputError, match=r"results.parquet not the file\(s\) manifest.json describes"):
+        read_run(first)
+    assert main(["report", str(first), "--out", str(tmp_path / "r")]) == 2
+    assert "results.parquet not the file(s) manifest.json describes" in capsys.readouterr().err
+    # --overwrite killed while writing: the old manifest is gone before the first new file lands
+    monkeypatch.setattr(pd.DataFrame, "to_csv", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        fake_run(first, {"knn": rng.uniform(0, 1, 20)})
+    assert not (first / "manifest.json").exists()
+    with pytest.raises(ReportInputError, match="not a complete run directory: missing manifest.json"):
+        read_run(first)
+
+
 def test_pareto_and_the_verdict_by_hand():
     assert pareto_mask(np.array([0.9, 0.8, 0.5, 0.5, np.nan]), np.array([0.3, 0.3, 0.4, 0.35, 0.9])).tolist() == \
         [True, False, True, False, False]

@@ -14,7 +14,7 @@ import torch
 
 from cir_bench.data.base import Dataset
 from cir_bench.data.transforms import ItemImages
-from cir_bench.paths import load_cached, save_torch
+from cir_bench.paths import load_or_build, save_torch
 
 
 @dataclass
@@ -61,9 +61,14 @@ def load_or_extract(cache_dir: Path, fingerprint: str, extract: Callable[[], tor
     """Return the cached store for ``fingerprint`` (checked against its checksum) or build,
     save and return it. The bool says whether the cache was hit."""
     path = store_path(cache_dir, fingerprint)
-    store = load_cached(path, EmbeddingStore.load, on_damaged)
-    if store is not None and store.ids == ids and tuple(store.z.shape) == (len(ids), store.z.shape[1]):
-        return store, True
-    store = EmbeddingStore(ids, extract(), fingerprint)
-    store.save(path)
-    return store, False
+
+    def load(p: Path) -> EmbeddingStore | None:  # a store of other items is not this one
+        store = EmbeddingStore.load(p)
+        return store if store.ids == ids and tuple(store.z.shape) == (len(ids), store.z.shape[1]) else None
+
+    def build() -> EmbeddingStore:
+        store = EmbeddingStore(ids, extract(), fingerprint)
+        store.save(path)
+        return store
+
+    return load_or_build(path, load, build, on_damaged)

@@ -16,7 +16,7 @@ import torch
 from cir_bench.config import RunConfig
 from cir_bench.metrics import build_eval_inputs, evaluate, find_twins, retrieved_similarity_at_k, summarize
 from cir_bench.models import pick_device
-from cir_bench.paths import file_sha256
+from cir_bench.paths import exclusive_folder, file_sha256
 from cir_bench.pipeline.steps import backward_label, cache_dir_for, distil_or_load, load_dataset, prepare, teacher_label
 from cir_bench.pipeline.steps import query_sets as built_query_sets
 from cir_bench.results import write_run
@@ -72,11 +72,17 @@ def method_specs(cfg: RunConfig) -> list[MethodSpec]:
 
 
 def run(cfg: RunConfig, progress: bool = True, log=print) -> Path:
-    """The whole pipeline; returns the run directory holding the result files."""
+    """The whole pipeline; returns the run directory holding the result files. The directory
+    is locked while the run lasts: a second run on it is refused at once, naming this one."""
+    out = Path(cfg.out) if cfg.out else default_out_dir(cfg)
+    with exclusive_folder(out):
+        return _run(cfg, out, progress, log)
+
+
+def _run(cfg: RunConfig, out: Path, progress: bool, log) -> Path:
     t_start = time.perf_counter()
     device = pick_device(cfg.device)
     seed_everything(cfg.seed)
-    out = Path(cfg.out) if cfg.out else default_out_dir(cfg)
     specs = method_specs(cfg)
     timings: dict[str, float] = {}
 

@@ -28,7 +28,7 @@ from cir_bench.index import build_index
 from cir_bench.models import BACKBONES, load_checkpoint, pick_device, save_checkpoint
 from cir_bench.models.model import ConditionalRetrievalModel
 from cir_bench.models.student import Student
-from cir_bench.paths import cache_root, file_sha256, load_cached, write_checked
+from cir_bench.paths import cache_root, file_sha256, load_or_build, write_checked
 from cir_bench.search import SearchContext
 from cir_bench.search.backward import IMPLEMENTATION_VERSION as BACKWARD_VERSION
 from cir_bench.search.backward import BackwardSearch
@@ -73,17 +73,21 @@ def checkpoint_key(cfg: RunConfig, dataset: Dataset) -> str:
 def train_or_load(cfg: RunConfig, dataset: Dataset, device: torch.device, progress: bool = True) -> TrainedModel:
     """Reuse the cached checkpoint of an identical config, else train and cache it."""
     path = cache_dir_for(cfg) / "checkpoints" / f"{checkpoint_key(cfg, dataset)}.pt"
-    cached = load_cached(path, lambda p: load_checkpoint(p, device), cfg.on_damaged_cache)
-    if cached is not None:
-        model, payload = cached
-        return TrainedModel(model, path, True, list(payload["extra"].get("history", [])))
-    t0 = time.perf_counter()
-    model, history = train_model(dataset, cfg.model, cfg.train, device, cfg.seed, progress=progress)
-    seconds = time.perf_counter() - t0
-    save_checkpoint(path, model, cfg.model, {p.name: p.classes for p in dataset.properties},
-                    {"history": history.epochs, "dataset": dataset.fingerprint(),
-                     "input_size": resolve_input_size(cfg.model, dataset)})
-    return TrainedModel(model, path, False, history.epochs, seconds)
+
+    def train() -> TrainedModel:
+        t0 = time.perf_counter()
+        model, history = train_model(dataset, cfg.model, cfg.train, device, cfg.seed, progress=progress)
+        seconds = time.perf_counter() - t0
+        save_checkpoint(path, model, cfg.model, {p.name: p.classes for p in dataset.properties},
+                        {"history": history.epochs, "dataset": dataset.fingerprint(),
+                         "input_size": resolve_input_size(cfg.model, dataset)})
+        return TrainedModel(model, path, False, history.epochs, seconds)
+
+    got, reused = load_or_build(path, lambda p: load_checkpoint(p, device), train, cfg.on_damaged_cache)
+    if not reused:
+        return got
+    model, payload = got
+    return TrainedModel(model, path, True, list(payload["extra"].get("history", [])))
 
 
 def embed(cfg: RunConfig, dataset: Dataset, trained: TrainedModel, device: torch.device
@@ -115,12 +119,14 @@ def make_queries(cfg: RunConfig, dataset: Dataset, properties: list[str]) -> tup
         del settings["condition_draw"]
     key = _hash({"dataset": dataset.fingerprint(), "properties": properties, "queries": settings, "seed": seed})
     path = cache_dir_for(cfg) / "queries" / f"{dataset.name}-{'+'.join(properties)}-{key}.parquet"
-    cached = load_cached(path, lambda p: QuerySet.load(p, dataset), cfg.on_damaged_cache)
-    if cached is not None:
-        return cached, path
-    qs = build_query_set(dataset, properties, q.n_queries, seed, q.min_relevant, q.query_split, q.database_split,
-                         min_jaccard=q.min_jaccard, strict=q.strict, condition_draw=q.condition_draw)
-    write_checked(path, lambda tmp: qs.save(tmp, dataset))
+    def build() -> QuerySet:
+        qs = build_query_set(dataset, properties, q.n_queries, seed, q.min_relevant, q.query_split,
+                             q.database_split, min_jaccard=q.min_jaccard, strict=q.strict,
+                             condition_draw=q.condition_draw)
+        write_checked(path, lambda tmp: qs.save(tmp, dataset))
+        return qs
+
+    qs, _ = load_or_build(path, lambda p: QuerySet.load(p, dataset), build, cfg.on_damaged_cache)
     return qs, path
 
 
@@ -205,18 +211,22 @@ def distil_or_load(cfg: RunConfig, dataset: Dataset, trained: TrainedModel, stor
                  "teacher": teacher(cfg, lam).params(), "teacher_version": BACKWARD_VERSION, "student": settings,
                  "seed": cfg.seed})
     path = cache_dir_for(cfg) / "students" / f"{key}.pt"
-    student = load_cached(path, lambda p: Student.load(p, device), cfg.on_damaged_cache)
-    if student is not None:
-        return student, {"path": str(path), "reused": True}
-    train_idx = torch.as_tensor(dataset.split_indices("train"))
-    t0 = time.perf_counter()
-    bs, heads = teacher(cfg, lam), trained.model.heads
-    student, history = distill_student(
-        lambda z0, cond: bs.invert(heads, z0, properties, cond).z, store.z[train_idx], properties,
-        [dataset.property(p).num_classes for p in properties], student_cfg, cfg.seed, device,
-        progress=progress)
-    seconds = time.perf_counter() - t0
-    student.save(path, {"history": history, "seconds": seconds})
-    return student, {"path": str(path), "reused": False, "seconds": seconds, "final_mse": history[-1]["mse"]}
+    info: dict[str, Any] = {"path": str(path)}
+
+    def distil() -> Student:
+        train_idx = torch.as_tensor(dataset.split_indices("train"))
+        t0 = time.perf_counter()
+        bs, heads = teacher(cfg, lam), trained.model.heads
+        student, history = distill_student(
+            lambda z0, cond: bs.invert(heads, z0, properties, cond).z, store.z[train_idx], properties,
+            [dataset.property(p).num_classes for p in properties], student_cfg, cfg.seed, device,
+            progress=progress)
+        seconds = time.perf_counter() - t0
+        student.save(path, {"history": history, "seconds": seconds})
+        info.update(seconds=seconds, final_mse=history[-1]["mse"])
+        return student
+
+    student, reused = load_or_build(path, lambda p: Student.load(p, device), distil, cfg.on_damaged_cache)
+    return student, {**info, "reused": reused}
 
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import pandas as pd
 
+from cir_bench.results import check_run_files
+
 RUN_FILES = ("manifest.json", "metrics.csv", "results.parquet", "items.parquet")
 
 
@@ -82,6 +84,10 @@ def read_run(path: Path) -> RunFiles:
     manifest = _json(path / "manifest.json")
     if not isinstance(manifest, dict) or "dataset" not in manifest:
         raise ReportInputError(f"{path / 'manifest.json'}: no 'dataset' entry; not a cir-bench manifest")
+    changed = check_run_files(path, manifest)
+    if changed:
+        raise ReportInputError(f"{path}: {', '.join(changed)} not the file(s) manifest.json describes (written "
+                               "by another run after it, or changed since); run again to get one consistent run")
     metrics = _read(path / "metrics.csv", pd.read_csv)
     for key in ("query_set", "method"):
         if key not in metrics.columns:

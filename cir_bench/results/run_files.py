@@ -25,7 +25,7 @@ from typing import Any
 
 import pandas as pd
 
-from cir_bench.paths import atomic_write
+from cir_bench.paths import atomic_write, file_sha256
 
 RESULT_FILES = ("results.parquet", "metrics.csv", "items.parquet", "manifest.json")
 PACKAGES = ("cir-bench", "torch", "torchvision", "numpy", "pandas", "pyarrow", "scikit-learn", "pillow", "ray",
@@ -72,8 +72,11 @@ def git_revision(path: Path | None = None) -> dict[str, Any]:
 def write_run(out: Path, results: pd.DataFrame, metrics: pd.DataFrame, items: pd.DataFrame,
               manifest: dict[str, Any], extra: dict[str, pd.DataFrame] | None = None) -> None:
     """Write the four run files (and ``extra`` parquet files, e.g. map_points.parquet), each
-    atomically; the manifest last, so a directory with a manifest holds a complete run."""
+    atomically. A previous run's manifest is removed first and the new one, holding each
+    file's sha256, written last: a directory with a manifest holds one complete run, and a
+    write cut short leaves none (``check_run_files`` tells the two apart)."""
     out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").unlink(missing_ok=True)
     for name, frame in (extra or {}).items():
         with atomic_write(out / name) as tmp:
             frame.to_parquet(tmp, index=False)
@@ -83,10 +86,20 @@ def write_run(out: Path, results: pd.DataFrame, metrics: pd.DataFrame, items: pd
         metrics.to_csv(tmp, index=False)
     with atomic_write(out / "items.parquet") as tmp:
         items.to_parquet(tmp, index=False)
+    names = [*RESULT_FILES[:-1], *(extra or {})]
     manifest = {**manifest, "packages": package_versions(), "git": git_revision(), "host": host_info(),
-                "command": sys.argv, "files": [*RESULT_FILES, *(extra or {})]}
+                "command": sys.argv, "files": [*RESULT_FILES, *(extra or {})],
+                "sha256": {name: file_sha256(out / name) for name in names}}
     with atomic_write(out / "manifest.json") as tmp:
         tmp.write_text(json.dumps(manifest, indent=2, default=str))
+
+
+def check_run_files(out: Path, manifest: dict[str, Any]) -> list[str]:
+    """The files whose bytes are not those the manifest recorded (a folder where another run's
+    files were written after it); empty when they all agree or the manifest predates
+    checksums."""
+    return [name for name, digest in (manifest.get("sha256") or {}).items()
+            if not (out / name).is_file() or file_sha256(out / name) != digest]
 
 
 def format_metrics_table(run_dir: Path, columns: list[str] | None = None) -> str:
