@@ -45,6 +45,8 @@ class Limits:
     max_k: int = bounded(100, ge=1)
     max_image_bytes: int = bounded(5 * 1024 * 1024, ge=1)  # uploads above this get a 4xx
     max_image_pixels: int = bounded(40_000_000, ge=1)  # declared in the header, checked before decoding
+    max_image_side: int = bounded(20_000, ge=1)  # likewise: the longer side
+    max_image_aspect: float = bounded(50.0, ge=1)  # likewise: longer side / shorter side
     ingress_store_mb: float = bounded(256.0, ge=0)  # stores up to this size are also held by the ingress
 
 

@@ -491,6 +491,43 @@ def test_decompression_bomb_is_refused_from_its_header(server, local_service):
     assert httpx.post(f"{server}/search", json=_request(local_service, 0, "knn")).status_code == 200
 
 
+def _replica_rss(name: str) -> int:
+    """Resident bytes of the Serve replicas whose process title names ``name``."""
+    import psutil
+
+    total = 0
+    for proc in psutil.process_iter(["name", "cmdline"]):
+        title = " ".join(proc.info["cmdline"] or []) + (proc.info["name"] or "")
+        if "ServeReplica" in title and name in title:
+            with __import__("contextlib").suppress(psutil.Error):
+                total += proc.memory_info().rss
+    return total
+
+
+def test_long_thin_uploads_within_the_pixel_limit_are_refused_by_shape(server, local_service):
+    """Real PNGs of 2,000,000 x 20 and 40,000,000 x 1 pixels (tens of KB, within 40 Mpx) cost
+    gigabytes to decode: refused from the header by side and aspect ratio, in under a second,
+    before any replica decodes them."""
+    import io
+    import time
+
+    from PIL import Image
+
+    before = {name: _replica_rss(name) for name in ("Encoder", "Ingress")}
+    for width, height in ((2_000_000, 20), (40_000_000, 1)):
+        buf = io.BytesIO()
+        Image.new("1", (width, height)).save(buf, format="PNG", optimize=True)
+        t0 = time.perf_counter()
+        r = httpx.post(f"{server}/search", files={"image": ("thin.png", buf.getvalue(), "image/png")},
+                       data={"conditions": '{"style": "hatched"}'}, timeout=30)
+        assert time.perf_counter() - t0 < 1.0
+        assert r.status_code == 413 and r.json()["field"] == "image", r.text
+        assert f"{width} x {height} pixels" in r.json()["error"], r.text
+    grown = {name: _replica_rss(name) - rss for name, rss in before.items()}
+    assert all(g < 200 * 2**20 for g in grown.values()), grown
+    assert httpx.post(f"{server}/search", json=_request(local_service, 0, "knn")).status_code == 200
+
+
 def test_chunked_body_over_the_limit_is_refused_while_streaming(server, local_service):
     """No Content-Length: the limit is enforced as the body arrives (here 100 kB uploads, so
     ~200 kB of JSON at most), not after reading 60 MB."""
@@ -515,6 +552,24 @@ def test_pixel_limit_in_process(local_service):
         local_service.parser.parse({"image": b64.b64encode(_png_declaring(9000, 9000)).decode(),
                                     "conditions": {"style": "flat"}})
     assert err.value.field == "image" and err.value.status == 413
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_and_a_thin_one_refused():
+    import io
+
+    from PIL import Image
+
+    from cir_bench.data.base import ImageTooLargeError, decode_image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4000, 3000), (200, 30, 30)).save(buf, format="JPEG")
+    img = decode_image(buf.getvalue(), "upload", draft=448)
+    assert img.size == (1000, 750) and img.mode == "RGB"  # 1/4 scale: both sides still >= 448
+    assert decode_image(buf.getvalue(), "upload").size == (4000, 3000)  # no draft: full size
+    with pytest.raises(ImageTooLargeError, match="more elongated than the limit of 50:1"):
+        decode_image(_png_declaring(5100, 100), "upload", max_aspect=50)
+    with pytest.raises(ImageTooLargeError, match="a side longer than the limit of 20,000"):
+        decode_image(_png_declaring(20_001, 1000), "upload", max_side=20_000)
 
 
 def test_docs_page_works_offline_and_shows_the_search_schema(server):

@@ -201,11 +201,15 @@ class ImageTooLargeError(BadImageError):
     """An image whose header declares more pixels than allowed (a decompression bomb)."""
 
 
-def decode_image(data: bytes, what: str, max_pixels: int | None = None) -> Image.Image:
+def decode_image(data: bytes, what: str, max_pixels: int | None = None, max_side: int | None = None,
+                 max_aspect: float | None = None, draft: int | None = None) -> Image.Image:
     """Decode image bytes to RGB (grayscale, palette, CMYK, alpha all converted).
 
-    ``max_pixels``: refuse an image whose header declares more pixels, before decoding it (a
-    few hundred KB of PNG can declare 13000 x 13000 pixels and take GBs to decode)."""
+    ``max_pixels``, ``max_side``, ``max_aspect``: refuse an image whose header declares more
+    pixels, a longer side or a more elongated shape, before decoding it (a few hundred KB of
+    PNG can declare 13000 x 13000 pixels and take GBs to decode; a 39 KB PNG of 2,000,000 x 20
+    took 1.8 GB). ``draft``: a JPEG is decoded at the smallest 1/2, 1/4 or 1/8 scale that
+    keeps both sides at least this long (the model resizes it further anyway)."""
     try:
         img = Image.open(io.BytesIO(data))
     except Image.UnidentifiedImageError:  # its message shows a BytesIO object, not the data
@@ -213,9 +217,16 @@ def decode_image(data: bytes, what: str, max_pixels: int | None = None) -> Image
                             f"(starts with {data[:8]!r})") from None
     except Exception as err:  # PIL raises several types for corrupt data
         raise BadImageError(f"cannot decode image {what}: {err}") from None
-    if max_pixels is not None and img.width * img.height > max_pixels:
-        raise ImageTooLargeError(f"image {what} is {img.width} x {img.height} = {img.width * img.height:,} pixels, "
-                                 f"above the limit of {max_pixels:,}")
+    w, h = img.width, img.height
+    if max_pixels is not None and w * h > max_pixels:
+        raise ImageTooLargeError(f"image {what} is {w} x {h} = {w * h:,} pixels, above the limit of {max_pixels:,}")
+    if max_side is not None and max(w, h) > max_side:
+        raise ImageTooLargeError(f"image {what} is {w} x {h} pixels: a side longer than the limit of {max_side:,}")
+    if max_aspect is not None and max(w, h) > max_aspect * max(min(w, h), 1):
+        raise ImageTooLargeError(f"image {what} is {w} x {h} pixels: more elongated than the limit of "
+                                 f"{max_aspect:g}:1")
+    if draft and img.format == "JPEG":
+        img.draft("RGB", (draft, draft))
     try:
         img.load()
     except Exception as err:

@@ -127,10 +127,14 @@ class ImageEncoder:
         self.device = torch.device(device or bundle.device)
         self.model, _ = load_checkpoint(bundle.checkpoint, self.device)
         self.transform = build_transform(**bundle.transform)
+        size = bundle.transform["input_size"]
+        # a large JPEG decoded at 1/2..1/8 scale, still twice the model's input on each side
+        self.draft = 2 * int(max(size) if isinstance(size, (list, tuple)) else size)
 
     @torch.no_grad()
     def embed(self, images: Sequence[bytes]) -> np.ndarray:
-        x = torch.stack([self.transform(decode_image(b, "upload")) for b in images]).to(self.device)
+        x = torch.stack([self.transform(decode_image(b, "upload", draft=self.draft)) for b in images]
+                        ).to(self.device)
         return self.model.embed(x).float().cpu().numpy()
 
 

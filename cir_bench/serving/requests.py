@@ -74,6 +74,9 @@ class ServiceLimits:
     # pixels an upload's header may declare: read before decoding (decompression bombs); the
     # model sees a few hundred pixels a side, 40 Mpx leaves room for any camera photo
     max_image_pixels: int = 40_000_000
+    # and by shape: a long thin image within the pixel limit still decodes to gigabytes of rows
+    max_image_side: int = 20_000
+    max_image_aspect: float = 50.0
 
 
 # -- what the service knows of the dataset -----------------------------------------------------
@@ -202,7 +205,8 @@ class RequestParser:
         if len(data) > limit:
             raise RequestError("image", f"larger than {limit} bytes", 413)
         try:
-            decode_image(data, "upload", self.limits.max_image_pixels)
+            decode_image(data, "upload", self.limits.max_image_pixels, self.limits.max_image_side,
+                         self.limits.max_image_aspect)
         except ImageTooLargeError as err:
             raise RequestError("image", str(err), 413) from None
         except BadImageError as err:
