@@ -9,12 +9,12 @@ from pathlib import Path
 from typing import Sequence
 
 from cir_bench.config import ConfigError, RunConfig
-from cir_bench.paths import DamagedCacheError, FolderInUseError, UntrustedFolderError
+from cir_bench.paths import DamagedCacheError, DiskFullError, FolderInUseError, UntrustedFolderError
 
 APP_NAME = "cir-bench"
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError, KeyError,
                                                DamagedCacheError, ConnectionError, UntrustedFolderError,
-                                               FolderInUseError)
+                                               FolderInUseError, DiskFullError)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -93,10 +93,14 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     apply_overrides(cfg, list(args.set))
     sources.append(("--set", {parse_override(o)[0] for o in args.set}))
     try:
-        return check_run_config(validate(cfg), need_out=getattr(args, "command", None) in ("run", "compare"),
-                                overwrite=getattr(args, "overwrite", False))
+        cfg = check_run_config(validate(cfg), need_out=getattr(args, "command", None) in ("run", "compare"),
+                               overwrite=getattr(args, "overwrite", False))
     except ConfigError as err:
         raise blame(err, sources) from None
+    from cir_bench.paths import cache_root, remove_stale_temporaries
+
+    remove_stale_temporaries(cache_root(cfg.cache_dir))  # of writes killed midway, hours ago
+    return cfg
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -300,7 +304,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _check_port_free(host, port)  # again: another server may have started meanwhile
     try:
         serve.start(http_options={"host": host, "port": int(port)})
-        serve.run(build_app(bundle, sc), route_prefix="/", name=APP_NAME)
+        import dataclasses
+
+        served = dataclasses.replace(sc, http=dataclasses.replace(sc.http, host=host, port=int(port)))
+        serve.run(build_app(bundle, served), route_prefix="/", name=APP_NAME)
     except RuntimeError as err:
         if "HAProxy" not in str(err):
             raise

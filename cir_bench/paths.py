@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import sys
@@ -49,15 +50,60 @@ def atomic_write(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as err:
+        size = tmp.stat().st_size if tmp.is_file() else 0
+        tmp.unlink(missing_ok=True)
+        if err.errno == errno.ENOSPC:
+            raise DiskFullError(path, size) from None
+        raise
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+TMP_SUFFIX = ".tmp"
+
+
+class DiskFullError(OSError):
+    """The disk filled up while cir-bench wrote ``path``."""
+
+    def __init__(self, path: str | Path, written: int) -> None:
+        import shutil
+
+        self.path = Path(path)
+        self.free = shutil.disk_usage(self.path.parent).free
+        self.written = written
+        super().__init__(errno.ENOSPC, f"no space left in {self.path.parent} while writing {self.path.name} "
+                                       f"({written / 2**20:.1f} MB written before the disk filled, "
+                                       f"{self.free / 2**20:.1f} MB free there now); free at least that much "
+                                       "more there, or point --cache-dir / --out at a disk with room")
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def remove_stale_temporaries(folder: str | Path, older_than_s: float = 3600.0) -> int:
+    """Remove cir-bench's own temporary files (``.<name>.<random>.tmp``, left by a process
+    killed while writing) under ``folder`` that are older than ``older_than_s`` (a live
+    writer's are younger); returns how many."""
+    import time
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    cutoff, removed = time.time() - older_than_s, 0
+    for tmp in folder.rglob(f".*{TMP_SUFFIX}"):
+        with contextlib.suppress(OSError):
+            if tmp.is_file() and not tmp.is_symlink() and tmp.stat().st_mtime < cutoff:
+                tmp.unlink()
+                removed += 1
+    return removed
 
 
 class DamagedCacheError(RuntimeError):

@@ -41,6 +41,41 @@ api = FastAPI(title="cir-bench conditional search",
               description="Backward Search (teacher), its distilled student and kNN over one embedding store.",
               docs_url=None, redoc_url=None)  # /docs below: a page that needs no CDN
 
+LOOPBACK_NAMES = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+class HostCheck:
+    """ASGI middleware: a server bound to loopback answers only requests whose Host header
+    names loopback, so a web page elsewhere cannot read it through DNS rebinding (a name of
+    its own resolving to 127.0.0.1). ``allowed``: the host names accepted, None for any (a
+    server bound to every interface cannot know the names it is reached by)."""
+
+    allowed: frozenset[str] | None = None  # set by the Ingress replica from the serve host
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and HostCheck.allowed is not None:
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            name = host[1:host.find("]")] if host.startswith("[") else host.rsplit(":", 1)[0]
+            if name.lower() not in HostCheck.allowed:
+                response = _error("host", f"{host!r} is not an address this server serves "
+                                          f"({', '.join(sorted(HostCheck.allowed))})", 400)
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    def for_host(bind: str) -> frozenset[str] | None:
+        """The names a server bound to ``bind`` answers to."""
+        if bind in ("", "0.0.0.0", "::"):
+            return None
+        return LOOPBACK_NAMES | {bind.lower()}
+
+
+api.add_middleware(HostCheck)
+
 
 class SearchRequest(BaseModel):
     """The body of POST /search (JSON; the same fields as multipart/form-data, ``image`` as a
@@ -247,6 +282,15 @@ def _web_file(name: str) -> Response:
     return Response(data, media_type=WEB[name], headers={"Cache-Control": "no-cache"})
 
 
+def _boundary(content_type: str) -> bytes | None:
+    """The boundary parameter of a multipart Content-Type header."""
+    for part in content_type.split(";")[1:]:
+        name, _, value = part.strip().partition("=")
+        if name.lower() == "boundary" and value:
+            return value.strip('"').encode("latin-1")
+    return None
+
+
 def _error(field: str, message: str, status: int = 422) -> JSONResponse:
     return JSONResponse({"error": f"{field}: {message}", "field": field}, status_code=status)
 
@@ -257,10 +301,11 @@ class Ingress:
     def __init__(self, bundle, encoder: DeploymentHandle, teacher: DeploymentHandle | None,
                  student: DeploymentHandle | None, index: DeploymentHandle | None, limits: dict[str, Any],
                  local: list[str] | None = None, teacher_batching: dict[str, Any] | None = None,
-                 teacher_compile: bool | str = False) -> None:
+                 teacher_compile: bool | str = False, serve_host: str = "127.0.0.1") -> None:
         from cir_bench.serving import (IndexSearch, ItemImages, RequestParser, ServiceLimits, StudentSearch,
                                        TeacherSearch)
 
+        HostCheck.allowed = HostCheck.for_host(serve_host)
         limits = dict(limits)
         ingress_store_mb = float(limits.pop("ingress_store_mb", 256))
         self.catalog = bundle.catalog
@@ -339,7 +384,7 @@ class Ingress:
         return JSONResponse({"total": len(match), "offset": offset,
                              "items": [self.catalog.item(p) for p in match[offset:offset + limit]]})
 
-    @api.get("/items/{item_id}/image", summary="An item's image as JPEG (?size=64|128|256|512)")
+    @api.get("/items/{item_id:path}/image", summary="An item's image as JPEG (?size=64|128|256|512)")
     async def item_image(self, item_id: str, size: int = 256) -> Response:
         from cir_bench.serving import ItemImages
 
@@ -382,7 +427,7 @@ class Ingress:
 
         t0 = time.perf_counter()
         size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > self.max_body:
+        if size is not None and size.isascii() and size.isdigit() and int(size) > self.max_body:
             return _error("body", f"{size} bytes; the limit is {self.max_body}", 413)
         try:
             body = await self._body(request)
@@ -437,11 +482,15 @@ class Ingress:
         return body
 
     async def _body(self, request: Request) -> Any:
-        from cir_bench.serving import RequestError
+        from cir_bench.serving import RequestError, json_body, text_field
 
         raw = await self._read_limited(request)
-        ctype = request.headers.get("content-type", "")
-        if ctype.startswith("multipart/form-data"):
+        ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if ctype == "multipart/form-data":
+            boundary = _boundary(request.headers.get("content-type", ""))
+            if boundary and not raw.rstrip(b"\r\n").endswith(b"--" + boundary + b"--"):
+                raise RequestError("body", "multipart/form-data cut short: no closing boundary (a truncated "
+                                           "upload?)")
             try:
                 form = await request.form(max_files=1, max_fields=16, max_part_size=64 * 1024)
             except Exception as err:  # malformed multipart, too many parts
@@ -454,24 +503,15 @@ class Ingress:
                         raise RequestError(key, f"larger than {self.limits.max_image_bytes} bytes", 413)
                     body[key] = data
                 elif key == "conditions":
-                    try:
-                        body[key] = json.loads(value)
-                    except ValueError:
-                        raise RequestError("conditions", "form field must hold a JSON object") from None
-                elif key in ("k",):
-                    body[key] = int(value) if value.strip().lstrip("-").isdigit() else value
-                elif key in ("lambda", "beta"):
-                    try:
-                        body[key] = float(value)
-                    except ValueError:
-                        body[key] = value
+                    body[key] = json_body(value, "conditions")
                 else:
-                    body[key] = value
+                    body[key] = text_field(key, value)
             return body
-        try:
-            return json.loads(raw)
-        except ValueError:
-            raise RequestError("body", "not valid JSON") from None
+        if ctype != "application/json" and not ctype.endswith("+json"):
+            # a cross-site form can post text/plain without a preflight; JSON must say it is JSON
+            raise RequestError("body", f"Content-Type must be application/json or multipart/form-data, "
+                                       f"got {ctype or 'none'}", 415)
+        return json_body(raw)
 
 def build_app(bundle, settings=None):
     """The application for a ``ServeBundle`` (cir_bench.serving.build_bundle); ``settings``:
@@ -492,7 +532,7 @@ def build_app(bundle, settings=None):
     index = None if "index" in local else bind(Index, "index")
     return Ingress.options(**settings.deployment("ingress")).bind(
         bundle, encoder, teacher, student, index, dataclasses.asdict(settings.limits), local,
-        dataclasses.asdict(settings.batch("teacher")), settings.teacher.compile)
+        dataclasses.asdict(settings.batch("teacher")), settings.teacher.compile, settings.http.host)
 
 
 def _store_fits(bundle, limit_mb: float) -> bool:

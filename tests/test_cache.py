@@ -141,3 +141,51 @@ def test_a_cache_entry_is_built_once_when_two_ask_for_it(tmp_path, capsys):
         t.join(30)
     assert len(built) == 1 and sorted(results) == [("built", False), ("built", True)], (built, results)
     assert f"waiting for another process building {path}" in capsys.readouterr().err
+
+
+def test_a_full_disk_is_one_line_naming_the_folder(tmp_path, monkeypatch, capsys):
+    """The disk filling up while a checkpoint is written (a real ENOSPC: the temporary file is
+    /dev/full) ends in one `cir-bench: error:` line naming the folder and the sizes, not a
+    traceback; nothing is left under the final name."""
+    import os
+    import tempfile
+
+    from cir_bench import paths
+
+    real = tempfile.mkstemp
+
+    def full_disk(prefix="", suffix="", dir=None):
+        fd, name = real(prefix=prefix, suffix=suffix, dir=dir)
+        os.close(fd)
+        os.unlink(name)
+        os.symlink("/dev/full", name)  # every write there fails with ENOSPC
+        return os.open(name, os.O_RDONLY), name
+
+    monkeypatch.setattr(paths.tempfile, "mkstemp", full_disk)
+    cache = tmp_path / "cache"
+    code = main(["train", "--no-progress", *sum((["--set", o] for o in tiny_overrides(cache)), []),
+                 "--set", "train.epochs=1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("cir-bench: error: no space left in "), err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not [p for p in cache.rglob("*.pt")]  # no checkpoint under its final name
+
+
+def test_stale_temporaries_of_killed_writes_are_removed_at_start(tmp_path):
+    import os
+    import time
+
+    from cir_bench.paths import remove_stale_temporaries
+
+    cache = tmp_path / "cache"
+    (cache / "embeddings").mkdir(parents=True)
+    old = cache / "embeddings" / ".abc.pt.k2j3h4.tmp"
+    fresh = cache / "embeddings" / ".def.pt.x8y9z0.tmp"  # a live writer's
+    other = cache / "embeddings" / "notes.tmp"  # not of cir-bench's naming
+    for p in (old, fresh, other):
+        p.write_bytes(b"x")
+    hours_ago = time.time() - 2 * 3600
+    os.utime(old, (hours_ago, hours_ago))
+    os.utime(other, (hours_ago, hours_ago))
+    assert remove_stale_temporaries(cache) == 1
+    assert not old.exists() and fresh.exists() and other.exists()

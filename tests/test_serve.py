@@ -74,6 +74,48 @@ def _request(service, i: int, method: str) -> dict:
     return {"item_id": ds.items[pos].id, "conditions": {"style": style}, "method": method, "k": 5}
 
 
+def test_requests_that_used_to_answer_500_name_their_field(server, local_service):
+    """Found trying the server as an attacker would: each of these answered 500 or a misleading
+    message; now a 4xx naming the field, and the server keeps serving."""
+    body = _request(local_service, 0, "teacher")
+    item, (prop, label) = body["item_id"], next(iter(body["conditions"].items()))
+
+    def check(r, status, field, words):
+        assert r.status_code == status and r.json()["field"] == field and words in r.json()["error"], r.text
+
+    # lambda past float32 (3.5e38 became inf in the search) by JSON, query string and form
+    check(httpx.post(f"{server}/search", json={**body, "lambda": 3.5e38}), 422, "lambda", "0..1e+06")
+    check(httpx.get(f"{server}/search", params={"item_id": item, prop: label, "lambda": "3.5e38"}), 422, "lambda",
+          "0..1e+06")
+    form = {"item_id": item, "conditions": f'{{"{prop}": "{label}"}}', "lambda": "1e39", "method": "teacher"}
+    multipart = b"".join(f'--XyZ\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+                         for k, v in form.items()) + b"--XyZ--\r\n"
+    check(httpx.post(f"{server}/search", content=multipart,
+                     headers={"content-type": "multipart/form-data; boundary=XyZ"}), 422, "lambda", "0..")
+    # beta = 1e308: scores JSON cannot carry
+    check(httpx.post(f"{server}/search", json={**body, "method": "soft_filtered_knn", "beta": 1e308}), 422, "beta",
+          "0..1e+06")
+    # k = "²": a digit to str.isdigit, no integer to int()
+    check(httpx.get(f"{server}/search", params={"item_id": item, prop: label, "k": "²"}), 422, "k", "integer")
+    # JSON nested 50,000 deep (RecursionError)
+    check(httpx.post(f"{server}/search", content=b"[" * 50_000 + b"]" * 50_000,
+                     headers={"content-type": "application/json"}), 400, "body", "nested too deeply")
+    # a multipart body cut before its closing boundary says so (it said "conditions: must be …")
+    cut = (b"--XyZ\r\nContent-Disposition: form-data; name=\"item_id\"\r\n\r\n" + item.encode()
+           + b"\r\n--XyZ\r\nContent-Disposition: form-data; name=\"conditions\"\r\n\r\n{\"sty")
+    check(httpx.post(f"{server}/search", content=cut, headers={"content-type": "multipart/form-data; boundary=XyZ"}),
+          400, "body", "no closing boundary")
+    # JSON must say it is JSON (a cross-site form posts text/plain without a preflight)
+    check(httpx.post(f"{server}/search", content=__import__("json").dumps(body),
+                     headers={"content-type": "text/plain"}), 415, "body", "Content-Type must be application/json")
+    # a Host that is not this loopback server's (DNS rebinding) is refused, on every route
+    for path in ("/healthz", "/search?item_id=x", "/"):
+        check(httpx.get(f"{server}{path}", headers={"host": "rebind.example:8000"}), 400, "host",
+              "'rebind.example:8000' is not an address this server serves")
+    assert httpx.get(f"{server}/healthz", headers={"host": "localhost"}).status_code == 200
+    assert httpx.post(f"{server}/search", json=body, timeout=60).status_code == 200
+
+
 def test_health_and_properties(server):
     assert httpx.get(f"{server}/healthz").json() == {"status": "ok"}
     props = httpx.get(f"{server}/properties").json()
@@ -740,3 +782,22 @@ def test_serve_stop_without_an_address_stops_only_this_users_local_server(tmp_pa
     assert main(["serve", "--stop"]) == 2
     err = capsys.readouterr().err
     assert "several of your servers run" in err and f"pid {os.getpid()}" in err and "--address" in err
+
+
+def test_item_images_route_takes_ids_with_slashes():
+    """The CSV loader's default item id is the image's path ("birds/cardinal_01.jpg"): the
+    page's thumbnails (/items/<id>/image, the id URL-encoded and decoded by the server) must
+    reach the route."""
+    from starlette.routing import Match
+
+    from serve.app import api
+
+    def routes(rs):
+        for r in rs:
+            yield r
+            yield from routes(getattr(getattr(r, "original_router", None), "routes", []))
+
+    route = next(r for r in routes(api.routes) if getattr(r, "path", "").startswith("/items/{"))
+    scope = {"type": "http", "method": "GET", "path": "/items/birds/cardinal_01.jpg/image", "root_path": ""}
+    match, child = route.matches(scope)
+    assert match == Match.FULL and child["path_params"]["item_id"] == "birds/cardinal_01.jpg"

@@ -4,9 +4,9 @@ and the load test of a running server."""
 from cir_bench.serving.components import ImageEncoder, IndexSearch, ItemImages, ServeBundle, StudentSearch, \
     TeacherSearch, build_bundle
 from cir_bench.serving.requests import Catalog, RequestError, RequestParser, ServiceLimits, example_requests, \
-    request_from_query
+    json_body, request_from_query, text_field
 from cir_bench.serving.service import SearchService
 
 __all__ = ["Catalog", "ImageEncoder", "IndexSearch", "ItemImages", "RequestError", "RequestParser", "SearchService",
            "ServeBundle", "ServiceLimits", "StudentSearch", "TeacherSearch", "build_bundle", "example_requests",
-           "request_from_query"]
+           "json_body", "request_from_query", "text_field"]

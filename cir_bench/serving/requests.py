@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -24,6 +25,9 @@ from cir_bench.data.base import BadImageError, ImageTooLargeError, decode_image
 METHODS = ("teacher", "student", "knn", "filtered_knn", "soft_filtered_knn")
 FIELDS = {"item_id", "image", "conditions", "method", "k", "lambda", "beta"}
 DEFAULT_BETA = 0.1  # SoftFilteredKNN's default
+# the largest lambda / beta taken: the search runs in float32 (3.4e38 overflowed to inf, and a
+# beta of 1e308 made scores that JSON cannot carry)
+MAX_WEIGHT = 1e6
 
 
 class RequestError(ValueError):
@@ -51,20 +55,41 @@ def request_from_query(items: Sequence[tuple[str, str]]) -> dict[str, Any]:
             raise RequestError("image", "uploads go in the body of POST /search")
         if key == "conditions":
             raise RequestError("conditions", "in a query string each condition is its own key: ?<property>=<label>")
-        if key == "k":
-            body[key] = int(value) if value.strip().lstrip("-").isdigit() else value
-        elif key in ("lambda", "beta"):
-            try:
-                body[key] = float(value)
-            except ValueError:
-                body[key] = value
-        elif key in FIELDS:
-            body[key] = value
+        if key in FIELDS:
+            body[key] = text_field(key, value)
         else:
             conditions[key] = value
     if conditions:
         body["conditions"] = conditions
     return body
+
+
+def text_field(key: str, value: str) -> Any:
+    """A field given as text (a query string, a form field): ``k`` as an integer and ``lambda``,
+    ``beta`` as numbers where the text is one; anything else passes on as text, so that the
+    parser names the field ("²" is a digit to ``str.isdigit`` but no integer)."""
+    if key == "k":
+        try:
+            return int(value) if value.strip().isascii() else value
+        except ValueError:
+            return value
+    if key in ("lambda", "beta"):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def json_body(raw: bytes | str, field: str = "body") -> Any:
+    """JSON text parsed, or a ``RequestError`` naming ``field``: not JSON, or nested too deeply
+    for the parser (a body nested 100,000 levels deep ended in RecursionError, a 500)."""
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise RequestError(field, "JSON nested too deeply") from None
+    except ValueError:
+        raise RequestError(field, "not valid JSON") from None
 
 
 @dataclass
@@ -142,16 +167,16 @@ class RequestParser:
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.limits.max_k:
             raise RequestError("k", f"must be an integer in 1..{self.limits.max_k}, got {k!r}")
         lam = request.get("lambda")
-        if lam is not None and (not isinstance(lam, (int, float)) or isinstance(lam, bool) or lam < 0
-                                or not np.isfinite(lam)):
-            raise RequestError("lambda", f"must be a number >= 0, got {lam!r}")
+        if lam is not None and (not isinstance(lam, (int, float)) or isinstance(lam, bool)
+                                or not 0 <= lam <= MAX_WEIGHT):
+            raise RequestError("lambda", f"must be a number in 0..{MAX_WEIGHT:g}, got {lam!r}")
         if lam is not None and method != "teacher":
             raise RequestError("lambda", f"only the teacher (Backward Search) takes lambda; method {method!r} "
                                "would ignore it")
         beta = request.get("beta")
-        if beta is not None and (not isinstance(beta, (int, float)) or isinstance(beta, bool) or beta < 0
-                                 or not np.isfinite(beta)):
-            raise RequestError("beta", f"must be a number >= 0, got {beta!r}")
+        if beta is not None and (not isinstance(beta, (int, float)) or isinstance(beta, bool)
+                                 or not 0 <= beta <= MAX_WEIGHT):
+            raise RequestError("beta", f"must be a number in 0..{MAX_WEIGHT:g}, got {beta!r}")
         if beta is not None and method != "soft_filtered_knn":
             raise RequestError("beta", f"only soft_filtered_knn takes beta; method {method!r} would ignore it")
         conditions = request.get("conditions")
