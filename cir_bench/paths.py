@@ -281,18 +281,25 @@ def exclusive_folder(folder: str | Path) -> Iterator[Path]:
     import time
 
     folder = Path(folder)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    held = False
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise FolderInUseError(folder, os.pread(fd, 4096, 0).decode(errors="replace").strip()) from None
+        held = True
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}: "
                       f"{' '.join(sys.argv)[:500]}\n".encode(), 0)
         yield folder
     finally:
+        if held and created and [p.name for p in folder.iterdir()] == [LOCK_NAME]:
+            # a run that failed before writing anything leaves no folder behind
+            (folder / LOCK_NAME).unlink()
+            folder.rmdir()
         os.close(fd)
 
 
