@@ -19,13 +19,14 @@ import sys
 
 SIDE_HOST = "127.0.0.1"
 SIDE_MAXCONN = 64  # per side listener: they cannot use up the app's share of the global maxconn
-HTTP_REQUEST_TIMEOUT = "10s"  # a client gets this long to send a request's headers
+HTTP_REQUEST_TIMEOUT = "10s"  # a client gets this long to send a request's headers (and body start)
 
 
 def harden(text: str) -> str:
     """The configuration with every listener that names no address (Ray's side listeners) on
-    loopback with its own connection limit, a ``timeout http-request`` in ``defaults``, and
-    the admin socket readable by its owner only.
+    loopback with its own connection limit, a ``timeout http-request`` in ``defaults`` that
+    also covers the body (``option http-buffer-request``), and the admin socket readable by
+    its owner only.
 
     >>> cfg = ("global\\n    stats socket /p/admin.sock mode 666 level admin\\ndefaults\\n    mode http\\n"
     ...        "frontend prometheus\\n    bind :9101\\nfrontend http_frontend\\n    bind 127.0.0.1:8000\\n"
@@ -35,6 +36,7 @@ def harden(text: str) -> str:
         stats socket /p/admin.sock mode 600 level admin
     defaults
         timeout http-request 10s
+        option http-buffer-request
         mode http
     frontend prometheus
         bind 127.0.0.1:9101
@@ -54,7 +56,9 @@ def harden(text: str) -> str:
             continue
         out.append(re.sub(r"^(\s*stats socket \S+ mode )\d+", r"\g<1>600", line))
         if line.strip() == "defaults" and "timeout http-request" not in text:
-            out.append(f"    timeout http-request {HTTP_REQUEST_TIMEOUT}")
+            # with the body buffered (its first tune.bufsize bytes) the timeout covers the body
+            # too: a client sending a byte a second is dropped as well
+            out += [f"    timeout http-request {HTTP_REQUEST_TIMEOUT}", "    option http-buffer-request"]
     return "\n".join(out) + "\n"
 
 

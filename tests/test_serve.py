@@ -359,6 +359,10 @@ def test_cli_serve_starts_prints_url_refuses_a_busy_port_and_serve_stop_ends_it(
         half = socket.create_connection(("127.0.0.1", port))
         half.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         half_sent = time.monotonic()
+        # and so is one that sends its body a byte at a time (here: one byte, then nothing)
+        slow = socket.create_connection(("127.0.0.1", port))
+        slow.sendall(b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{")
         # idle connections to HAProxy's side listeners, far past their own limit, leave the app's
         # listener its capacity (they shared one maxconn: 4,200 to the exporter starved /healthz)
         side = sorted({p for _, p, name in listening if name == "haproxy" and p != port})
@@ -421,6 +425,13 @@ def test_cli_serve_starts_prints_url_refuses_a_busy_port_and_serve_stop_ends_it(
         except TimeoutError:
             dropped = None
         half.close()
+        assert dropped is not None and (dropped == b"" or b" 408 " in dropped.split(b"\r\n")[0]), dropped
+        slow.settimeout(max(0.5, 15 - (time.monotonic() - half_sent)))
+        try:
+            dropped = slow.recv(4096)
+        except TimeoutError:
+            dropped = None
+        slow.close()
         assert dropped is not None and (dropped == b"" or b" 408 " in dropped.split(b"\r\n")[0]), dropped
         address = re.search(r"--stop --address (\S+)`", log.read_text()).group(1)
         stopped = subprocess.run([sys.executable, "-m", "cir_bench.cli", "serve", "--stop", "--address", address],
@@ -737,7 +748,7 @@ def test_haproxy_runs_on_a_hardened_config():
     assert "bind 127.0.0.1:9101\n    maxconn 64\n" in out and "bind 127.0.0.1:8404\n  maxconn 64\n" in out
     assert "bind 0.0.0.0:8000\n" in out  # what the user asked for (--host)
     assert "mode 600 level admin" in out and "mode 666" not in out
-    assert "defaults\n    timeout http-request 10s\n" in out
+    assert "defaults\n    timeout http-request 10s\n    option http-buffer-request\n" in out
 
 
 def test_haproxy_mode_without_an_haproxy_binary_says_what_to_install(monkeypatch):
