@@ -21,6 +21,13 @@ def _synthart(root: str | None, options: dict[str, Any], cache_dir: str | Path |
     return SynthArt.load(cache_dir=cache_dir, verbose=True, **options)
 
 
+@DATASETS.register("emoji")
+def _emoji(root: str | None, options: dict[str, Any], cache_dir: str | Path | None) -> Dataset:
+    from cir_bench.data.emoji import load
+
+    return load(root, options, cache_dir)
+
+
 def _files_loader(module: str) -> Callable[..., Dataset]:
     """A dataset read from files: ``cir_bench.data.<module>.load(root, options)``, imported
     on first use so that listing datasets imports nothing heavy."""
@@ -43,6 +50,10 @@ def check_dataset_options(name: str, options: dict[str, Any]) -> None:
         from cir_bench.data.synthart import check_options
 
         check_options(options)
+    elif name == "emoji":
+        from cir_bench.data.emoji import check
+
+        check(dict(options))
     else:
         importlib.import_module(f"cir_bench.data.{_MODULES[name]}").check(dict(options))
 
