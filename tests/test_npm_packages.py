@@ -182,7 +182,7 @@ def test_emoji_items_properties_twins_and_splits_from_tiny_packages(tmp_path):
     pins = _emoji_packages(root)
     ds = get_dataset("emoji", str(root), {"integrity": pins, "test_fraction": 0.5}, tmp_path / "cache")
     # 3 emoji + 3 skin variations = 6 images per vendor; Twitter lacks its grinning face: skipped, counted
-    assert len(ds) == 11 and ds.report["skipped_without_image"] == {"google": 0, "twitter": 1}
+    assert len(ds) == 11 and ds.report["images_the_vendor_lacks"] == {"google": 0, "twitter": 1}
     assert [p.name for p in ds.properties] == ["vendor", "skin_tone", "category", "subcategory"]
     wave = ds.items[ds.index_of("google/1f44b-1f3ff")]
     assert ds.property("skin_tone").classes[wave.labels["skin_tone"]] == "dark"

@@ -126,7 +126,7 @@ class Emoji(Dataset):
                               {"vendor": vendor, "skin_tone": tone, "emoji": group}, group))
             images[item_id] = folders[vendor] / "img" / vendor / "64" / variant["image"]
         report = {"vendors": vendors, "package_version": VERSION, "licences": {v: LICENCES.get(v) for v in vendors},
-                  "skipped_without_image": skipped}
+                  "images_the_vendor_lacks": skipped}
         return cls(props, items, images, tuple(int(c) for c in background), report, content_id)
 
     def default_query_sets(self) -> list[list[str]]:
