@@ -462,8 +462,9 @@ def markdown_text(value: Any) -> Any:
 
     if isinstance(value, Markup) or value is None:
         return value
-    text = str(value).replace("\\", "\\\\").replace("`", "\\`").replace("|", "\\|")
-    return text.replace("](", "]\\(").replace("][", "]\\[").replace("\r", " ").replace("\n", " ")
+    text = str(value).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")  # quotes are plain text here
+    text = text.replace("\\", "\\\\").replace("`", "\\`").replace("|", "\\|")
+    return Markup(text.replace("](", "]\\(").replace("][", "]\\[").replace("\r", " ").replace("\n", " "))
 
 
 def markdown_code_block(text: Any, language: str = "") -> Any:
