@@ -234,9 +234,10 @@ def check_private_tree(root: str | Path, flag: str) -> None:
 
 def kernel_cache_dir(cache_dir: str | Path | None = None) -> Path:
     """Where torch.compile keeps the kernels cir-bench compiles: ``<base>/<key>``, the base
-    ``$CIR_BENCH_KERNEL_CACHE`` or ``<cache root>/kernels``, the key naming the torch version, the CPU capability torch runs with (ATEN_CPU_CAPABILITY
-    changes it) and the machine's CPU (model and flags), so that a kernel built for one is
-    never loaded under another (torch's shared default cache is keyed by none of them)."""
+    ``$CIR_BENCH_KERNEL_CACHE`` or ``<cache root>/kernels``, the key naming the torch version,
+    the CPU capability torch runs with (ATEN_CPU_CAPABILITY changes it) and the machine's CPU
+    (model and flags, whatever the core count), so that a kernel built for one is never loaded
+    under another (torch's shared default cache is keyed by none of them)."""
     import platform
 
     import torch
@@ -244,7 +245,7 @@ def kernel_cache_dir(cache_dir: str | Path | None = None) -> Path:
     cpu = platform.machine()
     with contextlib.suppress(OSError):
         info = Path("/proc/cpuinfo").read_text(errors="replace").splitlines()
-        cpu += "".join(line for line in info if line.startswith(("model name", "flags")))[:20000]
+        cpu += "".join(sorted({line for line in info if line.startswith(("model name", "flags"))}))
     key = (f"torch-{torch.__version__}-{torch.backends.cpu.get_cpu_capability().lower()}-"
            f"{hashlib.sha256(cpu.encode()).hexdigest()[:12]}")
     base = os.environ.get("CIR_BENCH_KERNEL_CACHE")
