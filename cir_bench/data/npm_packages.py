@@ -22,7 +22,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Callable, Sequence
+from typing import Callable
 
 NPM_TIMEOUT_S = 600  # a 74 MB package over a slow link; an unreachable registry fails in seconds (below)
 
@@ -191,12 +191,6 @@ def _from_root(package: NpmPackage, root: Path, dest: Path) -> Path:
     raise PackageError(package, f"not found under --root {root}: put {package.tarball_name} there (`npm pack "
                                 f"{package.spec}` on a machine with network access writes it), or the package "
                                 f"unpacked as {root / package.name}/")
-
-
-def obtain_all(packages: Sequence[NpmPackage], cache: Path, root: Path | None = None,
-               log: Callable[[str], None] = print) -> dict[str, Path]:
-    """``obtain`` for each package; every missing one is named before any download fails."""
-    return {p.name: obtain(p, cache, root, log) for p in packages}
 
 
 if __name__ == "__main__":  # python -m cir_bench.data.npm_packages FILE: print a tarball's integrity
