@@ -6,7 +6,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from cir_bench.config import ConfigError, RunConfig
 from cir_bench.paths import DamagedCacheError, DiskFullError, FolderInUseError, UntrustedFolderError
@@ -42,16 +42,40 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def final_dataset_name(args: argparse.Namespace, config_file: dict[str, Any]) -> str:
+    """The dataset a command will run on, by the same precedence as ``build_config``."""
+    from cir_bench.config import parse_override, task_preset
+
+    name = RunConfig().dataset.name
+    if args.task:
+        name = task_preset(args.task)["dataset"]["name"]
+    section = config_file.get("dataset") if isinstance(config_file, dict) else None
+    if isinstance(section, dict) and isinstance(section.get("name"), str):
+        name = section["name"]
+    if args.dataset:
+        name = args.dataset
+    for item in args.set:
+        key, value = parse_override(item)
+        if key == "dataset.name" and isinstance(value, str):
+            name = value
+    return name
+
+
 def build_config(args: argparse.Namespace) -> RunConfig:
     """The run config of a command, validated before any work. Precedence, whatever the
     order on the command line: defaults < --task < --paper-recipe < --config FILE < named
     flags < --set (in the order given)."""
-    from cir_bench.config import PAPER_RECIPE, apply_mapping, apply_overrides, blame, flat_keys, parse_override, \
-        read_yaml, select_dataset, task_preset, validate
+    from cir_bench.config import PAPER_RECIPE, apply_mapping, apply_overrides, blame, dataset_defaults, flat_keys, \
+        parse_override, read_yaml, select_dataset, task_preset, validate
     from cir_bench.pipeline.checks import check_run_config
 
     cfg = RunConfig()
     sources: list[tuple[str, set[str]]] = []  # who set which key, to name it in an error
+    data = read_yaml(args.config) if args.config else {}
+    name = final_dataset_name(args, data)
+    if dataset_defaults(name):
+        apply_mapping(cfg, dataset_defaults(name))
+        sources.append((f"the defaults of dataset '{name}'", flat_keys(dataset_defaults(name))))
     if args.task:
         apply_mapping(cfg, task_preset(args.task))
         sources.append((f"--task {args.task}", flat_keys(task_preset(args.task))))
@@ -59,7 +83,6 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         apply_mapping(cfg, PAPER_RECIPE)
         sources.append(("--paper-recipe", flat_keys(PAPER_RECIPE)))
     if args.config:
-        data = read_yaml(args.config)
         try:
             apply_mapping(cfg, data)
         except ConfigError as err:

@@ -172,3 +172,36 @@ def wikiart_parquet(root: Path, n: int = 30) -> Path:
     (root / "data").mkdir()
     pq.write_table(table, root / "data" / "train-00000-of-00001.parquet")
     return root
+
+
+DOMAIN_NAMES = ("photo", "sketch", "cartoon")
+DOMAIN_CLASSES = ("cat", "dog", "car")
+
+
+def domains(root: Path, layout: str = "separate", per_pair: int = 6, train_list: bool = False) -> Path:
+    """The file lists of the domain-conversion literature (``path domain class`` lines):
+    ``separate`` (query_files.csv + database_files.csv) or ``full`` (full_files.csv), with
+    3 domains x 3 classes x ``per_pair`` images under ``<root>/imgs/<domain>/<class>/``.
+    Colour says the class, brightness the domain, so a small model learns both."""
+    lines: dict[str, list[str]] = {"query": [], "database": [], "full": [], "train": []}
+    for d, domain in enumerate(DOMAIN_NAMES):
+        for c, klass in enumerate(DOMAIN_CLASSES):
+            for j in range(per_pair):
+                rel = f"imgs/{domain}/{klass}/{domain}_{j:03d}.jpg"
+                color = tuple(int(v * (0.45 + 0.3 * d)) for v in PALETTE[c])
+                write_image(root / rel, color, seed=100 * d + 10 * c + j)
+                line = f"{rel} {domain} {klass}"
+                if layout == "full":
+                    lines["full"].append(line)
+                else:
+                    lines["query" if j == 0 else "database"].append(line)
+            if train_list:
+                for j in range(per_pair):
+                    rel = f"train/{domain}/{klass}/{j:03d}.jpg"
+                    write_image(root / rel, tuple(int(v * (0.45 + 0.3 * d)) for v in PALETTE[c]),
+                                seed=1000 + 100 * d + 10 * c + j)
+                    lines["train"].append(f"{rel} {domain} {klass}")
+    for name, rows in lines.items():
+        if rows:
+            (root / f"{name}_files.csv").write_text("".join(r + "\n" for r in rows))
+    return root

@@ -291,3 +291,28 @@ def test_serve_ingress_local_stages_are_checked():
     assert settings_from_dict({"ingress": {"local": ["teacher"]}}).ingress.local == ["teacher"]
     with pytest.raises(ConfigError, match=r"ingress.local\[0\].*student, index, teacher"):
         settings_from_dict({"ingress": {"local": ["encoder"]}})
+
+
+def test_a_dataset_brings_its_own_defaults_beneath_everything_the_user_sets(tmp_path):
+    """emoji starts from the pretrained Lite0 (frozen, 128 px), whatever names the dataset; the
+    user's file, flags and --set win; other datasets keep the global defaults."""
+    from cir_bench.tune import Experiment, trial_config
+
+    cfg = _cfg(["run", "--dataset", "emoji"])
+    assert (cfg.model.backbone, cfg.model.pretrained, cfg.model.finetune, cfg.model.input_size) == \
+        ("efficientnet_lite0", True, False, 128)
+    assert _cfg(["run", "--dataset", "emoji", "--set", "model.finetune=true"]).model.finetune is True
+    assert _cfg(["run", "--set", "dataset.name=emoji"]).model.backbone == "efficientnet_lite0"
+    config = tmp_path / "c.yaml"
+    config.write_text("dataset: {name: emoji}\nmodel: {embed_dim: 64}\n")
+    from_file = _cfg(["run", "--config", str(config)])
+    assert (from_file.model.backbone, from_file.model.embed_dim) == ("efficientnet_lite0", 64)
+    assert _cfg(["run", "--config", str(config), "--dataset", "synthart"]).model.backbone == "small_cnn"
+    assert _cfg(["run"]).model == RunConfig().model
+    domains = _cfg(["run", "--dataset", "domains", "--root", str(tmp_path)])
+    assert (domains.queries.query_split, domains.queries.database_split) == ("query", "database")
+    exp = Experiment.from_dict({"name": "e", "base": {"dataset": {"name": "emoji"}},
+                                "grid": {"model.finetune": [False, True]}})
+    trials = [trial_config(exp, t, None) for t in exp.trials()]
+    assert [(t.model.backbone, t.model.finetune) for t in trials] == [("efficientnet_lite0", False),
+                                                                       ("efficientnet_lite0", True)]

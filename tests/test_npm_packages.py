@@ -180,7 +180,7 @@ def test_emoji_items_properties_twins_and_splits_from_tiny_packages(tmp_path):
 
     root = tmp_path / "root"
     pins = _emoji_packages(root)
-    ds = get_dataset("emoji", str(root), {"integrity": pins, "test_fraction": 0.5}, tmp_path / "cache")
+    ds = get_dataset("emoji", str(root), {"integrity": pins, "test_fraction": 0.5, "vendors": ["google", "twitter"]}, tmp_path / "cache")
     # 3 emoji + 3 skin variations = 6 images per vendor; Twitter lacks its grinning face: skipped, counted
     assert len(ds) == 11 and ds.report["images_the_vendor_lacks"] == {"google": 0, "twitter": 1}
     assert [p.name for p in ds.properties] == ["vendor", "skin_tone", "category", "subcategory"]
@@ -203,8 +203,32 @@ def test_emoji_items_properties_twins_and_splits_from_tiny_packages(tmp_path):
     assert [ds.items[t].id if t >= 0 else None for t in twins] == ["twitter/1f34e", "twitter/1f44b-1f3ff", None]
     tone = QuerySet(["skin_tone"], positions[1:2], np.array([[ds.property("skin_tone").index("light")]]))
     assert ds.items[find_twins(ds, tone, np.arange(len(ds)))[0]].id == "google/1f44b-1f3fb"
+    # the domain-conversion protocol: correct = the query's emoji drawn by the target vendor (every
+    # tone of it), judged over the whole ranking
+    from cir_bench.metrics import build_eval_inputs, evaluate
+
+    assert ds.class_key == "emoji" and ds.domain_property == "vendor"
+    codes = ds.class_codes()
+    assert codes[ds.index_of("google/1f44b")] == codes[ds.index_of("twitter/1f44b-1f3ff")]
+    assert codes[ds.index_of("google/1f44b")] != codes[ds.index_of("google/1f34e")]
+    query = QuerySet(["vendor"], positions[:2], np.array([[1], [1]]))
+    database = np.arange(len(ds))
+    # a ranking that puts twitter's apple 2nd for the apple query; for the dark wave, twitter's
+    # waves (4 of them: plain, light, dark, mixed) at ranks 1, 3, 5, 7
+    apple = [ds.index_of(i) for i in ("google/1f600", "twitter/1f34e")]
+    waves = [ds.index_of(f"twitter/{c}") for c in ("1f44b", "1f44b-1f3fb", "1f44b-1f3ff", "1f44b-1f3fb-1f3ff")]
+    rest = lambda head, q: head + [p for p in range(len(ds)) if p not in head and p != q]  # noqa: E731
+    others = [p for p in range(len(ds)) if p not in waves and p != positions[1]]
+    wave_rank = [waves[0], others[0], waves[1], others[1], waves[2], others[2], waves[3]]
+    full = np.array([rest(apple, positions[0]), rest(wave_rank, positions[1])])
+    inputs = build_eval_inputs(ds, query, full[:, :3], database, "exclude", full_ranking=full)
+    values = evaluate(inputs, ks=(3,))
+    assert inputs.n_correct.tolist() == [1, 4]
+    assert values["dc_precision_at_3"].tolist() == pytest.approx([1.0, 2 / 3])
+    ap_wave = ((1 + 1) / 2 + (1 / 2 + 2 / 3) / 2 + (2 / 4 + 3 / 5) / 2 + (3 / 6 + 4 / 7) / 2) / 4
+    assert values["dc_map"].tolist() == pytest.approx([(0 + 1 / 2) / 2, ap_wave])  # apple: rank 2, P0 = 0/1
     # the packages were checked and unpacked once; a second load reads the cache (no --root needed)
-    again = get_dataset("emoji", None, {"integrity": pins, "test_fraction": 0.5}, tmp_path / "cache")
+    again = get_dataset("emoji", None, {"integrity": pins, "test_fraction": 0.5, "vendors": ["google", "twitter"]}, tmp_path / "cache")
     assert again.fingerprint() == ds.fingerprint()
 
 
@@ -218,7 +242,7 @@ def test_emoji_refuses_a_damaged_package_and_bad_options(tmp_path):
     data[100] ^= 0xFF
     tarball.write_bytes(bytes(data))
     with pytest.raises(PackageError, match="emoji-datasource-twitter@16.0.0: .*twitter-16.0.0.tgz: its sha512"):
-        get_dataset("emoji", str(root), {"integrity": pins}, tmp_path / "cache")
+        get_dataset("emoji", str(root), {"integrity": pins, "vendors": ["google", "twitter"]}, tmp_path / "cache")
     with pytest.raises(ValueError, match="at least two different vendors"):
         check_dataset_options("emoji", {"vendors": ["google"]})
     with pytest.raises(ValueError, match="unknown option 'vendor'"):

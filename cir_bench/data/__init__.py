@@ -38,7 +38,7 @@ def _files_loader(module: str) -> Callable[..., Dataset]:
     return factory
 
 
-_MODULES = {"csv": "csv_folder", "cub": "cub", "apy": "apy", "wikiart": "wikiart"}
+_MODULES = {"csv": "csv_folder", "cub": "cub", "apy": "apy", "wikiart": "wikiart", "domains": "domains"}
 for _name, _module in _MODULES.items():
     DATASETS.register(_name)(_files_loader(_module))
 

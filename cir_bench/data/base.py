@@ -78,6 +78,11 @@ class Dataset(ABC):
     square_resize: bool = False
     #: what loading noticed (skipped images, degenerate boxes, ...); goes to the manifest
     report: dict = {}
+    #: the domain-conversion protocol (docs/metrics.md): what a correct result shares with the
+    #: query besides the conditions (a property, or an exact factor such as emoji's "emoji"),
+    #: and the property that names the domain; None: the dataset does not define it
+    class_key: str | None = None
+    domain_property: str | None = None
 
     def __init__(self, properties: Sequence[Property], items: Sequence[Item]) -> None:
         if not properties:
@@ -162,6 +167,21 @@ class Dataset(ABC):
     def labels(self, prop: str) -> np.ndarray:
         self.property(prop)
         return np.array([it.labels[prop] for it in self.items], dtype=np.int64)
+
+    def class_codes(self) -> np.ndarray:
+        """(N,) one code per item for ``class_key``: its label when it names a property, else
+        the exact factor of that name (codes in order of first appearance)."""
+        if self.class_key is None:
+            raise ValueError(f"dataset '{self.name}' defines no class for the domain-conversion protocol")
+        if self.class_key in {p.name for p in self.properties}:
+            return self.labels(self.class_key)
+        codes: dict[str, int] = {}
+        try:
+            return np.array([codes.setdefault(it.factors[self.class_key], len(codes)) for it in self.items],
+                            dtype=np.int64)
+        except KeyError:
+            raise ValueError(f"dataset '{self.name}': class_key '{self.class_key}' is neither a property nor a "
+                             f"factor of every item") from None
 
     # -- tables and identity --------------------------------------------------------
     def to_frame(self) -> pd.DataFrame:

@@ -40,13 +40,16 @@ INTEGRITY = {
     "apple": "sha512-dVYjsK0FnCry9F+PBtnivhG2K0xdwlmqYaSgiUtztUdAGPYiHYhZcVKvNBqC791g2qyEcFNTBO6utg4eQ3uLTw==",
     "facebook": "sha512-b9ZxJdB7nMWGckH1vyCjPSosaa6MJYuojPPFiQ0LmDIZS8vlG454XKcmTFKrXIMAA72O4MRJMYFhvWI8pjyciQ==",
 }
-LICENCES = {
+LICENCES = {  # as the packages' README states them
     "google": "Noto Emoji images, Apache-2.0",
     "twitter": "Twemoji images, CC-BY 4.0",
-    "apple": "Apple's images: not openly licensed, see the package's README",
-    "facebook": "Facebook's images: not openly licensed, see the package's README",
+    "apple": "Apple's images, © Apple Inc., not licensed for commercial usage",
+    "facebook": "Facebook's images, © Facebook, Inc., no clear licensing",
 }
-DEFAULT_VENDORS = ("google", "twitter")  # the openly licensed ones
+OPEN_VENDORS = ("google", "twitter")
+# Three styles: the two openly licensed packages and Apple's. OpenMoji (CC-BY-SA) ships SVG
+# only, which would need an SVG renderer; a user who wants only open images sets the vendors.
+DEFAULT_VENDORS = ("google", "twitter", "apple")
 SKIN_TONES = {"1F3FB": "light", "1F3FC": "medium-light", "1F3FD": "medium", "1F3FE": "medium-dark",
               "1F3FF": "dark"}
 TONE_CLASSES = ("none", "light", "medium-light", "medium", "medium-dark", "dark", "mixed")
@@ -66,6 +69,8 @@ class Emoji(Dataset):
     name = "emoji"
     context_factors = ("vendor", "skin_tone", "emoji")
     image_size = 64
+    class_key = "emoji"  # a correct result is the query's emoji ...
+    domain_property = "vendor"  # ... drawn by the target vendor
 
     def __init__(self, properties: Sequence[Property], items: Sequence[Item], images: dict[str, Path],
                  background: tuple[int, int, int], report: dict[str, Any], content_id: str) -> None:
@@ -179,6 +184,10 @@ def load(root: str | None, options: dict[str, Any], cache_dir: str | Path | None
     vendors = list(options.get("vendors", DEFAULT_VENDORS))
     integrity = dict(options.get("integrity") or {})
     folders, pins = {}, {}
+    closed = [v for v in vendors if v not in OPEN_VENDORS]
+    if closed:
+        print("emoji: " + "; ".join(f"{v}: {LICENCES.get(v, 'see the package README')}" for v in closed)
+              + " (research use only; openly licensed images only: --set 'dataset.options.vendors=[google,twitter]')")
     for vendor in vendors:
         pkg = package(vendor, integrity.get(vendor))
         folders[vendor] = obtain(pkg, cache_root(cache_dir), Path(root) if root else None)

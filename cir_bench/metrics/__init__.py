@@ -16,6 +16,7 @@ from cir_bench.data.base import Dataset
 from cir_bench.data.queries import QuerySet, relevant_mask
 from cir_bench.metrics.average_precision import ap_at_k_hits, ap_at_k_minRk, ap_at_k_R
 from cir_bench.metrics.context import context_at_k
+from cir_bench.metrics.domain_conversion import dc_map, dc_precision_at_k, dc_recall_at_k, trapezoidal_ap
 from cir_bench.metrics.hit_context import hit_context_at_k
 from cir_bench.metrics.precision import precision_at_k
 from cir_bench.metrics.recall import hit_at_k, recall_at_k
@@ -39,13 +40,17 @@ class EvalInputs:
     ranked_factors: np.ndarray | None = None  # (Q, K, F)
     context_compare: np.ndarray | None = None  # (Q, F) bool, the non-conditioned factors
     twin: np.ndarray | None = None  # (Q,) twin position in the database, -1 when none
+    # domain-conversion protocol: correct = same class as the query and every condition met,
+    # over each query's full ranking (Q, N'), and R per query over the whole database
+    correct_full: np.ndarray | None = None
+    n_correct: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
 class MetricSpec:
     key: str  # e.g. "precision_at_k"; columns are key with k substituted: precision_at_10
     fn: Callable[[EvalInputs, int], np.ndarray]
-    needs: str = "labels"  # labels | tags | factors | twins
+    needs: str = "labels"  # labels | tags | factors | twins | domain
 
 
 METRICS: Registry[MetricSpec] = Registry("metric")
@@ -67,6 +72,9 @@ _register("context_at_k", lambda e, k: context_at_k(e.query_factors, e.ranked_fa
 _register("hit_context_at_k", lambda e, k: hit_context_at_k(e.query_factors, e.ranked_factors, e.context_compare,
                                                            e.hits, k), "factors")
 _register("twin_hit_at_k", lambda e, k: twin_hit_at_k(e.ranked, e.twin, k), "twins")
+_register("dc_precision_at_k", lambda e, k: dc_precision_at_k(e.correct_full, k, e.n_correct), "domain")
+_register("dc_recall_at_k", lambda e, k: dc_recall_at_k(e.correct_full, k, e.n_correct), "domain")
+_register("dc_map", lambda e, k: dc_map(e.correct_full, e.n_correct), "domain")
 
 #: the paper's name for precision@k, reported beside it ("mAP@10, paper def.")
 PAPER_ALIASES = {"precision_at_k": "map_at_k_paper"}
@@ -106,7 +114,11 @@ def find_twins(dataset: Dataset, queries: QuerySet, database: np.ndarray) -> np.
 
 
 def build_eval_inputs(dataset: Dataset, queries: QuerySet, ranked: np.ndarray, database: np.ndarray,
-                      self_match: str = "exclude", twins: np.ndarray | None = None) -> EvalInputs:
+                      self_match: str = "exclude", twins: np.ndarray | None = None,
+                      full_ranking: np.ndarray | None = None) -> EvalInputs:
+    """What the metrics read. ``ranked``: the top-k lists; ``full_ranking``: each query's
+    ranking of the whole database (for the domain-conversion metrics, when the dataset
+    defines a class)."""
     if self_match not in SELF_MATCH_POLICIES:
         raise ValueError(f"unknown self-match policy '{self_match}'; valid: {SELF_MATCH_POLICIES}")
     ranked = np.asarray(ranked, dtype=np.int64)
@@ -133,6 +145,11 @@ def build_eval_inputs(dataset: Dataset, queries: QuerySet, ranked: np.ndarray, d
         inputs.ranked_factors = codes[ranked]
         inputs.context_compare = np.array([[f not in queries.properties for f in factors]] * len(queries))
         inputs.twin = twins if twins is not None else find_twins(dataset, queries, database)
+    if dataset.class_key is not None and full_ranking is not None:
+        classes = dataset.class_codes()
+        correct = rel & (classes[None, :] == classes[queries.positions][:, None])
+        inputs.n_correct = correct.sum(axis=1)
+        inputs.correct_full = np.take_along_axis(correct, np.asarray(full_ranking, dtype=np.int64), axis=1)
     return inputs
 
 
@@ -145,7 +162,11 @@ def evaluate(inputs: EvalInputs, ks: tuple[int, ...] = (10,), metrics: list[str]
             continue
         if spec.needs == "twins" and (inputs.twin is None or not np.any(inputs.twin >= 0)):
             continue
+        if spec.needs == "domain" and inputs.correct_full is None:
+            continue
         for k in ks:
+            if metric_column(key, k) in cols:  # a metric without a cutoff (dc_map)
+                continue
             values = spec.fn(inputs, k)
             cols[metric_column(key, k)] = values
             if key in PAPER_ALIASES:
@@ -172,4 +193,5 @@ __all__ = [
     "METRICS", "MetricSpec", "EvalInputs", "build_eval_inputs", "evaluate", "summarize", "find_twins",
     "precision_at_k", "ap_at_k_R", "ap_at_k_minRk", "ap_at_k_hits", "hit_at_k", "recall_at_k", "hit_context_at_k",
     "mts_at_k", "retrieved_similarity_at_k", "context_at_k", "twin_rank", "twin_hit_at_k", "jaccard",
+    "dc_map", "dc_precision_at_k", "dc_recall_at_k", "trapezoidal_ap",
 ]

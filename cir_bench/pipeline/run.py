@@ -21,6 +21,7 @@ from cir_bench.pipeline.steps import backward_label, cache_dir_for, distil_or_lo
 from cir_bench.pipeline.steps import query_sets as built_query_sets
 from cir_bench.results import write_run
 from cir_bench.search import METHODS, get_method
+from cir_bench.search.base import Ranking
 from cir_bench.train import seed_everything
 
 
@@ -139,6 +140,8 @@ def _run(cfg: RunConfig, out: Path, progress: bool, log) -> Path:
             else:
                 student_info.setdefault(f"{set_name} sweep", {})[spec.label] = {**info, "teacher": teacher_of}
                 timings[f"distil_{set_name}_{spec.label}_s"] = time.perf_counter() - t0
+        # the domain-conversion metrics judge the whole ranking; the run keeps its top k
+        depth = len(database) if dataset.class_key is not None else cfg.eval.k
         qframe = queries.to_frame(dataset)
         conditions = [queries.conditions_json(dataset, q) for q in range(len(queries))]
         rankings = {}
@@ -149,10 +152,12 @@ def _run(cfg: RunConfig, out: Path, progress: bool, log) -> Path:
             method.setup(ctx)  # e.g. a baseline's gallery: done once, not counted per query
             setup_s = time.perf_counter() - t_setup
             t0 = time.perf_counter()
-            ranking = method.search(ctx, queries, cfg.eval.k)
+            full = method.search(ctx, queries, depth)
             elapsed = time.perf_counter() - t0
+            ranking = full if depth == cfg.eval.k else head_of(full, cfg.eval.k)
             rankings[spec.label] = ranking
-            inputs = build_eval_inputs(dataset, queries, ranking.positions, database, cfg.eval.self_match, twins)
+            inputs = build_eval_inputs(dataset, queries, ranking.positions, database, cfg.eval.self_match, twins,
+                                       full_ranking=full.positions if depth != cfg.eval.k else None)
             per_query = evaluate(inputs, ks=(cfg.eval.k,))
             summary: dict[str, Any] = {"query_set": set_name, "method": spec.label, "name": spec.name,
                                        "n_queries": len(queries), **summarize(per_query)}
@@ -200,7 +205,10 @@ def _run(cfg: RunConfig, out: Path, progress: bool, log) -> Path:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "dataset": {"name": dataset.name, "fingerprint": dataset.fingerprint(), "n_items": len(dataset),
                     "root": cfg.dataset.root, "report": dataset.report,
-                    "properties": {p.name: list(p.classes) for p in dataset.properties}},
+                    "properties": {p.name: list(p.classes) for p in dataset.properties},
+                    # the domain-conversion protocol the dc_* metrics follow (None: not defined)
+                    "protocol": ({"class": dataset.class_key, "domain": dataset.domain_property}
+                                 if dataset.class_key is not None else None)},
         "policies": {"self_match": cfg.eval.self_match, "ties": "score desc, then item id asc",
                      "averaging": "micro (mean over queries)", "relevance": "ground-truth label == condition "
                      "for every conditioned property", "database_split": cfg.queries.database_split},
@@ -224,6 +232,11 @@ def _run(cfg: RunConfig, out: Path, progress: bool, log) -> Path:
 
 
 MAP_DATABASE_SAMPLE = 1500
+
+
+def head_of(ranking: Ranking, k: int) -> Ranking:
+    """The top k of a deeper ranking (its diagnostics and moved query vectors unchanged)."""
+    return Ranking(ranking.positions[:, :k], ranking.scores[:, :k], ranking.extras, ranking.query_vectors)
 
 
 def map_points(z: torch.Tensor, ids: np.ndarray, database: np.ndarray, query_positions: np.ndarray,

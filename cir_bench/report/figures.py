@@ -100,7 +100,7 @@ def frontier(frames: Sequence[tuple[pd.DataFrame, str]], query_set: str, x_title
         ax.scatter(front["x"], front["y"], s=110, facecolors="none", edgecolors="black", lw=1.2,
                    label="Pareto-optimal", zorder=5)
         ax.set_xlabel(f"{x_title} (condition satisfied)")
-        ax.set_ylabel(f"{y_title} (context kept)")
+        ax.set_ylabel(y_title)
         ax.set_title(f"{query_set}: {x_title} vs {y_title}")
     axes[0][-1].legend(fontsize=7, loc="best")
     fig.tight_layout()

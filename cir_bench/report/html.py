@@ -21,7 +21,7 @@ from cir_bench.report.frontier import points as frontier_points
 from cir_bench.report.frontier import verdict
 from cir_bench.report.inputs import ReportInputs, RunFiles
 from cir_bench.report.stats import bootstrap_ci, significance_table
-from cir_bench.report.tables import (cell, estimates, methods_by_query_sets, metrics_of_query_set,
+from cir_bench.report.tables import (cell, domain_pairs, estimates, methods_by_query_sets, metrics_of_query_set,
                                      params_of, pooled_over_seeds, seed_groups)
 
 
@@ -256,6 +256,19 @@ def run_section(run: RunFiles, opts: ReportOptions) -> dict[str, Any]:
                                        metrics_of_query_set(est, qs, k),
                                        f"hit context@{k}: the context overlap of the retrieved items that satisfy the "
                                        "condition only (— where no method's result has a hit)."))
+    for qs in sets:
+        tables = domain_pairs(run, qs)
+        if not tables:
+            continue
+        section["tables"].append(Table(
+            f"{qs}: domain conversion, mAP over the whole database per source → target pair (correct = the "
+            f"query's {run.manifest['dataset']['protocol']['class']} in the target domain; trapezoidal AP)",
+            tables["pairs"], "average: over the pairs, each weighing the same; mean over the pair's queries, no "
+            "interval (a pair holds a few queries: see the per-query table for intervals)."))
+        for method in ("knn", "filtered_knn", _backward(run.lam), "student"):
+            if f"matrix {method}" in tables:
+                section["tables"].append(Table(f"{qs}, {method}: domain-conversion mAP, source (rows) → target "
+                                               "(columns), with row and column averages", tables[f"matrix {method}"]))
     section["significance"] = _significance(run, precision, opts)
     timing = run.metrics[["query_set", "method", "ms_per_query"] + [c for c in ("mean_iterations", "satisfied_rate")
                                                                      if c in run.metrics]]
@@ -263,7 +276,8 @@ def run_section(run: RunFiles, opts: ReportOptions) -> dict[str, Any]:
                               timing.pivot_table(index="method", columns="query_set", values="ms_per_query",
                                                  sort=False).reset_index())
     # frontier
-    y_axes = [(f"context_at_{k}", f"context@{k}"), (f"mts_at_{k}", f"mTS@{k}"), (f"hit_context_at_{k}", f"hit context@{k}")]
+    y_axes = [(f"context_at_{k}", f"context@{k}"), (f"mts_at_{k}", f"mTS@{k}"), (f"hit_context_at_{k}", f"hit context@{k}"),
+              (f"twin_hit_at_{k}", f"exact-target recall@{k}")]
     section["frontier"] = []
     for qs in sets:
         frames = [(frontier_points(run, est, qs, y), title) for y, title in y_axes if not est[est["metric"] == y].empty]

@@ -15,7 +15,9 @@ from cir_bench.report.stats import bootstrap_means, interval
 # (per-query column stem, title); {k} is the run's cutoff
 TABLE_METRICS = [("precision_at_{k}", "precision@{k}"), ("mts_at_{k}", "mTS@{k}"),
                  ("context_at_{k}", "context@{k}"), ("hit_context_at_{k}", "hit context@{k}"),
-                 ("ap_at_{k}_R", "AP@{k} (/R)"), ("recall_at_{k}", "recall@{k}")]
+                 ("twin_hit_at_{k}", "exact-target recall@{k}"),
+                 ("ap_at_{k}_R", "AP@{k} (/R)"), ("recall_at_{k}", "recall@{k}"),
+                 ("dc_map", "DC mAP"), ("dc_precision_at_{k}", "DC P@{k}")]
 
 
 def metric_titles(k: int) -> list[tuple[str, str]]:
@@ -124,3 +126,39 @@ def params_of(row: pd.Series) -> dict[str, Any]:
         return json.loads(raw) if isinstance(raw, str) and raw else {}
     except json.JSONDecodeError:
         return {}
+
+
+def domain_pairs(run: RunFiles, query_set: str, metric: str = "dc_map") -> dict[str, pd.DataFrame]:
+    """The domain-conversion tables of one query set that conditions on the domain, as that
+    literature tabulates them: per method, the mean of ``metric`` over the queries of each
+    (source domain → target domain) pair. Returns ``{"pairs": rows = methods, columns = the
+    pairs + their average, "matrix <method>": rows = source, columns = target, with the row
+    and column averages}``; every average is over pairs (each pair weighs the same). Empty
+    when the run has no domain protocol or the set does not condition on the domain."""
+    protocol = (run.manifest.get("dataset") or {}).get("protocol") or {}
+    domain = protocol.get("domain")
+    col = f"metric_{metric}"
+    if not domain or domain not in query_set.split("+") or col not in run.results:
+        return {}
+    frame = run.results[run.results["query_set"] == query_set]
+    source = frame["query_id"].map(run.items.set_index("id")[domain])
+    frame = frame.assign(source=source.to_numpy(), target=frame[f"cond_{domain}"].to_numpy())
+    means = frame.groupby(["method", "source", "target"], sort=False)[col].mean()
+    domains = list((run.manifest.get("dataset") or {}).get("properties", {}).get(domain) or sorted(set(source)))
+    pairs = [(a, b) for a in domains for b in domains if a != b and (a, b) in
+             set(zip(frame["source"], frame["target"]))]
+    wide = []
+    out: dict[str, pd.DataFrame] = {}
+    for method in dict.fromkeys(frame["method"]):
+        values = {f"{a}→{b}": means.get((method, a, b), np.nan) for a, b in pairs}
+        wide.append({"method": method, **{k: round(float(v), 4) for k, v in values.items()},
+                     "average": round(float(np.nanmean(list(values.values()))), 4)})
+        matrix = pd.DataFrame(np.nan, index=domains, columns=domains)
+        for a, b in pairs:
+            matrix.loc[a, b] = means.get((method, a, b), np.nan)
+        matrix["average"] = matrix.mean(axis=1)
+        matrix.loc["average"] = matrix[domains].mean(axis=0)
+        matrix.loc["average", "average"] = float(np.nanmean([means.get((method, a, b), np.nan) for a, b in pairs]))
+        out[f"matrix {method}"] = matrix.round(4).reset_index(names=f"{domain}: source \\ target")
+    out = {"pairs": pd.DataFrame(wide), **out}
+    return out

@@ -37,7 +37,11 @@ class SearchContext:
         return self.store.z[torch.as_tensor(queries.positions)]
 
     def exclude(self, queries: QuerySet) -> np.ndarray | None:
-        return queries.positions if self.self_match == "exclude" else None
+        """The items to leave out of each query's ranking (its own), None when there are none:
+        under ``keep``, or when no query is in the database (separate query and database lists)."""
+        if self.self_match != "exclude" or not np.isin(queries.positions, self.database).any():
+            return None
+        return queries.positions
 
 
 @dataclass

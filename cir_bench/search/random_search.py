@@ -18,9 +18,11 @@ class RandomSearch(SearchMethod):
 
     def search(self, ctx: SearchContext, queries: QuerySet, k: int) -> Ranking:
         db = ctx.database
+        exclude = ctx.exclude(queries)
+        if k > len(db) - (exclude is not None):  # a ranking of the whole database
+            k = len(db) - (exclude is not None)
         out_pos = np.empty((len(queries), k), dtype=np.int64)
         out_score = np.empty((len(queries), k))
-        exclude = ctx.exclude(queries)
         for q, pos in enumerate(queries.positions):
             rng = np.random.default_rng([ctx.seed, 17, int(pos), *queries.conditions[q].tolist()])
             pool = db if exclude is None else db[db != pos]

@@ -24,8 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cir_bench.config import ConfigError, RunConfig, bounded, apply_mapping, from_mapping, read_yaml, set_value, \
-    task_preset, validate
+from cir_bench.config import ConfigError, RunConfig, bounded, apply_mapping, dataset_defaults, from_mapping, \
+    read_yaml, set_value, task_preset, validate
 
 
 @dataclass
@@ -105,9 +105,15 @@ class Experiment:
 
 
 def trial_config(exp: Experiment, trial: dict[str, Any], cache_dir: str | None) -> RunConfig:
-    """The run config of one trial: defaults, the experiment's ``base``, then the trial's
-    values; a ``task`` value applies the paper's query task and its dataset root."""
+    """The run config of one trial: defaults (with the dataset's own, ``dataset_defaults``),
+    the experiment's ``base``, then the trial's values; a ``task`` value applies the paper's
+    query task and its dataset root."""
     cfg = RunConfig()
+    dataset = exp.base.get("dataset", {}).get("name") if isinstance(exp.base.get("dataset"), dict) else None
+    dataset = trial.get("dataset.name", dataset or cfg.dataset.name)
+    if "task" in trial:
+        dataset = task_preset(trial["task"])["dataset"]["name"]
+    apply_mapping(cfg, dataset_defaults(str(dataset)))  # beneath the experiment's own values
     try:
         apply_mapping(cfg, exp.base, "")
     except ConfigError as err:

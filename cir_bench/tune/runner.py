@@ -23,7 +23,7 @@ def _evaluate(ctx, queries, method, k: int) -> dict[str, float]:
     inputs = build_eval_inputs(ctx.dataset, queries, ranking.positions, ctx.database, ctx.self_match)
     per_query = evaluate(inputs, ks=(k,))
     out = summarize(per_query)
-    for col in (f"precision_at_{k}", f"mts_at_{k}", f"context_at_{k}", f"hit_context_at_{k}"):
+    for col in (f"precision_at_{k}", f"mts_at_{k}", f"context_at_{k}", f"hit_context_at_{k}", f"twin_hit_at_{k}"):
         if col in per_query:  # the report's Table 3 shows every mean with its 95 % bootstrap interval
             est = bootstrap_ci(per_query[col].to_numpy(dtype=float), seed=ctx.seed)
             out[f"{col}_ci_low"], out[f"{col}_ci_high"] = est.low, est.high
