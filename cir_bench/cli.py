@@ -579,7 +579,7 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("tune", help="Ray Tune: backbone/size grid, λ sweep and λ calibration (tune_configs/*.yaml)")
     p.add_argument("config", nargs="?", default="quick",
-                   help="experiment YAML file, or the name of a shipped one: quick (default), table3, lambda_sweep")
+                   help="experiment YAML file, or the name of a shipped one: quick (default), emoji, table3, lambda_sweep")
     p.add_argument("--storage-path", default="runs/tune", help="experiment directory root (default runs/tune)")
     p.add_argument("--resume", action="store_true", help="resume an interrupted experiment; finished trials stay")
     p.add_argument("--trust-storage", action="store_true",

@@ -282,6 +282,8 @@ def test_run_ends_with_the_report_path_and_every_section(tiny_run):
                     "Iterations of Backward Search", "Provenance"):
         assert heading in page, heading
     assert "soft_filtered_knn[beta=1]" in page and "hit context@10" in page
+    # SynthArt has exact twins: their recall is a column and a frontier of its own
+    assert "exact-target recall@10" in page and "precision@10–exact-target recall@10 frontier" in page
     assert "Retrieval grids not drawn" not in page  # SynthArt renders its images
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)  # nothing fetched from anywhere
     assert "<script" not in page

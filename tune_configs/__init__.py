@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def names() -> list[str]:
-    """The shipped experiments: quick, table3, lambda_sweep."""
+    """The shipped experiments: quick, emoji, table3, lambda_sweep."""
     return sorted(p.name[:-5] for p in resources.files(__name__).iterdir() if p.name.endswith(".yaml"))
 
 
