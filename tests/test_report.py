@@ -22,7 +22,7 @@ from cir_bench.results import write_run
 
 from .conftest import tiny_overrides
 
-CI_CELL = re.compile(r"^-?\d+\.\d{3} \[-?\d+\.\d{3}, -?\d+\.\d{3}\]$")
+CI_CELL = re.compile(r"^-?\d+\.\d{3} \[-?\d+\.\d{3}, -?\d+\.\d{3}\]( \(n=\d+\))?$")  # n: fewer queries than the set
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
@@ -284,6 +284,7 @@ def test_run_ends_with_the_report_path_and_every_section(tiny_run):
     assert "soft_filtered_knn[beta=1]" in page and "hit context@10" in page
     # SynthArt has exact twins: their recall is a column and a frontier of its own
     assert "exact-target recall@10" in page and "precision@10–exact-target recall@10 frontier" in page
+    assert "(n=" in page  # a metric defined on fewer queries than the set says on how many
     assert "Retrieval grids not drawn" not in page  # SynthArt renders its images
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)  # nothing fetched from anywhere
     assert "<script" not in page

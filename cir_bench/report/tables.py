@@ -76,8 +76,11 @@ def methods_by_query_sets(est: pd.DataFrame, metric: str) -> pd.DataFrame:
 
 
 def metrics_of_query_set(est: pd.DataFrame, query_set: str, k: int) -> pd.DataFrame:
-    """Rows = methods, columns = every metric of TABLE_METRICS, each mean [CI]."""
+    """Rows = methods, columns = every metric of TABLE_METRICS, each mean [CI]; a metric
+    defined on fewer queries than the set holds (exact-target recall: queries with a twin;
+    hit context: queries with a hit) says on how many (``(n=…)``)."""
     sub = est[est["query_set"] == query_set]
+    total = int(sub["n"].max()) if len(sub) else 0
     rows = []
     for method, g in sub.groupby("method", sort=False):
         by_metric = {r["metric"]: r for _, r in g.iterrows()}
@@ -85,7 +88,8 @@ def metrics_of_query_set(est: pd.DataFrame, query_set: str, k: int) -> pd.DataFr
         for metric, title in metric_titles(k):
             r = by_metric.get(metric)
             if r is not None:
-                row[title] = cell(r["mean"], r["low"], r["high"])
+                row[title] = cell(r["mean"], r["low"], r["high"]) + (
+                    f" (n={int(r['n'])})" if int(r["n"]) < total and not np.isnan(r["mean"]) else "")
         rows.append(row)
     return pd.DataFrame(rows)
 
