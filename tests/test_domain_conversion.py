@@ -91,8 +91,8 @@ def test_a_full_list_is_both_the_queries_and_the_database(tmp_path):
 
 @pytest.mark.parametrize("content, message", [
     ("imgs/a.jpg photo\n", "line 1 has 2 fields"),
-    ("../outside.jpg photo cat\n", "must be relative to the root and stay inside it"),
-    ("/etc/passwd photo cat\n", "must be relative to the root"),
+    ("../outside.jpg photo cat\n", "must be relative to the image folder and stay inside it"),
+    ("/etc/passwd photo cat\n", "must be relative to the image folder"),
 ])
 def test_a_malformed_list_is_named(tmp_path, content, message):
     from cir_bench.data import get_dataset
@@ -100,6 +100,27 @@ def test_a_malformed_list_is_named(tmp_path, content, message):
     (tmp_path / "full_files.csv").write_text(content)
     with pytest.raises(DatasetLayoutError, match=message):
         get_dataset("domains", str(tmp_path), {})
+
+
+def test_freedoms_layout_lists_in_a_subfolder_paths_from_its_parent(tmp_path):
+    """FreeDom's lists sit in data/<set>/ and name paths from data/ ("ltll/New/..."), some
+    with spaces or commas in the file name."""
+    from cir_bench.data import get_dataset
+
+    data = tmp_path / "data"
+    lines = []
+    for i, (domain, klass) in enumerate([("New", "Big Ben"), ("Old", "Big Ben"), ("New", "Notredame"),
+                                         ("Old", "Notredame")] * 2):
+        rel = f"ltll/{domain}/images/{klass.replace(' ', '')}/photo {i}, x.jpg"
+        replicas.write_image(data / rel, replicas.PALETTE[i % 3], seed=i)
+        lines.append(f"{rel} {domain} {klass.replace(' ', '')}")
+    (data / "ltll").mkdir(exist_ok=True)
+    (data / "ltll" / "full_files.csv").write_text("\n".join(lines) + "\n")
+    ds = get_dataset("domains", str(data / "ltll"), {"images": "..", "train_fraction": 0.25})
+    assert len(ds) == 8 and ds.property("domain").classes == ("New", "Old")
+    assert ds.load_image(ds.index_of("ltll/New/images/BigBen/photo 0, x.jpg")).size == (48, 40)
+    with pytest.raises(DatasetLayoutError, match=r"from the parent folder .*dataset.options.images=\.\."):
+        get_dataset("domains", str(data / "ltll"), {})  # without images=.., the paths do not resolve
 
 
 def test_without_lists_the_error_names_the_files_it_wants(tmp_path):

@@ -5,9 +5,11 @@ MiniDomainNet, NICO++, LTLL, or any collection laid out the same way (docs/datas
     <root>/full_files.csv                                 or one list: every image queries the rest
     <root>/train_files.csv                                optional: labelled images to train on
     <root>/<path>                                         the images, paths relative to the root
+                                                          (or to ``images``, e.g. ``..``)
 
-Each line is ``path domain class`` (whitespace-separated; a class or domain name holds no
-space). Properties: ``domain`` and ``class``; the protocol's class is ``class`` and its
+Each line is ``path domain class``: the last two whitespace-separated fields are the domain
+and the class (names without spaces), the rest is the path. FreeDom's lists sit in
+``data/<set>/`` and name paths from ``data/`` (``nico/autumn/...``): ``images: ..``. Properties: ``domain`` and ``class``; the protocol's class is ``class`` and its
 domain ``domain``, so a correct result has the query's class and the target domain.
 
 The published lists evaluate training-free methods; cir-bench's heads need labelled images
@@ -52,8 +54,11 @@ class Domains(FileDataset):
     @classmethod
     def load(cls, root: str | Path | None, query: str = "query_files.csv", database: str = "database_files.csv",
              full: str = "full_files.csv", train: str = "train_files.csv", train_fraction: float = 0.5,
-             seed: int = 0, skip_bad_images: bool = False) -> "Domains":
+             seed: int = 0, images: str = "", skip_bad_images: bool = False) -> "Domains":
         base = require_dir(root, "domains", f"a folder with {LAYOUT}")
+        image_base = (base / images).resolve() if images else base
+        if not image_base.is_dir():
+            raise DatasetLayoutError(f"dataset 'domains': options.images {images!r} is not a folder ({image_base})")
         q_path, d_path, f_path, t_path = (base / query, base / database, base / full, base / train)
         if q_path.is_file() and d_path.is_file():
             lists = {"query": _read_list(q_path), "database": _read_list(d_path)}
@@ -83,6 +88,11 @@ class Domains(FileDataset):
                                              f"{split} list")
                 seen[path] = split
         rows_all = [row for rows in lists.values() for row in rows]
+        first = rows_all[0][0]
+        if not (image_base / first).exists() and not images and (base.parent / first).exists():
+            raise DatasetLayoutError(f"dataset 'domains': {first} is not under {base} but under {base.parent}: the "
+                                     "lists name paths from the parent folder (FreeDom's layout); pass "
+                                     "--set dataset.options.images=..")
         properties = [Property("domain", tuple(sorted({r[1] for r in rows_all}))),
                       Property("class", tuple(sorted({r[2] for r in rows_all})))]
         items, sources = [], {}
@@ -91,20 +101,20 @@ class Domains(FileDataset):
                 items.append(Item(path, split, {"domain": properties[0].index(domain),
                                                 "class": properties[1].index(klass)},
                                   frozenset({f"domain:{domain}", f"class:{klass}"})))
-                sources[path] = ImageSource(base / path)
+                sources[path] = ImageSource(image_base / path)
         return cls(properties, items, sources, full_list, skip_bad_images=skip_bad_images, report=report)
 
 
 def _read_list(path: Path) -> list[tuple[str, str, str]]:
     rows = []
     for n, line in enumerate(read_lines(path), 1):
-        fields = line.split()
+        fields = line.strip().rsplit(None, 2)
         if len(fields) != 3:
             raise DatasetLayoutError(f"dataset 'domains': {path} line {n} has {len(fields)} fields, expected "
                                      f"'path domain class': {line[:120]!r}")
         if Path(fields[0]).is_absolute() or ".." in Path(fields[0]).parts:
             raise DatasetLayoutError(f"dataset 'domains': {path} line {n}: the path {fields[0]!r} must be relative "
-                                     "to the root and stay inside it")
+                                     "to the image folder and stay inside it")
         rows.append((fields[0], fields[1], fields[2]))
     if not rows:
         raise DatasetLayoutError(f"dataset 'domains': {path} lists no image")
