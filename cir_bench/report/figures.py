@@ -46,9 +46,9 @@ def _colors(names: Sequence[str]) -> dict[str, Any]:
 
 
 def _lam_axis(values: np.ndarray) -> tuple[np.ndarray, float]:
-    """λ on a log axis; λ = 0 drawn at half the smallest positive λ."""
+    """λ on a log axis; λ = 0 drawn at a quarter of the smallest positive λ, apart from the curve."""
     pos = values[values > 0]
-    zero_at = float(pos.min() / 2) if pos.size else 1e-4
+    zero_at = float(pos.min() / 4) if pos.size else 1e-4
     return np.where(values > 0, values, zero_at), zero_at
 
 
@@ -63,12 +63,20 @@ def lambda_curves(points: pd.DataFrame, metrics: Sequence[tuple[str, str]]) -> b
     for ax, (metric, title) in zip(axes[0], metrics):
         for (qs, family), g in points[points["metric"] == metric].groupby(["query_set", "family"], sort=False):
             g = g.sort_values("param")
-            x = np.where(g["param"] > 0, g["param"], zero_at)
+            # λ = 0 is another problem (Eq 4 without its regulariser), not a point of the log
+            # curve: drawn apart, hollow, with its interval, never joined to the line
+            pos, zero = g[g["param"] > 0], g[g["param"] <= 0]
             style = "-o" if family == "backward" else "--s"
-            ax.plot(x, g["mean"], style, color=colors[qs], label=f"{family} · {qs}", ms=4)
-            ax.fill_between(x, g["low"], g["high"], color=colors[qs], alpha=0.15 if family == "backward" else 0.08)
+            ax.plot(pos["param"], pos["mean"], style, color=colors[qs], label=f"{family} · {qs}", ms=4)
+            ax.fill_between(pos["param"], pos["low"], pos["high"], color=colors[qs],
+                            alpha=0.15 if family == "backward" else 0.08)
+            if len(zero):
+                z = zero.iloc[0]
+                ax.errorbar([zero_at], [z["mean"]], yerr=[[z["mean"] - z["low"]], [z["high"] - z["mean"]]],
+                            fmt="o" if family == "backward" else "s", mfc="none", color=colors[qs], ms=5, capsize=2)
         ax.set_xscale("log")
-        ax.set_xlabel(f"λ (λ = 0 drawn at {zero_at:g})")
+        ax.axvline(zero_at * 2, color="0.6", lw=0.8, ls=":")
+        ax.set_xlabel(f"λ (hollow, left of the dotted line: λ = 0, drawn at {zero_at:g})")
         ax.set_title(f"{title} against λ")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
