@@ -285,6 +285,8 @@ def test_run_ends_with_the_report_path_and_every_section(tiny_run):
     # SynthArt has exact twins: their recall is a column and a frontier of its own
     assert "exact-target recall@10" in page and "precision@10–exact-target recall@10 frontier" in page
     assert "(n=" in page  # a metric defined on fewer queries than the set says on how many
+    # 40 queries over 6 styles: no condition has the 30 queries a ranking sentence needs
+    assert "style: no condition has 30 queries or more; conditions are not ranked" in page
     assert "Retrieval grids not drawn" not in page  # SynthArt renders its images
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)  # nothing fetched from anywhere
     assert "<script" not in page

@@ -207,6 +207,10 @@ def _grids(run: RunFiles, opts: ReportOptions) -> tuple[list[Figure], str]:
     return out, ""
 
 
+#: a mean over fewer queries is shown with its n but takes no part in a ranking sentence
+MIN_RANKED_QUERIES = 30
+
+
 def _per_class(run: RunFiles, opts: ReportOptions) -> tuple[list[Figure], list[str]]:
     metric = f"metric_precision_at_{run.k}"
     methods = [m for m in ("filtered_knn", _backward(0.0), _backward(run.lam), "student")
@@ -224,10 +228,16 @@ def _per_class(run: RunFiles, opts: ReportOptions) -> tuple[list[Figure], list[s
             rows.append({"condition": c, "method": m, "mean": e.mean, "low": e.low, "high": e.high, "n": e.n})
         table = pd.DataFrame(rows)
         lead = _backward(run.lam) if _backward(run.lam) in methods else methods[0]
-        worst = table[table["method"] == lead].sort_values("mean").head(3)
-        sentences.append(f"{query_set}: the worst conditions for {lead} are " + ", ".join(
-            f"{r['condition']} ({cell(r['mean'], r['low'], r['high'])}, {r['n']} queries)"
-            for _, r in worst.iterrows()) + ".")
+        ranked = table[(table["method"] == lead) & (table["n"] >= MIN_RANKED_QUERIES)]
+        worst = ranked.sort_values("mean").head(3)
+        if worst.empty:
+            sentences.append(f"{query_set}: no condition has {MIN_RANKED_QUERIES} queries or more; conditions are "
+                             "not ranked (see the plot's intervals).")
+        else:
+            sentences.append(f"{query_set}: of the conditions with at least {MIN_RANKED_QUERIES} queries, the worst "
+                             f"for {lead} are " + ", ".join(
+                                 f"{r['condition']} ({cell(r['mean'], r['low'], r['high'])}, {r['n']} queries)"
+                                 for _, r in worst.iterrows()) + ".")
         figs.append(Figure(f"per_class_{query_set}.png",
                            f"{query_set}: precision@{run.k} per condition with 95 % CIs"
                            + (" (the 16 worst for the first method)" if table["condition"].nunique() > 16 else ""),
