@@ -376,3 +376,17 @@ def test_report_opens_offline_in_headless_chromium_with_every_image(tiny_run, tm
     assert all(alt for _, _, alt in images)
     assert outside == []
     assert (tmp_path / "report-top.png").stat().st_size > 10_000
+
+
+def test_one_cell_has_one_interval_in_every_table(tiny_run):
+    """The significance table and the metric tables resample each query set with the same seed."""
+    from cir_bench.report.stats import significance_table
+
+    out, _ = tiny_run
+    run = read_run(out)
+    est = estimates(run, resamples=500, seed=3)
+    sig = significance_table(run.results, "precision_at_10", ["knn"], resamples=500, seed=3)
+    merged = sig.drop_duplicates(["query_set", "method"]).merge(
+        est[est["metric"] == "precision_at_10"], on=["query_set", "method"])
+    assert len(merged) == len(est[est["metric"] == "precision_at_10"])
+    assert np.allclose(merged["ci_low"], merged["low"]) and np.allclose(merged["ci_high"], merged["high"])

@@ -30,7 +30,8 @@ class Estimate:
     n: int
 
 
-def bootstrap_ci(values: Sequence[float], resamples: int = 2000, level: float = 0.95, seed: int = 0) -> Estimate:
+def bootstrap_ci(values: Sequence[float], resamples: int = 2000, level: float = 0.95,
+                 seed: int | Sequence[int] = 0) -> Estimate:
     """Mean of ``values`` with a percentile bootstrap interval (NaN values are left out).
 
     >>> e = bootstrap_ci([1.0] * 10)
@@ -117,10 +118,11 @@ def significance_table(results: pd.DataFrame, metric: str, references: Sequence[
         raise ValueError(f"results have no per-query '{metric}' (columns metric_*: "
                          f"{sorted(c[7:] for c in results.columns if c.startswith('metric_'))})")
     rows = []
-    for query_set, frame in results.groupby("query_set", sort=False):
+    for s_i, (query_set, frame) in enumerate(results.groupby("query_set", sort=False)):
         per_method = {m: g.set_index("query_id")[column] for m, g in frame.groupby("method", sort=False)}
         for method, values in per_method.items():
-            est = bootstrap_ci(values.to_numpy(), resamples, seed=seed)
+            # the seed of tables.estimates for this query set: one cell, one interval in every table
+            est = bootstrap_ci(values.to_numpy(), resamples, seed=[seed, s_i])
             base = {"query_set": query_set, "method": method, "metric": metric, "mean": est.mean,
                     "ci_low": est.low, "ci_high": est.high, "n_queries": est.n}
             for ref in references:
