@@ -17,6 +17,9 @@ from cir_bench.report.inputs import RunFiles
 from cir_bench.report.tables import params_of
 
 REFERENCE_ONLY = ("oracle_filtered_knn",)
+#: a mean over fewer queries (hit context of a method with few hits, exact-target recall where
+#: few queries have a twin) is drawn with its n but takes no part in a ranking or a frontier
+MIN_RANKED_QUERIES = 30
 CURVE_FAMILIES = {"backward": "lam", "student": "lam", "soft_filtered_knn": "beta"}
 SYMBOL = {"lam": "λ", "beta": "β"}
 
@@ -57,15 +60,17 @@ def points(run: RunFiles, est: pd.DataFrame, query_set: str, y_metric: str) -> p
         for axis, metric in (("x", x_metric), ("y", y_metric)):
             e = est[(est["query_set"] == query_set) & (est["method"] == m["method"]) & (est["metric"] == metric)]
             if e.empty:
-                row.update({axis: np.nan, f"{axis}_low": np.nan, f"{axis}_high": np.nan})
+                row.update({axis: np.nan, f"{axis}_low": np.nan, f"{axis}_high": np.nan, f"{axis}_n": 0})
             else:
                 e = e.iloc[0]
-                row.update({axis: e["mean"], f"{axis}_low": e["low"], f"{axis}_high": e["high"]})
+                row.update({axis: e["mean"], f"{axis}_low": e["low"], f"{axis}_high": e["high"],
+                            f"{axis}_n": int(e["n"])})
         rows.append(row)
     frame = pd.DataFrame(rows)
     frame["reference_only"] = frame["family"].isin(REFERENCE_ONLY)
+    frame["too_few_queries"] = (frame["x_n"] < MIN_RANKED_QUERIES) | (frame["y_n"] < MIN_RANKED_QUERIES)
     frame["pareto"] = False
-    live = ~frame["reference_only"]
+    live = ~frame["reference_only"] & ~frame["too_few_queries"]
     frame.loc[live, "pareto"] = pareto_mask(frame.loc[live, "x"].to_numpy(), frame.loc[live, "y"].to_numpy())
     return frame
 
@@ -84,10 +89,15 @@ def _params(rows: pd.DataFrame) -> str:
 def verdict(frame: pd.DataFrame, query_set: str, y_title: str, x_title: str = "precision@10") -> str:
     """One measured sentence: which methods are on the frontier and over which range, and
     where Backward Search stands."""
+    few = frame[frame.get("too_few_queries", False) & ~frame["reference_only"] & frame["y"].notna()]
     live = frame[~frame["reference_only"] & frame["x"].notna() & frame["y"].notna()]
+    if "too_few_queries" in frame:
+        live = live[~live["too_few_queries"]]
     front = live[live["pareto"]].sort_values("x", ascending=False)
+    left_out = (f" ({len(few)} method(s) left out: {y_title} of fewer than {MIN_RANKED_QUERIES} queries, e.g. "
+                f"{few.iloc[0]['method']} on {int(few.iloc[0]['y_n'])})") if len(few) else ""
     if front.empty:
-        return f"{query_set}: no method has both {x_title} and {y_title}."
+        return f"{query_set}: no method has both {x_title} and {y_title} on {MIN_RANKED_QUERIES} queries or more."
     parts = []
     for family, g in front.groupby("family", sort=False):
         key = g["param_name"].iloc[0] if isinstance(g["param_name"].iloc[0], str) else None
@@ -96,7 +106,7 @@ def verdict(frame: pd.DataFrame, query_set: str, y_title: str, x_title: str = "p
         label = f"{family} at {SYMBOL[key]} ∈ {_params(g)}" if key else str(g["method"].iloc[0])
         parts.append(f"{label} ({span})")
     top, wide = front.iloc[0], front.sort_values("y", ascending=False).iloc[0]
-    sentence = (f"{query_set}: of {len(live)} methods, {len(front)} are on the {x_title}–{y_title} frontier, "
+    sentence = (f"{query_set}: of {len(live)} methods{left_out}, {len(front)} are on the {x_title}–{y_title} frontier, "
                 f"from {_name(top)} ({top['x']:.3f}, {top['y']:.3f}) to {_name(wide)} ({wide['x']:.3f}, "
                 f"{wide['y']:.3f}): " + "; ".join(parts))
     bs = live[live["family"] == "backward"]

@@ -18,7 +18,7 @@ import pandas as pd
 from cir_bench.paths import atomic_write
 from cir_bench.report import figures
 from cir_bench.report.frontier import points as frontier_points
-from cir_bench.report.frontier import verdict
+from cir_bench.report.frontier import MIN_RANKED_QUERIES, verdict
 from cir_bench.report.inputs import ReportInputs, RunFiles
 from cir_bench.report.stats import bootstrap_ci, significance_table
 from cir_bench.report.tables import (cell, domain_pairs, estimates, methods_by_query_sets, metrics_of_query_set,
@@ -205,10 +205,6 @@ def _grids(run: RunFiles, opts: ReportOptions) -> tuple[list[Figure], str]:
                               + ", ".join(f"{p} = {v}" for p, v in conditions.items())
                               + f"; top-{run.k} of each method (green frame: satisfies every condition).", data))
     return out, ""
-
-
-#: a mean over fewer queries is shown with its n but takes no part in a ranking sentence
-MIN_RANKED_QUERIES = 30
 
 
 def _per_class(run: RunFiles, opts: ReportOptions) -> tuple[list[Figure], list[str]]:
