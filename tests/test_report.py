@@ -409,3 +409,58 @@ def test_one_cell_has_one_interval_in_every_table(tiny_run):
         est[est["metric"] == "precision_at_10"], on=["query_set", "method"])
     assert len(merged) == len(est[est["metric"] == "precision_at_10"])
     assert np.allclose(merged["ci_low"], merged["low"]) and np.allclose(merged["ci_high"], merged["high"])
+
+
+def _frontier_run(per_method: dict[str, tuple[np.ndarray, np.ndarray]]):
+    """What membership and dominance read: per-query precision@10 and context@10 per method."""
+    from types import SimpleNamespace
+
+    rows = [{"query_set": "style", "method": m, "query_id": f"q{i:03d}", "metric_precision_at_10": float(x[i]),
+             "metric_context_at_10": float(y[i])} for m, (x, y) in per_method.items() for i in range(len(x))]
+    results = pd.DataFrame(rows)
+    means = [{"method": m, "family": m, "param_name": None, "param": np.nan, "x": x.mean(), "y": y.mean(),
+              "reference_only": False, "too_few_queries": False} for m, (x, y) in per_method.items()]
+    frame = pd.DataFrame(means)
+    frame["pareto"] = pareto_mask(frame["x"].to_numpy(), frame["y"].to_numpy())
+    return SimpleNamespace(results=results, k=10), frame
+
+
+def test_frontier_membership_matches_a_plain_bootstrap():
+    from cir_bench.report.frontier import membership
+
+    rng = np.random.default_rng(5)
+    data = {f"m{j}": (rng.uniform(0, 1, 40) * (0.5 + j / 10), rng.uniform(0, 1, 40) * (1 - j / 10)) for j in range(5)}
+    run, frame = _frontier_run(data)
+    got = membership(run, frame, "style", "context_at_10", resamples=300, seed=2)
+    draws = np.random.default_rng([2, 83]).integers(0, 40, size=(300, 40))
+    names = list(data)
+    counts = dict.fromkeys(names, 0)
+    for idx in draws:
+        means = {m: (sum(data[m][0][i] for i in idx) / 40, sum(data[m][1][i] for i in idx) / 40) for m in names}
+        for m in names:
+            beaten = any(means[o][0] >= means[m][0] and means[o][1] >= means[m][1]
+                         and (means[o][0] > means[m][0] or means[o][1] > means[m][1]) for o in names if o != m)
+            counts[m] += not beaten
+    assert got.to_dict() == pytest.approx({m: counts[m] / 300 for m in names})
+
+
+def test_dominated_only_when_paired_tests_separate_the_points():
+    from cir_bench.report.frontier import dominance, verdict
+
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.3, 0.7, 60)
+    clearly = {"backward[lam=0.01]": (base, base), "knn": (base - 0.2, base - 0.2),  # separable: beaten on both
+               # below on both axes in the means, but by far less than the per-query noise: not separable
+               "backward[lam=0]": (base + 0.01 * rng.permutation(np.repeat([-1.0, 1.0], 30)) - 0.0005,
+                                   base + 0.01 * rng.permutation(np.repeat([-1.0, 1.0], 30)) - 0.0005)}
+    run, frame = _frontier_run(clearly)
+    frame.loc[frame["method"].str.startswith("backward"), "family"] = "backward"
+    frame.loc[frame["method"].str.startswith("backward"), "param_name"] = "lam"
+    frame.loc[frame["method"] == "backward[lam=0.01]", "param"] = 0.01
+    frame.loc[frame["method"] == "backward[lam=0]", "param"] = 0.0
+    table = dominance(run, frame, "style", "context_at_10", resamples=2000).set_index("method")
+    assert table.loc["knn", "dominated"] and table.loc["knn", "by"] == "backward[lam=0.01]"
+    assert table.loc["knn", "p_holm"] < 0.01
+    assert not table.loc["backward[lam=0]", "dominated"]
+    text = verdict(frame, "style", "context@10", dominated=table.reset_index())
+    assert "Backward Search is on it at λ ∈ {0.01}, off it but not separable from it at λ ∈ {0}" in text

@@ -8,12 +8,14 @@ takes no part: a user cannot run it.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from cir_bench.report.inputs import RunFiles
+from cir_bench.report.stats import holm, paired_randomization_test
 from cir_bench.report.tables import params_of
 
 REFERENCE_ONLY = ("oracle_filtered_knn",)
@@ -86,9 +88,12 @@ def _params(rows: pd.DataFrame) -> str:
     return "{" + ", ".join(f"{v:g}" for v in values) + "}"
 
 
-def verdict(frame: pd.DataFrame, query_set: str, y_title: str, x_title: str = "precision@10") -> str:
+def verdict(frame: pd.DataFrame, query_set: str, y_title: str, x_title: str = "precision@10",
+            dominated: pd.DataFrame | None = None) -> str:
     """One measured sentence: which methods are on the frontier and over which range, and
-    where Backward Search stands."""
+    where Backward Search stands. With ``frame["p_frontier"]`` (``membership``) it says how
+    stable the frontier is; with ``dominated`` (``dominance``) a point off the frontier is
+    called dominated only where the paired tests say so, else not separable."""
     few = frame[frame.get("too_few_queries", False) & ~frame["reference_only"] & frame["y"].notna()]
     live = frame[~frame["reference_only"] & frame["x"].notna() & frame["y"].notna()]
     if "too_few_queries" in frame:
@@ -109,8 +114,30 @@ def verdict(frame: pd.DataFrame, query_set: str, y_title: str, x_title: str = "p
     sentence = (f"{query_set}: of {len(live)} methods{left_out}, {len(front)} are on the {x_title}–{y_title} frontier, "
                 f"from {_name(top)} ({top['x']:.3f}, {top['y']:.3f}) to {_name(wide)} ({wide['x']:.3f}, "
                 f"{wide['y']:.3f}): " + "; ".join(parts))
+    if "p_frontier" in live and live["p_frontier"].notna().any():
+        stable = live[live["p_frontier"] >= 0.95]
+        unstable = live[(live["p_frontier"] > 0.05) & (live["p_frontier"] < 0.95)]
+        sentence += (f" (over paired bootstrap resamples of the queries: {len(stable)} method(s) on it in ≥ 95 % "
+                     f"of them, {len(unstable)} in 5–95 %)")
     bs = live[live["family"] == "backward"]
-    if len(bs):
+    if len(bs) and dominated is not None:
+        on = bs[bs["pareto"]]
+        table = dominated.set_index("method") if len(dominated) else pd.DataFrame(columns=["dominated", "by", "p_holm"])
+        off = bs[~bs["pareto"]]
+        dom = off[off["method"].map(lambda m: bool(table["dominated"].get(m, False)))]
+        sep = off[~off.index.isin(dom.index)]
+        parts_bs = []
+        if len(on):
+            parts_bs.append(f"on it at λ ∈ {_params(on)}")
+        if len(dom):
+            first = table.loc[dom.iloc[0]["method"]]
+            parts_bs.append(f"dominated at λ ∈ {_params(dom)} (e.g. λ={dom.iloc[0]['param']:g} by {first['by']}, "
+                            f"paired tests on both axes, Holm p = {first['p_holm']:.3g})")
+        if len(sep):
+            parts_bs.append(f"off it but not separable from it at λ ∈ {_params(sep)} (no paired test significant "
+                            "on both axes after Holm)")
+        sentence += "; Backward Search is " + ", ".join(parts_bs)
+    elif len(bs):
         on = bs[bs["pareto"]]
         if len(on) == len(bs):
             sentence += "; Backward Search is on it at every λ it was run with"
@@ -124,3 +151,74 @@ def verdict(frame: pd.DataFrame, query_set: str, y_title: str, x_title: str = "p
                 f" (e.g. λ={worst['param']:g} at ({worst['x']:.3f}, {worst['y']:.3f}) by {_name(best)} at "
                 f"({best['x']:.3f}, {best['y']:.3f}))" if best is not None else "")
     return sentence + "."
+
+
+def _per_query(run: RunFiles, query_set: str, methods: list[str], metric: str) -> np.ndarray:
+    """(M, Q) per-query values of ``metric`` for ``methods``, queries aligned by id (NaN where a
+    method has no value for a query)."""
+    frame = run.results[run.results["query_set"] == query_set]
+    table = frame.pivot_table(index="query_id", columns="method", values=f"metric_{metric}", dropna=False,
+                              aggfunc="first")
+    return np.stack([table[m].to_numpy(dtype=float) if m in table else np.full(len(table), np.nan)
+                     for m in methods])
+
+
+def membership(run: RunFiles, frame: pd.DataFrame, query_set: str, y_metric: str, resamples: int = 1000,
+               seed: int = 0) -> pd.Series:
+    """P(on the frontier) of every live point of ``frame`` (``points``), by a paired bootstrap
+    over queries: draw the queries with replacement B times (the same draw for every method),
+    recompute each method's means of precision and ``y_metric`` (NaN-aware), and count how
+    often the method is Pareto-optimal among the live points. Reference-only points and points
+    over too few queries get NaN."""
+    live = frame[~frame["reference_only"] & ~frame["too_few_queries"] & frame["x"].notna() & frame["y"].notna()]
+    out = pd.Series(np.nan, index=frame["method"])
+    if live.empty:
+        return out
+    methods = live["method"].tolist()
+    x = _per_query(run, query_set, methods, f"precision_at_{run.k}")
+    y = _per_query(run, query_set, methods, y_metric)
+    rng = np.random.default_rng([seed, 83])
+    draws = rng.integers(0, x.shape[1], size=(resamples, x.shape[1]))
+    hits = np.zeros(len(methods))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a draw without any value: NaN
+        for idx in draws:
+            hits += pareto_mask(np.nanmean(x[:, idx], axis=1), np.nanmean(y[:, idx], axis=1))
+    out.loc[methods] = hits / resamples
+    return out
+
+
+def dominance(run: RunFiles, frame: pd.DataFrame, query_set: str, y_metric: str, resamples: int = 2000,
+              seed: int = 0, alpha: float = 0.05) -> pd.DataFrame:
+    """For every live point off the frontier (means), the point that dominates it with the
+    strongest evidence: paired randomisation tests on precision and on ``y_metric`` over the
+    queries both have values for, p = max(p_x, p_y) (better on both axes: both tests must
+    reject), the best dominator being the one with the smallest p; Holm over the points of the
+    query set. ``dominated`` = adjusted p < alpha, else the point is *not separable* from the
+    frontier. Columns: method, by, p, p_holm, dominated."""
+    live = frame[~frame["reference_only"] & ~frame["too_few_queries"] & frame["x"].notna() & frame["y"].notna()]
+    off = live[~live["pareto"]]
+    if off.empty:
+        return pd.DataFrame(columns=["method", "by", "p", "p_holm", "dominated"])
+    methods = live["method"].tolist()
+    x = _per_query(run, query_set, methods, f"precision_at_{run.k}")
+    y = _per_query(run, query_set, methods, y_metric)
+    rows = []
+    for _, r in off.iterrows():
+        i = methods.index(r["method"])
+        best: tuple[float, str] | None = None
+        for j, other in enumerate(methods):
+            o = live.iloc[j]
+            if j == i or not (o["x"] >= r["x"] and o["y"] >= r["y"] and (o["x"] > r["x"] or o["y"] > r["y"])):
+                continue
+            _, p_x = paired_randomization_test(x[j], x[i], resamples, seed)
+            _, p_y = paired_randomization_test(y[j], y[i], resamples, seed)
+            p = max(1.0 if np.isnan(p_x) else p_x, 1.0 if np.isnan(p_y) else p_y)
+            if best is None or p < best[0]:
+                best = (p, other)
+        assert best is not None  # off the frontier: someone dominates it in means
+        rows.append({"method": r["method"], "by": best[1], "p": best[0]})
+    table = pd.DataFrame(rows)
+    table["p_holm"] = holm(table["p"].to_numpy())
+    table["dominated"] = table["p_holm"] < alpha
+    return table

@@ -18,7 +18,7 @@ import pandas as pd
 from cir_bench.paths import atomic_write
 from cir_bench.report import figures
 from cir_bench.report.frontier import points as frontier_points
-from cir_bench.report.frontier import MIN_RANKED_QUERIES, verdict
+from cir_bench.report.frontier import MIN_RANKED_QUERIES, dominance, membership, verdict
 from cir_bench.report.inputs import ReportInputs, RunFiles
 from cir_bench.report.stats import bootstrap_ci, significance_table
 from cir_bench.report.tables import (cell, domain_pairs, estimates, methods_by_query_sets, metrics_of_query_set,
@@ -286,18 +286,29 @@ def run_section(run: RunFiles, opts: ReportOptions) -> dict[str, Any]:
               (f"twin_hit_at_{k}", f"exact-target recall@{k}")]
     section["frontier"] = []
     for qs in sets:
-        frames = [(frontier_points(run, est, qs, y), title) for y, title in y_axes if not est[est["metric"] == y].empty]
-        sentences = [verdict(f, qs, t, f"precision@{k}") for f, t in frames]
-        flags = frames[0][0][["method", "x", "y", "pareto"]].rename(columns={"x": f"precision@{k}", "y": frames[0][1]})
-        for f, t in frames[1:]:
-            flags[f"Pareto ({t})"] = f["pareto"].map({True: "yes", False: ""}).to_numpy()
-        flags["pareto"] = flags["pareto"].map({True: "yes", False: ""})
-        flags = flags.rename(columns={"pareto": f"Pareto ({frames[0][1]})"})
+        frames, sentences = [], []
+        for y, title in y_axes:
+            if est[est["metric"] == y].empty:
+                continue
+            f = frontier_points(run, est, qs, y)
+            # how stable each membership is, and whether an off-frontier point is really beaten
+            f["p_frontier"] = membership(run, f, qs, y, min(opts.resamples, 1000), opts.seed).to_numpy()
+            frames.append((f, title))
+            sentences.append(verdict(f, qs, title, f"precision@{k}",
+                                     dominance(run, f, qs, y, opts.resamples, opts.seed)))
+        flags = frames[0][0][["method", "x", "y"]].rename(columns={"x": f"precision@{k}", "y": frames[0][1]})
+        for f, t in frames:
+            flags[f"P(frontier), {t}"] = [("—" if np.isnan(p) else f"{p:.0%}") + (" ◯" if on else "")
+                                          for p, on in zip(f["p_frontier"], f["pareto"])]
         section["frontier"].append({"query_set": qs, "sentences": sentences,
                                     "figure": Figure(f"frontier_{qs}.png", f"{qs}: precision@{k} against the context "
                                                      "metrics; bars: 95 % CIs; black rings: Pareto-optimal (oracle "
                                                      "excluded)", figures.frontier(frames, qs, f"precision@{k}")),
-                                    "table": Table(f"{qs}: frontier membership (means)", flags)})
+                                    "table": Table(f"{qs}: frontier membership: the share of {min(opts.resamples, 1000)} "
+                                                   "paired bootstrap resamples of the queries in which the method is "
+                                                   "Pareto-optimal (◯: on the frontier of the means; —: reference "
+                                                   f"only, or a mean over fewer than {MIN_RANKED_QUERIES} queries)",
+                                                   flags)})
     curves = _curve_points(run, est)
     if not curves.empty and curves["param"].nunique() > 1:
         section["figures"]["lambda"] = Figure("lambda_curves.png", f"Fig 6 layout: precision@{k}, mTS@{k} and "
