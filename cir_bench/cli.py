@@ -126,10 +126,56 @@ def build_config(args: argparse.Namespace) -> RunConfig:
     return cfg
 
 
+def _parse_seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ConfigError(f"--seeds {text!r}: give at least two different non-negative seeds")
+    return seeds
+
+
+def cmd_run_seeds(args: argparse.Namespace, seeds: list[int]) -> int:
+    """One run per training seed under <out>/seed-<n>/ (the query sets drawn once, with the
+    first seed, so the seeds differ in training only), then one report that pools them."""
+    import copy
+
+    from cir_bench.pipeline import run
+    from cir_bench.pipeline.checks import check_run_config
+    from cir_bench.pipeline.run import default_out_dir
+
+    cfg = build_config(args)
+    base = Path(cfg.out) if cfg.out else default_out_dir(cfg)
+    if cfg.queries.seed is None:
+        cfg.queries.seed = seeds[0]
+    outs, t0 = [], time.perf_counter()
+    configs = []
+    for seed in seeds:
+        one = copy.deepcopy(cfg)
+        one.seed, one.out = seed, str(base / f"seed-{seed}")
+        configs.append(check_run_config(one, need_out=True, overwrite=args.overwrite))  # all checked first
+    for one in configs:
+        print(f"seed {one.seed}: {one.out}")
+        outs.append(run(one, progress=not args.no_progress))
+    print(f"\nwrote {len(outs)} runs under {base}/ in {time.perf_counter() - t0:.1f} s")
+    if not args.no_report:
+        from cir_bench.report import ReportOptions, classify, write_html_report
+
+        t0 = time.perf_counter()
+        paths = write_html_report(classify(outs), base, ReportOptions(seed=seeds[0]))
+        print(f"report, the seeds pooled ({time.perf_counter() - t0:.0f} s): {paths[0].resolve()}")
+    return 0
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from cir_bench.pipeline import run
     from cir_bench.results import format_metrics_table
 
+    if args.seeds:
+        if args.seed is not None:
+            raise ConfigError("--seed and --seeds: give one of them")
+        return cmd_run_seeds(args, _parse_seeds(args.seeds))
     cfg = build_config(args)
     t0 = time.perf_counter()
     out = run(cfg, progress=not args.no_progress)
@@ -530,6 +576,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--lambda", dest="lambdas", metavar="L1,L2,...",
                    help="also run Backward Search at each of these lambdas, e.g. 0,0.25,1,4,16")
     p.add_argument("--no-report", action="store_true", help="skip report.html/report.md at the end")
+    p.add_argument("--seeds", metavar="S1,S2,...",
+                   help="train and evaluate once per seed (under OUT/seed-N/, the same query sets) and write one "
+                   "report that pools the seeds, e.g. 0,1,2")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("compare", help="Backward Search vs the CoIR baselines with weights present (Table 4)")

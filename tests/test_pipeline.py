@@ -150,3 +150,23 @@ def test_training_is_deterministic_so_cache_keys_are_content_based(tmp_path):
         trained = train_or_load(cfg, load_dataset(cfg), torch.device("cpu"), progress=False)
         hashes.append(file_sha256(trained.checkpoint))
     assert hashes[0] == hashes[1]  # same seed, same data: byte-identical checkpoints
+
+
+def test_seeds_train_once_each_on_the_same_queries_and_one_report_pools_them(cache_dir, tmp_path):
+    from tests.test_report import html_tables
+
+    out = tmp_path / "seeds"
+    overrides = [o for o in tiny_overrides(cache_dir, out)]
+    args = ["run", "--no-progress", "--seeds", "0,1", "--methods", "knn,backward",
+            *sum((["--set", o] for o in overrides), [])]
+    assert main(args) == 0
+    manifests = [json.loads((out / f"seed-{s}" / "manifest.json").read_text()) for s in (0, 1)]
+    assert [m["seed"] for m in manifests] == [0, 1]
+    assert manifests[0]["checkpoint"]["sha256"] != manifests[1]["checkpoint"]["sha256"]  # trained twice
+    queries = [pd.read_parquet(out / f"seed-{s}" / "results.parquet").query("method == 'knn'")["query_id"].tolist()
+               for s in (0, 1)]
+    assert queries[0] == queries[1]  # the seeds differ in training only
+    pooled = [t for t in html_tables(out / "report.html") if t["caption"].startswith("Pooled")]
+    assert pooled and any("(n=2)" in cell for t in pooled for row in t["rows"] for cell in row)
+    assert main(["run", "--seeds", "0", "--set", f"cache_dir={cache_dir}"]) == 2  # one seed is not a pool
+    assert main(["run", "--seeds", "0,x"]) == 2
