@@ -103,7 +103,7 @@ def test_random_method_is_seeded(cache_dir, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--dataset", "imagenet42"], "unknown dataset 'imagenet42'; available: apy, csv, cub, emoji, synthart, wikiart"),
+        (["--dataset", "imagenet42"], "unknown dataset 'imagenet42'; available: apy, csv, cub, domains, emoji, synthart, wikiart"),
         (["--set", "model.backbone=resnet9000"], "unknown backbone 'resnet9000'"),
         (["--methods", "teleport"], "unknown search method 'teleport'"),
         (["--set", "train.epoch=3"], "unknown config key 'train.epoch'"),
