@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pandas as pd
+import pytest
 import yaml
 
 from cir_bench.cli import main
@@ -144,3 +145,18 @@ def test_resume_refuses_a_storage_folder_others_can_write(tmp_path, cache_dir, c
         raise AssertionError("a file others can write was accepted")
     except UntrustedFolderError as refused:
         assert refused.path == exp_dir / "tuner.pkl" and "writable by others" in refused.reason
+
+
+def test_a_joined_grid_key_sets_its_keys_together():
+    from cir_bench.config import ConfigError
+    from cir_bench.tune import Experiment, trial_config
+
+    exp = Experiment.from_dict({"name": "e", "base": {"dataset": {"name": "emoji"}},
+                                "grid": {"model.finetune+train.epochs": [[False, 20], [True, 1]],
+                                         "model.embed_dim": [64, 128]}, "seeds": [0]})
+    got = [(c.model.finetune, c.train.epochs, c.model.embed_dim)
+           for c in (trial_config(exp, t, None) for t in exp.trials())]
+    assert got == [(False, 20, 64), (False, 20, 128), (True, 1, 64), (True, 1, 128)]
+    bad = Experiment.from_dict({"name": "e", "grid": {"model.finetune+train.epochs": [[False]]}})
+    with pytest.raises(ConfigError, match=r"grid.model.finetune\+train.epochs: each value must list 2 values"):
+        bad.trials()

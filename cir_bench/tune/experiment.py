@@ -95,12 +95,24 @@ class Experiment:
                 raise ConfigError(f"{err} (in the trial {varying or 'base'})") from None
 
     def trials(self) -> list[dict[str, Any]]:
-        """One dict of dotted overrides per trial: grid product x seeds."""
+        """One dict of dotted overrides per trial: grid product x seeds. A key joining several
+        keys with ``+`` is one axis whose values set them together (``model.finetune+train.epochs:
+        [[false, 20], [true, 1]]``): fine-tuning gets its own epochs, not a product."""
         keys = list(self.grid)
         out = []
         for values in itertools.product(*(self.grid[k] for k in keys)):
+            trial: dict[str, Any] = {}
+            for key, value in zip(keys, values):
+                parts = key.split("+")
+                if len(parts) == 1:
+                    trial[key] = value
+                    continue
+                if not isinstance(value, list) or len(value) != len(parts):
+                    raise ConfigError(f"grid.{key}: each value must list {len(parts)} values ({', '.join(parts)}), "
+                                      f"got {value!r}")
+                trial.update(zip(parts, value))
             for seed in self.seeds:
-                out.append({**dict(zip(keys, values)), "seed": seed})
+                out.append({**trial, "seed": seed})
         return out
 
 
