@@ -78,7 +78,11 @@ def test_shipped_experiment_files_parse_and_expand():
     import tune_configs
     from cir_bench.tune import Experiment, trial_config
 
-    assert tune_configs.names() == ["lambda_sweep", "quick", "table3"]
+    assert tune_configs.names() == ["emoji", "lambda_sweep", "quick", "table3"]
+    emoji = Experiment.load(tune_configs.resolve("emoji"))
+    trials = [trial_config(emoji, t, None) for t in emoji.trials()]
+    assert len(trials) == 2 * 2 * 2 and {t.model.backbone for t in trials} == {"efficientnet_lite0"}
+    assert {(t.model.finetune, t.train.epochs) for t in trials} == {(False, 20), (True, 1)}
     table3 = Experiment.load(tune_configs.resolve("table3"))
     assert len(table3.trials()) == 4 * 4 * 2 * 3
     cfg = trial_config(table3, table3.trials()[0], None)
