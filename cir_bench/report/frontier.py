@@ -95,9 +95,7 @@ def verdict(frame: pd.DataFrame, query_set: str, y_title: str, x_title: str = "p
     stable the frontier is; with ``dominated`` (``dominance``) a point off the frontier is
     called dominated only where the paired tests say so, else not separable."""
     few = frame[frame.get("too_few_queries", False) & ~frame["reference_only"] & frame["y"].notna()]
-    live = frame[~frame["reference_only"] & frame["x"].notna() & frame["y"].notna()]
-    if "too_few_queries" in frame:
-        live = live[~live["too_few_queries"]]
+    live = _live(frame)
     front = live[live["pareto"]].sort_values("x", ascending=False)
     left_out = (f" ({len(few)} method(s) left out: {y_title} of fewer than {MIN_RANKED_QUERIES} queries, e.g. "
                 f"{few.iloc[0]['method']} on {int(few.iloc[0]['y_n'])})") if len(few) else ""
@@ -153,6 +151,13 @@ def verdict(frame: pd.DataFrame, query_set: str, y_title: str, x_title: str = "p
     return sentence + "."
 
 
+def _live(frame: pd.DataFrame) -> pd.DataFrame:
+    """The points that take part in the frontier: a method a user can run, with both means,
+    each over enough queries."""
+    live = frame[~frame["reference_only"] & frame["x"].notna() & frame["y"].notna()]
+    return live[~live["too_few_queries"]] if "too_few_queries" in live else live
+
+
 def _per_query(run: RunFiles, query_set: str, methods: list[str], metric: str) -> np.ndarray:
     """(M, Q) per-query values of ``metric`` for ``methods``, queries aligned by id (NaN where a
     method has no value for a query)."""
@@ -170,7 +175,7 @@ def membership(run: RunFiles, frame: pd.DataFrame, query_set: str, y_metric: str
     recompute each method's means of precision and ``y_metric`` (NaN-aware), and count how
     often the method is Pareto-optimal among the live points. Reference-only points and points
     over too few queries get NaN."""
-    live = frame[~frame["reference_only"] & ~frame["too_few_queries"] & frame["x"].notna() & frame["y"].notna()]
+    live = _live(frame)
     out = pd.Series(np.nan, index=frame["method"])
     if live.empty:
         return out
@@ -196,7 +201,7 @@ def dominance(run: RunFiles, frame: pd.DataFrame, query_set: str, y_metric: str,
     reject), the best dominator being the one with the smallest p; Holm over the points of the
     query set. ``dominated`` = adjusted p < alpha, else the point is *not separable* from the
     frontier. Columns: method, by, p, p_holm, dominated."""
-    live = frame[~frame["reference_only"] & ~frame["too_few_queries"] & frame["x"].notna() & frame["y"].notna()]
+    live = _live(frame)
     off = live[~live["pareto"]]
     if off.empty:
         return pd.DataFrame(columns=["method", "by", "p", "p_holm", "dominated"])
