@@ -104,6 +104,9 @@ class QueryConfig:
 FRONTIER_LAMBDAS = [0.0005, 0.001, 0.002, 0.01, 0.02, 0.05]
 FRONTIER_STUDENT_LAMBDAS = [0.0, 0.02]
 FRONTIER_BETAS = [0.01, 0.03, 0.1, 0.3, 1.0, 3.0]
+# the λ curve (pipeline/lambda_curve.py): λ = 0 and 13 values log-spaced from 1e-5 to 1e-1
+# (two significant digits), dense where precision changes on SynthArt
+LAMBDA_CURVE = [0.0] + [float(f"{v:.2g}") for v in (10.0 ** (-5 + i / 3) for i in range(13))]
 
 
 def _default_methods() -> list[Any]:
@@ -122,6 +125,11 @@ class EvalConfig:
     # the `search` section, entries may override any of them
     methods: list[Any] = field(default_factory=_default_methods)
     lambdas: list[float] | None = bounded(None, ge=0, items=True)  # --lambda: one Backward Search entry each
+    # the λ curve: the run's Backward Search and Eq 4 solved to its tolerance at each λ
+    # (lambda_curve.parquet; [] for none)
+    lambda_curve: list[float] = bounded(factory=lambda: list(LAMBDA_CURVE), ge=0, items=True)
+    lambda_curve_solvers: list[Literal["preset", "converged"]] = field(
+        default_factory=lambda: ["preset", "converged"])
     search_batch: int = bounded(1024, ge=1)
     # search backend (cir_bench/index/): "exact" (torch, tie-stable) or "faiss" with
     # index_options {factory: "Flat" | "HNSW32" | "IVF256,Flat", nprobe, ef_search}
@@ -134,20 +142,22 @@ class SearchConfig:
     """Backward Search (search/backward.py), also the student's teacher. ``preset`` sets every
     field left at None; a value given here overrides the preset's."""
 
-    preset: Literal["paper", "authors-code"] = "paper"
+    preset: Literal["paper", "authors-code", "converged"] = "paper"
     lam: float = bounded(0.005, ge=0)  # sum-L1 over 128 dims: 0.005 here is 0.64 in the authors' mean-L1 units
     regularizer: Literal["l1", "l2"] | None = None
     reduction: Literal["sum", "mean"] | None = None  # over embedding dimensions
-    optimizer: Literal["adam", "sgd"] | None = None
+    optimizer: Literal["adam", "sgd", "proximal"] | None = None
     lr: float | None = bounded(None, gt=0)
     max_iter: int | None = bounded(None, ge=0)
     condition_weights: dict[str, float] = bounded(factory=dict, ge=0, items=True)  # w_m, default 1
     average_conditions: bool | None = None
-    stopping: Literal["satisfied", "plateau", "none", "authors-code"] | None = None
+    stopping: Literal["satisfied", "plateau", "plateau-ce", "none", "authors-code", "converged"] | None = None
     confidence: float | None = bounded(None, ge=0, lt=1)
     patience: int | None = bounded(None, ge=1)
     min_delta: float | None = bounded(None, ge=0)
     batch_size: int | None = bounded(None, ge=1)  # queries per chunk: bounds memory
+    tol: float | None = bounded(None, gt=0)  # converged: the gradient mapping of the accepted step to reach
+    budget_confidence: float | None = bounded(None, gt=0, lt=1)  # converged at λ = 0: stop at p(c|z) >= this
     # how the loop runs (not what it computes; not part of the cache keys): auto = a captured
     # CUDA graph on CUDA, the eager shrinking loop on CPU; fixed = the masked fixed-shape loop
     # uncaptured; eager/fixed turn capture off

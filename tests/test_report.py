@@ -464,3 +464,35 @@ def test_dominated_only_when_paired_tests_separate_the_points():
     assert not table.loc["backward[lam=0]", "dominated"]
     text = verdict(frame, "style", "context@10", dominated=table.reset_index())
     assert "Backward Search is on it at λ ∈ {0.01}, off it but not separable from it at λ ∈ {0}" in text
+
+
+def test_pooled_differences_mark_only_what_exceeds_both_query_and_seed_noise(tmp_path):
+    """Three seeds on the same 40 queries: ``steady`` beats the reference by 0.2 in every seed
+    (both intervals exclude 0); ``flip`` beats it by a wide margin in one seed and loses in
+    the others, each seed's gap large against its query noise (query interval excludes 0 only
+    in the seed where it wins; pooled, the seeds disagree: no mark); ``noise`` has a zero
+    mean difference."""
+    from cir_bench.report.tables import SEED_T_975, pooled_differences
+    from cir_bench.report.inputs import read_run
+
+    rng = np.random.default_rng(3)
+    ref = rng.uniform(0.3, 0.5, 40)
+    runs = []
+    for seed, flip in enumerate([0.45, -0.1, -0.15]):
+        runs.append(read_run(fake_run(tmp_path / f"s{seed}", {
+            "backward[lam=0.005]": ref, "steady": ref + 0.2 + rng.normal(0, 0.01, 40),
+            "flip": ref + flip, "noise": ref + np.r_[np.full(20, 0.1), np.full(20, -0.1)]}, seed=seed)))
+    d = pooled_differences(runs, "precision_at_10", "backward[lam=0.005]", resamples=500).set_index("method")
+    assert d.loc["steady", "significant"] and not d.loc["flip", "significant"] and not d.loc["noise", "significant"]
+    # hand computation of the pooled difference and the seed interval of ``flip``
+    per_seed = np.array([0.45, -0.1, -0.15])
+    assert d.loc["flip", "delta"] == pytest.approx(per_seed.mean())
+    half = SEED_T_975[3] * per_seed.std(ddof=1) / np.sqrt(3)
+    assert d.loc["flip", "seed_low"] == pytest.approx(per_seed.mean() - half)
+    # flip's query interval alone would have marked it: every query moves the same way
+    assert d.loc["flip", "query_low"] > 0 or d.loc["flip", "query_high"] < 0
+    assert d.loc["noise", "query_low"] < 0 < d.loc["noise", "query_high"]
+    write_html_report(classify([r.path for r in runs]), tmp_path / "rep", ReportOptions(resamples=100))
+    table = next(t for t in html_tables(tmp_path / "rep" / "report.html") if "minus" in t["caption"])
+    marks = {row[1]: row[-1] for row in table["rows"]}
+    assert marks == {"steady": "✱", "flip": "", "noise": ""}

@@ -17,6 +17,7 @@ from cir_bench.config import RunConfig
 from cir_bench.metrics import build_eval_inputs, evaluate, find_twins, retrieved_similarity_at_k, summarize
 from cir_bench.models import pick_device
 from cir_bench.paths import exclusive_folder, file_sha256
+from cir_bench.pipeline.lambda_curve import curve_solvers, lambda_curve
 from cir_bench.pipeline.steps import backward_label, cache_dir_for, distil_or_load, load_dataset, prepare, teacher_label
 from cir_bench.pipeline.steps import query_sets as built_query_sets
 from cir_bench.results import write_run
@@ -121,6 +122,7 @@ def _run(cfg: RunConfig, out: Path, progress: bool, log) -> Path:
     ids = np.array([it.id for it in dataset.items])
     result_frames, metric_rows, query_info, student_info = [], [], {}, {}
     moved: list[pd.DataFrame] = []  # z* of the methods that move the query (map_points.parquet)
+    curves: list[pd.DataFrame] = []  # the λ curve (lambda_curve.parquet)
     methods: dict[str, Any] = {}  # one instance per label across query sets (setup runs once)
     for props, queries, query_file in built:
         set_name = "+".join(props)
@@ -192,6 +194,11 @@ def _run(cfg: RunConfig, out: Path, progress: bool, log) -> Path:
                                            "z": list(ranking.query_vectors.astype(np.float32))}))
             log(f"  {spec.label:<24} precision@{cfg.eval.k}={summary[f'precision_at_{cfg.eval.k}']:.3f} "
                 f"({summary['ms_per_query']:.2f} ms/query)")
+        if cfg.eval.lambda_curve and cfg.eval.lambda_curve_solvers:
+            curve, seconds = lambda_curve(cfg, dataset, ctx, queries, set_name, twins, log)
+            curves.append(curve)
+            for solver, s in seconds.items():
+                timings[f"lambda_curve_{set_name}_{solver}_s"] = s
 
     items = dataset.to_frame()
     manifest = {
@@ -226,8 +233,14 @@ def _run(cfg: RunConfig, out: Path, progress: bool, log) -> Path:
     }
     points = map_points(store.z, ids, database, np.unique(np.concatenate([q.positions for _, q, _ in built])),
                         moved, cfg.seed)
+    extra = {"map_points.parquet": points}
+    if curves:
+        extra["lambda_curve.parquet"] = pd.concat(curves, ignore_index=True)
+        manifest["lambda_curve"] = {"lambdas": [float(v) for v in cfg.eval.lambda_curve],
+                                    "solvers": {s.name: {"preset": s.search.preset, **s.search.params()}
+                                                for s in curve_solvers(cfg)}}
     write_run(out, pd.concat(result_frames, ignore_index=True), pd.DataFrame(metric_rows), items, manifest,
-              extra={"map_points.parquet": points})
+              extra=extra)
     return out
 
 

@@ -83,6 +83,39 @@ def lambda_curves(points: pd.DataFrame, metrics: Sequence[tuple[str, str]]) -> b
     return png(fig)
 
 
+def solver_curves(points: pd.DataFrame, metrics: Sequence[tuple[str, str]]) -> bytes:
+    """The λ curve: one row of panels per query set, one panel per metric; the run's Backward
+    Search (``preset``) solid, Eq 4 solved to its tolerance (``converged``) dashed, each with its
+    95 % band; λ = 0 (no minimiser: each solver's own budget) hollow, left of the dotted line."""
+    plt = _plt()
+    sets = list(dict.fromkeys(points["query_set"]))
+    fig, axes = plt.subplots(len(sets), len(metrics), figsize=(4.6 * len(metrics), 3.4 * len(sets)), squeeze=False)
+    solvers = list(dict.fromkeys(points["family"]))
+    colors = _colors(solvers)
+    zero_at = _lam_axis(points["param"].to_numpy(dtype=float))[1]
+    for row, qs in zip(axes, sets):
+        for ax, (metric, title) in zip(row, metrics):
+            sub = points[(points["query_set"] == qs) & (points["metric"] == metric)]
+            for solver, g in sub.groupby("family", sort=False):
+                g = g.sort_values("param")
+                pos, zero = g[g["param"] > 0], g[g["param"] <= 0]
+                ax.plot(pos["param"], pos["mean"], "-o" if solver == "preset" else "--s", color=colors[solver],
+                        label=solver, ms=3.5)
+                ax.fill_between(pos["param"], pos["low"], pos["high"], color=colors[solver], alpha=0.15)
+                if len(zero):
+                    z = zero.iloc[0]
+                    ax.errorbar([zero_at], [z["mean"]], yerr=[[z["mean"] - z["low"]], [z["high"] - z["mean"]]],
+                                fmt="o" if solver == "preset" else "s", mfc="none", color=colors[solver], ms=5,
+                                capsize=2)
+            ax.set_xscale("log")
+            ax.axvline(zero_at * 2, color="0.6", lw=0.8, ls=":")
+            ax.set_xlabel("λ (hollow: λ = 0)")
+            ax.set_title(f"{qs}: {title}")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return png(fig)
+
+
 def frontier(frames: Sequence[tuple[pd.DataFrame, str]], query_set: str, x_title: str) -> bytes:
     """One panel per (points, y title): every method with its 95 % CIs, curves over the swept
     parameter, Pareto-optimal points ringed in black, the oracle hollow (reference only)."""

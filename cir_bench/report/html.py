@@ -22,7 +22,8 @@ from cir_bench.report.frontier import MIN_RANKED_QUERIES, dominance, membership,
 from cir_bench.report.inputs import ReportInputs, RunFiles
 from cir_bench.report.stats import bootstrap_ci, significance_table
 from cir_bench.report.tables import (cell, domain_pairs, estimates, methods_by_query_sets, metrics_of_query_set,
-                                     params_of, pooled_over_seeds, seed_groups)
+                                     params_of, pooled_differences, pooled_over_seeds, seed_groups, solver_comparison,
+                                     solver_curve_estimates)
 
 
 @dataclass
@@ -33,6 +34,15 @@ class ReportOptions:
     map_queries: int = 6  # queries with arrows in the map
     grid_methods: Sequence[str] | None = None  # default: GRID_DEFAULT present in the run + baselines
     thumbnail: int = 96  # pixels
+
+
+_SOLVER_NOTE = ("objective: Eq 4 at the returned vector, mean over queries; gap to best: mean(F − best) / mean(best), "
+                "best being the lower of the two solvers' objectives for each query (neither solver finds the "
+                "global minimiser of heads that are not convex); converged: stationary = the "
+                "gradient mapping of the accepted step reached the tolerance, stalled = no step lowered the objective (a kink of a ReLU or "
+                "the end of float64's resolution), confident = λ = 0's budget (every condition at the budget "
+                "probability), max_iter = the step budget ran out. At λ = 0 Eq 4 has no minimiser: each solver "
+                "stops by its own budget.")
 
 
 GRID_DEFAULT = ("knn", "filtered_knn", "soft_filtered_knn[beta=1]", "backward[lam=0]", "{run}", "student")
@@ -122,7 +132,11 @@ def _significance(run: RunFiles, metric: str, opts: ReportOptions) -> list[Table
                 row[f"Δ vs {r}"] = (f"{h['difference']:+.3f} (p {h['p_value']:.3g}, Holm {h['p_holm']:.3g})"
                                     + (" ✱" if h["significant"] else ""))
             rows.append(row)
-        tables.append(Table(f"{query_set}: differences to Backward Search ({metric})", pd.DataFrame(rows)))
+        tables.append(Table(f"{query_set}: differences to Backward Search ({metric})", pd.DataFrame(rows),
+                            "✱: paired randomisation test over this run's queries, p < 0.05 after Holm. It judges "
+                            "the query sample only: another training seed (another model and students) moves these "
+                            "numbers too; `cir-bench run --seeds 0,1,2` pools seeds and marks only the differences "
+                            "that exceed both."))
     return tables
 
 
@@ -315,6 +329,18 @@ def run_section(run: RunFiles, opts: ReportOptions) -> dict[str, Any]:
                                               f"context@{k} against λ (Backward Search solid, student dashed; bands: "
                                               "95 % CIs)", figures.lambda_curves(curves, [
                                                   (precision, f"precision@{k}"), *y_axes[:2]]))
+    if run.lambda_curve is not None and not run.lambda_curve.empty:
+        solver_metrics = [(precision, f"precision@{k}"), (f"context_at_{k}", f"context@{k}")]
+        points = solver_curve_estimates(run.lambda_curve, [m for m, _ in solver_metrics], opts.resamples, opts.seed)
+        section["figures"]["solvers"] = Figure(
+            "lambda_solvers.png", f"precision@{k} and context@{k} against λ: the run's Backward Search (preset, "
+            "solid) and Eq 4 solved to its tolerance (converged, dashed); bands: 95 % CIs; hollow: λ = 0",
+            figures.solver_curves(points, solver_metrics))
+        section["solver_tables"] = []
+        for qs in dict.fromkeys(run.lambda_curve["query_set"]):
+            section["solver_tables"].append(Table(
+                f"{qs}: the run's Backward Search (preset) beside Eq 4 solved to its tolerance (converged), per λ",
+                solver_comparison(run.lambda_curve, qs, k), _SOLVER_NOTE))
     maps = []
     moving = [m for m in (_backward(run.lam), "student") if m in set(run.results["method"])]
     for qs in sets:
@@ -454,6 +480,20 @@ def write_html_report(inputs: ReportInputs, out: Path, opts: ReportOptions | Non
         pooled.append(Table(f"Pooled over seeds {sorted(r.manifest.get('seed') for r in group)}: precision@{k}, "
                             "mean ± std (n − 1) of the per-seed means", pooled_over_seeds(group, f"precision_at_{k}"),
                             "runs: " + ", ".join(str(r.path) for r in group)))
+        reference = _backward(group[0].lam)
+        diffs = pooled_differences(group, f"precision_at_{k}", reference, opts.resamples, opts.seed)
+        if not diffs.empty:
+            pooled.append(Table(
+                f"Pooled over seeds: precision@{k} minus {reference}'s, per query set", pd.DataFrame({
+                    "query set": diffs["query_set"], "method": diffs["method"],
+                    "Δ (mean over seeds)": [f"{v:+.3f}" for v in diffs["delta"]],
+                    "query 95 % CI": [f"[{a:+.3f}, {b:+.3f}]" for a, b in zip(diffs["query_low"], diffs["query_high"])],
+                    "seed 95 % CI": [f"[{a:+.3f}, {b:+.3f}]" for a, b in zip(diffs["seed_low"], diffs["seed_high"])],
+                    "per seed": [", ".join(f"{v:+.3f}" for v in p) for p in diffs["per_seed"]],
+                    "": ["✱" if v else "" for v in diffs["significant"]]}),
+                "query 95 % CI: paired bootstrap over the queries (the same queries in every seed) of the difference "
+                "averaged over seeds; seed 95 % CI: t interval over the per-seed differences (each seed trains "
+                "its own model and students); ✱ only where both intervals exclude 0."))
     context = {"created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "runs": runs, "pooled": pooled,
                "tunes": [tune_section(p, t) for p, t in inputs.tunes],
                "loadtests": [loadtest_section(p, d) for p, d in inputs.loadtests],

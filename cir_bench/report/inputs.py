@@ -38,6 +38,7 @@ class RunFiles:
     items: pd.DataFrame
     compare: dict[str, Any] | None = None
     map_points: pd.DataFrame | None = None
+    lambda_curve: pd.DataFrame | None = None  # lambda_curve.parquet: the run's search beside Eq 4 converged
 
     @property
     def is_compare(self) -> bool:
@@ -96,7 +97,9 @@ def read_run(path: Path) -> RunFiles:
     items = _read(path / "items.parquet", pd.read_parquet)
     compare = _json(path / "compare.json") if (path / "compare.json").is_file() else None
     points = _read(path / "map_points.parquet", pd.read_parquet) if (path / "map_points.parquet").is_file() else None
-    return RunFiles(path, manifest, metrics, results, items, compare, points)
+    curve = (_read(path / "lambda_curve.parquet", pd.read_parquet) if (path / "lambda_curve.parquet").is_file()
+             else None)
+    return RunFiles(path, manifest, metrics, results, items, compare, points, curve)
 
 
 def classify(paths: list[Path]) -> ReportInputs:

@@ -166,3 +166,102 @@ def domain_pairs(run: RunFiles, query_set: str, metric: str = "dc_map") -> dict[
         out[f"matrix {method}"] = matrix.round(4).reset_index(names=f"{domain}: source \\ target")
     out = {"pairs": pd.DataFrame(wide), **out}
     return out
+
+
+def solver_curve_estimates(curve: pd.DataFrame, metrics: Sequence[str], resamples: int = 2000,
+                           seed: int = 0) -> pd.DataFrame:
+    """lambda_curve.parquet as query_set, solver, param (λ), metric, mean, low, high, n: each
+    a mean over queries with its bootstrap interval (the query sets' seeds as in ``estimates``)."""
+    rows = []
+    for s_i, (query_set, frame) in enumerate(curve.groupby("query_set", sort=False)):
+        for (solver, lam), g in frame.groupby(["solver", "lam"], sort=False):
+            for metric in metrics:
+                col = f"metric_{metric}"
+                if col not in g:
+                    continue
+                values = g[col].to_numpy(dtype=float)
+                low, high = interval(bootstrap_means(values, resamples, seed=[seed, s_i]))
+                ok = ~np.isnan(values)
+                rows.append({"query_set": query_set, "family": solver, "param": float(lam), "metric": metric,
+                             "mean": float(values[ok].mean()) if ok.any() else float("nan"), "low": low,
+                             "high": high, "n": int(ok.sum())})
+    return pd.DataFrame(rows)
+
+
+def solver_comparison(curve: pd.DataFrame, query_set: str, k: int) -> pd.DataFrame:
+    """Per λ: each solver's precision@k, context@k and mean objective; the converged solver's
+    mean objective over the preset's; each solver's gap to the best found (the lower of the
+    two objectives for each query): mean(F − best) / mean(best), none at λ = 0 where Eq 4 has
+    no minimiser; and how the converged solver's queries stopped."""
+    frame = curve[curve["query_set"] == query_set]
+    frame = frame.assign(best=frame.groupby(["lam", "query_id"])["objective"].transform("min"))
+    rows = []
+    for lam, g in frame.groupby("lam", sort=True):
+        row: dict[str, Any] = {"λ": f"{lam:g}"}
+        by = {s: h for s, h in g.groupby("solver", sort=False)}
+        for solver, h in by.items():
+            row[f"{solver} precision@{k}"] = f"{h[f'metric_precision_at_{k}'].mean():.3f}"
+            row[f"{solver} context@{k}"] = f"{h[f'metric_context_at_{k}'].mean():.3f}"
+            row[f"{solver} objective"] = f"{h['objective'].mean():.4g}"
+            row[f"{solver} gap to best"] = (f"{(h['objective'] - h['best']).mean() / h['best'].mean():.1%}"
+                                            if lam > 0 else "—")
+        if {"preset", "converged"} <= set(by):
+            row["converged / preset objective"] = (
+                f"{by['converged']['objective'].mean() / by['preset']['objective'].mean():.2f}" if lam > 0 else "—")
+        if "converged" in by:
+            counts = by["converged"]["stop"].value_counts()
+            row["converged: stopped"] = ", ".join(f"{reason} {n}" for reason, n in counts.items())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+SEED_T_975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+
+
+def pooled_differences(group: Sequence[RunFiles], metric: str, reference: str, resamples: int = 2000,
+                       seed: int = 0) -> pd.DataFrame:
+    """Per query set and method: the difference to ``reference`` pooled over the seeds of
+    ``group`` (runs on the same queries), with two intervals and a mark only where both
+    exclude 0.
+
+    - query interval: a paired bootstrap over the queries (the same resampled queries in every
+      seed) of  Δ = mean_s mean_q (m_sq − r_sq);
+    - seed interval: Δ ± t(0.975, S − 1) · sd_s(Δ_s) / √S over the S per-seed differences Δ_s
+      (training noise: another seed trains another model and student).
+    """
+    col = f"metric_{metric}"
+    rows = []
+    sets = list(dict.fromkeys(group[0].results["query_set"]))
+    for s_i, query_set in enumerate(sets):
+        per_seed: dict[str, list[pd.Series]] = {}
+        for run in group:
+            frame = run.results[run.results["query_set"] == query_set]
+            if col not in frame:
+                continue
+            wide = frame.pivot_table(index="query_id", columns="method", values=col, sort=False)
+            if reference not in wide:
+                continue
+            for method in wide.columns:
+                if method != reference:
+                    per_seed.setdefault(method, []).append(wide[method] - wide[reference])
+        for method, diffs in per_seed.items():
+            if len(diffs) < 2:
+                continue
+            joined = pd.concat(diffs, axis=1, join="inner").dropna()  # queries present in every seed
+            if joined.empty:
+                continue
+            d = joined.to_numpy(dtype=float)  # (queries, seeds)
+            by_seed = d.mean(axis=0)
+            delta = float(by_seed.mean())
+            rng = np.random.default_rng([seed, s_i, 113])
+            idx = rng.integers(0, d.shape[0], size=(resamples, d.shape[0]))
+            draws = d.mean(axis=1)[idx].mean(axis=1)
+            q_low, q_high = interval(draws)
+            n_seeds = d.shape[1]
+            half = SEED_T_975.get(n_seeds, 1.96) * float(by_seed.std(ddof=1)) / np.sqrt(n_seeds)
+            s_low, s_high = delta - half, delta + half
+            both = (q_low > 0 or q_high < 0) and (s_low > 0 or s_high < 0)
+            rows.append({"query_set": query_set, "method": method, "delta": delta, "query_low": q_low,
+                         "query_high": q_high, "seed_low": s_low, "seed_high": s_high, "per_seed": by_seed.tolist(),
+                         "n_queries": d.shape[0], "n_seeds": n_seeds, "significant": bool(both)})
+    return pd.DataFrame(rows)

@@ -30,15 +30,20 @@ import sys
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cir_bench.data.base import UnknownLabelError
 from cir_bench.data.queries import QuerySet
 from cir_bench.search.base import Ranking, SearchContext, SearchMethod
-from cir_bench.search.objective import objective_for, state_version
+from cir_bench.search.objective import regulariser, objective_for, state_version
+from cir_bench.search.proximal import solve_to_tolerance
 
-STOPPING_RULES = ("satisfied", "plateau", "none", "authors-code")
+# plateau: patience on the total loss (the paper preset); plateau-ce: on the CE alone (the
+# L1 term grows while the CE vanishes, so the total stops early for any λ > 0); converged:
+# the proximal solver's tolerance (search/proximal.py), with the proximal optimiser only
+STOPPING_RULES = ("satisfied", "plateau", "plateau-ce", "none", "authors-code", "converged")
 # eager: the loop that shrinks its batch as queries freeze (CPU default); fixed: one shape,
 # masks, padded to a bucket; graph: fixed, each step a captured CUDA graph (CUDA default)
 ENGINES = ("auto", "eager", "fixed", "graph")
@@ -53,6 +58,8 @@ GRADIENTS = ("auto", "autograd")
 # caches keyed on a teacher (distilled students) are rebuilt; the gradient by hand gives
 # autograd's bits on the CPU and did not bump it
 IMPLEMENTATION_VERSION = 2
+CONVERGED_ONLY = ("tol", "budget_confidence")  # settings only the converged solver reads
+GRID_ROWS = 16384  # the converged solver over a λ grid: at most this many (query, λ) rows per batch
 
 
 @dataclass(frozen=True)
@@ -60,26 +67,36 @@ class BackwardSearchConfig:
     lam: float = 1.0
     regularizer: str = "l1"  # l1 | l2 (squared)
     reduction: str = "sum"  # sum | mean over embedding dimensions
-    optimizer: str = "adam"  # adam | sgd
+    optimizer: str = "adam"  # adam | sgd | proximal (Eq 4 to a tolerance: search/proximal.py)
     lr: float = 0.2
     max_iter: int = 100
     condition_weights: Mapping[str, float] = field(default_factory=dict)  # w_m, default 1
     average_conditions: bool = False  # True: CE averaged over conditions (authors' code)
-    stopping: str = "satisfied"  # satisfied | plateau | none | authors-code
+    stopping: str = "satisfied"  # one of STOPPING_RULES
     # "satisfied" also asks softmax(phi_m(z))[c_m] >= confidence for every condition; 0 =
     # argmax alone, which stops right on the decision boundary
     confidence: float = 0.0
     patience: int = 10
     min_delta: float = 0.0
     batch_size: int = 1024  # queries per chunk: bounds memory
+    # converged: stop when the gradient mapping of the accepted step is at most tol
+    tol: float = 1e-5
+    # converged at λ = 0 (no minimiser): stop when every p(c_m | z) reaches this
+    budget_confidence: float = 0.99
 
     def __post_init__(self) -> None:
         if self.regularizer not in ("l1", "l2"):
             raise ValueError(f"regularizer must be l1 or l2, got '{self.regularizer}'")
         if self.reduction not in ("sum", "mean"):
             raise ValueError(f"reduction must be sum or mean, got '{self.reduction}'")
-        if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer must be adam or sgd, got '{self.optimizer}'")
+        if self.optimizer not in ("adam", "sgd", "proximal"):
+            raise ValueError(f"optimizer must be adam, sgd or proximal, got '{self.optimizer}'")
+        if (self.optimizer == "proximal") != (self.stopping == "converged"):
+            raise ValueError("the proximal optimiser and stopping 'converged' go together (preset 'converged'); "
+                             f"got optimizer '{self.optimizer}' with stopping '{self.stopping}'")
+        if not (self.tol > 0 and 0.0 < self.budget_confidence < 1.0):
+            raise ValueError(f"tol must be > 0 and budget_confidence in (0, 1), got {self.tol}, "
+                             f"{self.budget_confidence}")
         if self.stopping not in STOPPING_RULES:
             raise ValueError(f"stopping must be one of {STOPPING_RULES}, got '{self.stopping}'")
         if self.lam < 0 or self.max_iter < 0 or self.lr <= 0:
@@ -92,6 +109,8 @@ PRESETS: dict[str, BackwardSearchConfig] = {
     "paper": BackwardSearchConfig(stopping="plateau"),
     "authors-code": BackwardSearchConfig(reduction="mean", average_conditions=True, stopping="authors-code",
                                          patience=10),
+    # Eq 4 to a stated tolerance (search/proximal.py): the paper's objective (sum-L1, weights 1)
+    "converged": BackwardSearchConfig(optimizer="proximal", stopping="converged", max_iter=3000),
 }
 
 
@@ -100,6 +119,8 @@ class InversionResult:
     z: torch.Tensor  # (B, d) final embeddings
     iterations: torch.Tensor  # (B,) Adam steps applied to each query
     satisfied: torch.Tensor  # (B,) bool: every conditioned head's argmax equals its condition
+    objective: torch.Tensor  # (B,) Eq 4 (the config's objective) at z
+    stop: list[str] | None = None  # the converged solver: why each query stopped (proximal.STOP_REASONS)
 
 
 class BackwardSearch(SearchMethod):
@@ -126,12 +147,21 @@ class BackwardSearch(SearchMethod):
         self.gradient = gradient  # likewise: how, not what
         self.compile = bool(compile)  # the fixed-shape step through torch.compile: likewise
         self.config = replace(PRESETS[preset], **overrides)
+        if self.config.optimizer == "proximal" and (compile or engine in ("fixed", "graph")):
+            raise ValueError("the converged solver runs its own loop (search/proximal.py): engine 'fixed'/'graph' "
+                             "and compile apply to the Adam presets")
         self.last_capture_s = 0.0  # seconds spent compiling / capturing CUDA graphs in the last invert()
         # with compile: per bucket used, whether the compiled step runs and what its check found
         self.compile_outcomes: dict[int, tuple[bool, str]] = {}
 
     def params(self) -> dict[str, Any]:
-        return {"preset": self.preset, **asdict(self.config)}
+        """What the search computes (manifests, cache keys); the converged solver's settings
+        only where it runs, so adding them left the Adam presets' keys as they were."""
+        out = {"preset": self.preset, **asdict(self.config)}
+        if self.config.optimizer != "proximal":
+            for key in CONVERGED_ONLY:
+                out.pop(key)
+        return out
 
     @property
     def compiled(self) -> bool:
@@ -151,11 +181,13 @@ class BackwardSearch(SearchMethod):
         """Run the search for a batch; ``conditions`` (B, M) class ids, column m = properties[m]."""
         cfg = self.config
         _validate(heads, z0, properties, conditions)
-        engine = self.resolved_engine(z0.device)
         self.last_capture_s = 0.0
+        if cfg.optimizer == "proximal":
+            return self._invert_converged(heads, z0, properties, conditions)
+        engine = self.resolved_engine(z0.device)
         objective = objective_for(heads, properties, cfg, analytic=self.gradient == "auto")
         chunk = cfg.batch_size if engine == "eager" else BUCKETS[-1]
-        out_z, out_it, out_sat = [], [], []
+        parts = []
         for start in range(0, z0.shape[0], chunk):
             sl = slice(start, start + chunk)
             if engine == "eager":
@@ -163,10 +195,55 @@ class BackwardSearch(SearchMethod):
             else:
                 r = self._invert_fixed(objective, heads, z0[sl], properties, conditions[sl],
                                        capture=engine == "graph")
-            out_z.append(r.z)
-            out_it.append(r.iterations)
-            out_sat.append(r.satisfied)
-        return InversionResult(torch.cat(out_z), torch.cat(out_it), torch.cat(out_sat))
+            parts.append(r)
+        return _joined(parts)
+
+    def invert_grid(self, heads: Mapping[str, torch.nn.Module], z0: torch.Tensor, properties: Sequence[str],
+                    conditions: torch.Tensor, lams: Sequence[float]) -> list[InversionResult]:
+        """``invert`` at every λ of ``lams`` (everything else as configured). The converged
+        solver takes the whole grid as one batch, a λ per row: its loop's cost is per step,
+        not per row."""
+        lams = [float(v) for v in lams]
+        if self.config.optimizer != "proximal":
+            return [self.at_lambda(lam).invert(heads, z0, properties, conditions) for lam in lams]
+        _validate(heads, z0, properties, conditions)
+        n = z0.shape[0]
+        rows_per_chunk = max(GRID_ROWS // max(n, 1), 1) * n  # whole λ blocks per chunk
+        zz, cc = z0.repeat(len(lams), 1), conditions.repeat(len(lams), 1)
+        ll = torch.tensor(lams, dtype=torch.float64).repeat_interleave(n)
+        parts = []
+        for start in range(0, zz.shape[0], rows_per_chunk):
+            sl = slice(start, start + rows_per_chunk)
+            parts.append(self._converged_part(heads, zz[sl], properties, cc[sl], ll[sl]))
+        joined = _joined(parts)
+        return [InversionResult(joined.z[i * n:(i + 1) * n], joined.iterations[i * n:(i + 1) * n],
+                                joined.satisfied[i * n:(i + 1) * n], joined.objective[i * n:(i + 1) * n],
+                                joined.stop[i * n:(i + 1) * n]) for i in range(len(lams))]
+
+    def at_lambda(self, lam: float) -> "BackwardSearch":
+        """The same search at another λ."""
+        other = BackwardSearch(self.preset, engine=self.engine, check_every=self.check_every, gradient=self.gradient,
+                               compile=self.compile)
+        other.config = replace(self.config, lam=float(lam))
+        return other
+
+    def _converged_part(self, heads, z0, properties, conditions, lams=None) -> InversionResult:
+        r = solve_to_tolerance(heads, z0, properties, conditions, self.config, lams=lams,
+                               analytic=self.gradient == "auto")
+        with torch.no_grad():
+            sat = torch.ones(r.z.shape[0], dtype=torch.bool, device=r.z.device)
+            for m, prop in enumerate(properties):
+                sat &= heads[prop](r.z).argmax(dim=1) == conditions[:, m]
+        return InversionResult(r.z, r.iterations, sat, r.objective, r.stop)
+
+    def _invert_converged(self, heads, z0, properties, conditions) -> InversionResult:
+        """Eq 4 to the tolerance (search/proximal.py), in chunks of batch_size."""
+        cfg = self.config
+        parts = []
+        for start in range(0, z0.shape[0], cfg.batch_size):
+            sl = slice(start, start + cfg.batch_size)
+            parts.append(self._converged_part(heads, z0[sl], properties, conditions[sl]))
+        return _joined(parts)
 
     def _invert_chunk(self, objective, heads, z0, properties, conditions) -> InversionResult:
         """The eager loop: the batch shrinks to its active rows as queries freeze."""
@@ -184,7 +261,7 @@ class BackwardSearch(SearchMethod):
         }
         rows = torch.arange(n, device=dev)
         w = dict(full)  # working set = everything at first
-        freezes = cfg.stopping in ("satisfied", "plateau")
+        freezes = cfg.stopping in ("satisfied", "plateau", "plateau-ce")
         # Looking at the active mask reads a value back to the host; on CUDA do it every 10
         # steps only. Extra steps change nothing: frozen rows are not updated.
         check_every = 10 if dev.type == "cuda" else 1
@@ -231,7 +308,7 @@ class BackwardSearch(SearchMethod):
         cfg = self.config
         n = z0.shape[0]
         bucket = next(b for b in BUCKETS if b >= n)
-        freezes = cfg.stopping in ("satisfied", "plateau")
+        freezes = cfg.stopping in ("satisfied", "plateau", "plateau-ce")
         every = self.check_every if self.check_every is not None else (10 if z0.device.type == "cuda" else 1)
         if capture or self.compile:
             runner = _cached_step(self, objective, heads, tuple(properties), bucket, z0.device, conditions.dtype,
@@ -267,10 +344,11 @@ class BackwardSearch(SearchMethod):
                                             satisfied=cfg.stopping == "satisfied", lam=lam)
         if cfg.stopping == "satisfied":
             active = active & ~satisfied  # a satisfied query stops before stepping
-        elif cfg.stopping == "plateau":
+        elif cfg.stopping in ("plateau", "plateau-ce"):
+            watched = loss_d if cfg.stopping == "plateau" else loss_d - regulariser(z - w["z0"], cfg, lam)
             best = w["best_loss"] - cfg.min_delta if cfg.min_delta else w["best_loss"]
-            upd = (loss_d < best) & active
-            w["best_loss"] = torch.where(upd, loss_d, w["best_loss"])
+            upd = (watched < best) & active
+            w["best_loss"] = torch.where(upd, watched, w["best_loss"])
             w["best_z"] = torch.where(upd[:, None], z, w["best_z"])
             w["counter"] = torch.where(upd, 0.0, w["counter"] + active.float())
             active = active & (w["counter"] < cfg.patience)
@@ -305,10 +383,12 @@ class BackwardSearch(SearchMethod):
         cfg = self.config
         z, steps, best_z, best_loss = full["z"], full["steps"], full["best_z"], full["best_loss"]
         final = z
-        if cfg.stopping == "plateau":
+        if cfg.stopping in ("plateau", "plateau-ce"):
             # the best iterate seen; the current one if it was never beaten (the loss the
             # loop compared, from the same objective)
             cur_loss, _, _ = objective(z, z0, conditions, satisfied=False)
+            if cfg.stopping == "plateau-ce":
+                cur_loss = cur_loss - regulariser(z - z0, cfg)
             final = torch.where((cur_loss < best_loss)[:, None], z, best_z)
         elif cfg.stopping == "authors-code":
             final = torch.where(torch.isfinite(best_loss)[:, None], best_z, z)
@@ -320,7 +400,8 @@ class BackwardSearch(SearchMethod):
                 sat &= logits.argmax(dim=1) == conditions[:, m]
                 if cfg.confidence > 0:
                     sat &= torch.exp(-F.cross_entropy(logits, conditions[:, m], reduction="none")) >= cfg.confidence
-        return InversionResult(final.detach(), steps.long(), sat)
+            value, _, _ = objective(final, z0, conditions, satisfied=False)
+        return InversionResult(final.detach(), steps.long(), sat, value.detach().double())
 
     # -- the search method --------------------------------------------------------------
     def search(self, ctx: SearchContext, queries: QuerySet, k: int) -> Ranking:
@@ -333,10 +414,18 @@ class BackwardSearch(SearchMethod):
         cond = torch.as_tensor(queries.conditions, device=ctx.device)
         result = self.invert(model.heads, z0, queries.properties, cond)
         pos, score = ctx.index.search(result.z, k, exclude=ctx.exclude(queries))
-        return Ranking(pos.numpy(), score.numpy(), {
-            "iterations": result.iterations.cpu().numpy(),
-            "satisfied": result.satisfied.cpu().numpy(),
-        }, query_vectors=result.z.detach().cpu().float().numpy())
+        extras = {"iterations": result.iterations.cpu().numpy(), "satisfied": result.satisfied.cpu().numpy(),
+                  "objective": result.objective.cpu().numpy()}
+        if result.stop is not None:
+            extras["stop"] = np.array(result.stop)
+        return Ranking(pos.numpy(), score.numpy(), extras, query_vectors=result.z.detach().cpu().float().numpy())
+
+
+def _joined(parts: Sequence[InversionResult]) -> InversionResult:
+    stops = [p.stop for p in parts]
+    return InversionResult(torch.cat([p.z for p in parts]), torch.cat([p.iterations for p in parts]),
+                           torch.cat([p.satisfied for p in parts]), torch.cat([p.objective for p in parts]),
+                           None if any(s is None for s in stops) else [r for s in stops for r in s])
 
 
 def _validate(heads: Mapping[str, torch.nn.Module], z0: torch.Tensor, properties: Sequence[str],

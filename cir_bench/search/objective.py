@@ -50,7 +50,7 @@ class AutogradObjective:
         with torch.enable_grad() if grad else torch.no_grad():
             zv = z.detach().requires_grad_(True) if grad else z.detach()
             ce, sat = _ce_and_satisfied(self.logits(zv), cond, self.properties, self.cfg, satisfied=satisfied)
-            loss = ce + _regulariser(zv - z0, self.cfg, lam)
+            loss = ce + regulariser(zv - z0, self.cfg, lam)
             g = torch.autograd.grad(loss.sum(), zv)[0] if grad else None
         return loss.detach(), sat, g
 
@@ -90,7 +90,7 @@ class AnalyticObjective:
         logp = [lg.log_softmax(dim=1) for lg in logits]
         ce, sat = _ce_and_satisfied(logits, cond, self.properties, cfg, logp=logp, satisfied=satisfied)
         diff = z - z0
-        loss = ce + _regulariser(diff, cfg, lam)
+        loss = ce + regulariser(diff, cfg, lam)
         if not grad:
             return loss, sat, None
         # the sums meeting in z in the order autograd adds them: the regulariser's (made
@@ -147,7 +147,8 @@ def _ce_and_satisfied(logits: list[torch.Tensor], cond: torch.Tensor, properties
     return ce, sat
 
 
-def _regulariser(diff: torch.Tensor, cfg: Any, lam: torch.Tensor | None = None) -> torch.Tensor:
+def regulariser(diff: torch.Tensor, cfg: Any, lam: torch.Tensor | None = None) -> torch.Tensor:
+    """λ·R(z − z0) per query (L1 or squared L2, summed or averaged over dimensions)."""
     reg = diff.abs() if cfg.regularizer == "l1" else diff.pow(2)
     reg = reg.sum(dim=1) if cfg.reduction == "sum" else reg.mean(dim=1)
     return (cfg.lam if lam is None else lam) * reg
