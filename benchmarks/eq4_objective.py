@@ -46,12 +46,12 @@ def main(stdout=None) -> None:
         name = "+".join(props)
         curve, seconds = lambda_curve(cfg, dataset, ctx, queries, name, find_twins(dataset, queries, ctx.database),
                                       log=lambda *_: None)
-        best = curve.groupby(["lam", "query_id"])["objective"].transform("min")
+        best = curve.groupby(["lam", "query_index"])["objective"].transform("min")
         curve = curve.assign(gap=(curve["objective"] - best) / best.abs().clip(lower=1e-12))
         rows = []
         for lam, g in curve.groupby("lam", sort=True):
-            pre = g[g["solver"] == "preset"].set_index("query_id")
-            con = g[g["solver"] == "converged"].set_index("query_id").loc[pre.index]
+            pre = g[g["solver"] == "preset"].set_index("query_index")
+            con = g[g["solver"] == "converged"].set_index("query_index").loc[pre.index]
             rows.append({
                 "lam": float(lam),
                 "preset_objective": float(pre["objective"].mean()),

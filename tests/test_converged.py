@@ -148,14 +148,16 @@ def test_a_run_writes_the_lambda_curve_and_the_report_draws_it(cache_dir, tmp_pa
     lams = [0.0, 0.0001, 0.001, 0.01]
     assert manifest["lambda_curve"]["lambdas"] == lams
     assert set(manifest["lambda_curve"]["solvers"]) == {"preset", "converged"}
-    n = curve["query_id"].nunique()
-    assert len(curve) == 2 * len(lams) * n and set(curve["lam"]) == set(lams)
+    assert set(curve["lam"]) == set(lams)
     # the preset at the run's own λ is the run's Backward Search: the same per-query values
     results = pd.read_parquet(out / "results.parquet")
-    ours = curve[(curve["solver"] == "preset") & (curve["lam"] == 0.001)].set_index("query_id")
-    run_bs = results[results["method"] == "backward[lam=0.001]"].set_index("query_id").loc[ours.index]
+    ours = curve[(curve["solver"] == "preset") & (curve["lam"] == 0.001)]
+    run_bs = results[results["method"] == "backward[lam=0.001]"]  # the same query order
+    assert run_bs["query_id"].tolist() == ours["query_id"].tolist()
+    assert sorted(ours["query_index"]) == list(range(n_rows := len(ours)))
     assert np.allclose(run_bs["metric_precision_at_10"], ours["metric_precision_at_10"])
     assert np.allclose(run_bs["objective"], ours["objective"], rtol=1e-6)
+    assert len(curve) == 2 * len(lams) * n_rows
     mean = curve.groupby(["solver", "lam"])["objective"].mean()
     for lam in lams[1:]:
         assert mean[("converged", lam)] < mean[("preset", lam)]

@@ -74,7 +74,9 @@ def lambda_curve(cfg: RunConfig, dataset: Dataset, ctx: SearchContext, queries: 
             inputs = build_eval_inputs(dataset, queries, pos[:, :k], ctx.database, cfg.eval.self_match, twins,
                                        full_ranking=pos if depth != k else None)
             per_query = evaluate(inputs, ks=(k,))
-            frame = pd.DataFrame({"query_set": set_name, "solver": solver.name, "lam": lam, "query_id": qids,
+            # query_index: the query's row in its set (an item can be queried under several conditions)
+            frame = pd.DataFrame({"query_set": set_name, "solver": solver.name, "lam": lam,
+                                  "query_index": np.arange(len(qids)), "query_id": qids,
                                   "objective": r.objective.cpu().numpy().astype(float),
                                   "iterations": r.iterations.cpu().numpy(),
                                   "satisfied": r.satisfied.cpu().numpy(),

@@ -194,7 +194,8 @@ def solver_comparison(curve: pd.DataFrame, query_set: str, k: int) -> pd.DataFra
     two objectives for each query): mean(F − best) / mean(best), none at λ = 0 where Eq 4 has
     no minimiser; and how the converged solver's queries stopped."""
     frame = curve[curve["query_set"] == query_set]
-    frame = frame.assign(best=frame.groupby(["lam", "query_id"])["objective"].transform("min"))
+    key = "query_index" if "query_index" in frame else "query_id"
+    frame = frame.assign(best=frame.groupby(["lam", key])["objective"].transform("min"))
     rows = []
     for lam, g in frame.groupby("lam", sort=True):
         row: dict[str, Any] = {"λ": f"{lam:g}"}
