@@ -141,7 +141,7 @@ def test_a_run_writes_the_lambda_curve_and_the_report_draws_it(cache_dir, tmp_pa
 
     out = tmp_path / "run"
     overrides = [*tiny_overrides(cache_dir, out), "eval.methods=[knn, backward]", "queries.sets=[[style]]",
-                 "search.lam=0.001"]
+                 "search.lam=0.001", "eval.lambda_curve_solvers=[preset, converged]"]
     assert main(["run", "--no-progress", *sum((["--set", o] for o in overrides), [])]) == 0
     curve = pd.read_parquet(out / "lambda_curve.parquet")
     manifest = json.loads((out / "manifest.json").read_text())
