@@ -201,8 +201,9 @@ def solver_comparison(curve: pd.DataFrame, query_set: str, k: int) -> pd.DataFra
         row: dict[str, Any] = {"λ": f"{lam:g}"}
         by = {s: h for s, h in g.groupby("solver", sort=False)}
         for solver, h in by.items():
-            row[f"{solver} precision@{k}"] = f"{h[f'metric_precision_at_{k}'].mean():.3f}"
-            row[f"{solver} context@{k}"] = f"{h[f'metric_context_at_{k}'].mean():.3f}"
+            for metric, title in ((f"precision_at_{k}", f"precision@{k}"), (f"context_at_{k}", f"context@{k}")):
+                if f"metric_{metric}" in h:  # context needs tags: a dataset without them has none
+                    row[f"{solver} {title}"] = f"{h[f'metric_{metric}'].mean():.3f}"
             row[f"{solver} objective"] = f"{h['objective'].mean():.4g}"
             row[f"{solver} gap to best"] = (f"{(h['objective'] - h['best']).mean() / h['best'].mean():.1%}"
                                             if lam > 0 else "—")
