@@ -30,7 +30,6 @@ import torch
 from cir_bench.search.objective import objective_for
 
 SUFFICIENT_DECREASE = 1e-4  # Armijo-type constant of the line search
-NONMONOTONE = 1  # the line search's reference: the largest of this many last objective values
 MAX_BACKTRACKS = 60  # halvings of one step before a query is called stalled
 STEP_BOUNDS = (1e-12, 1e6)  # the Barzilai–Borwein guess is clipped to these
 STEP_GROWTH = 4.0  # a step size grows at most this much from one step to the next
@@ -93,8 +92,6 @@ def solve_to_tolerance(heads: Mapping[str, torch.nn.Module], z0: torch.Tensor, p
     z = z0.clone()
     f, sat, grad = smooth(z, z0, cond, coef)
     total = f + g(z, z0, coef)
-    # the line search compares with the largest of the last NONMONOTONE objective values
-    history = total[:, None].repeat(1, NONMONOTONE)
     t = FIRST_MOVE / grad.abs().amax(dim=1).clamp_min(1e-12)
     steps = torch.zeros(n, dtype=torch.long, device=z.device)
     measure = torch.full((n,), float("inf"), dtype=torch.float64, device=z.device)
@@ -108,7 +105,7 @@ def solve_to_tolerance(heads: Mapping[str, torch.nn.Module], z0: torch.Tensor, p
         if rows.numel() == 0:
             break
         zr, z0r, cr, gr, tr, cfr = z[rows], z0[rows], cond[rows], grad[rows], t[rows], coef[rows]
-        Fr = history[rows].amax(dim=1)
+        Fr = total[rows]
         new_z, new_f, new_grad = zr.clone(), f[rows].clone(), gr.clone()
         new_sat = torch.zeros(rows.numel(), dtype=torch.bool, device=z.device)
         accepted = torch.zeros(rows.numel(), dtype=torch.bool, device=z.device)
@@ -141,7 +138,6 @@ def solve_to_tolerance(heads: Mapping[str, torch.nn.Module], z0: torch.Tensor, p
         measure[ok_rows] = s_.norm(dim=1) / used_t
         z[ok_rows], f[ok_rows], grad[ok_rows] = new_z[accepted], new_f[accepted], new_grad[accepted]
         total[ok_rows] = f[ok_rows] + g(z[ok_rows], z0[ok_rows], coef[ok_rows])
-        history[ok_rows] = torch.cat([history[ok_rows, 1:], total[ok_rows, None]], dim=1)
         steps[ok_rows] += 1
         # the Barzilai–Borwein guess, grown by at most STEP_GROWTH per step: where the CE is
         # flat, s·y is tiny and the raw guess would cost dozens of halvings
