@@ -60,7 +60,9 @@ def run_compare(cfg: RunConfig, baselines: Sequence[str], templates: Sequence[st
     device = str(pick_device(cfg.device))
     for e in entries:
         load_composer(e["baseline"], e["weights_dir"], device, options=e.get("options"))
-    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, methods=list(OWN_METHODS) + entries))
+    # the λ curve compares Backward Search with itself: `run`'s business, not the baselines'
+    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, methods=list(OWN_METHODS) + entries,
+                                                            lambda_curve=[]))
     try:
         out = run(cfg, progress=progress, log=log)
     finally:
