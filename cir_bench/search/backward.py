@@ -230,10 +230,7 @@ class BackwardSearch(SearchMethod):
     def _converged_part(self, heads, z0, properties, conditions, lams=None) -> InversionResult:
         r = solve_to_tolerance(heads, z0, properties, conditions, self.config, lams=lams,
                                analytic=self.gradient == "auto")
-        with torch.no_grad():
-            sat = torch.ones(r.z.shape[0], dtype=torch.bool, device=r.z.device)
-            for m, prop in enumerate(properties):
-                sat &= heads[prop](r.z).argmax(dim=1) == conditions[:, m]
+        sat = _satisfied_by_heads(heads, r.z, properties, conditions, self.config.confidence)
         return InversionResult(r.z, r.iterations, sat, r.objective, r.stop)
 
     def _invert_converged(self, heads, z0, properties, conditions) -> InversionResult:
@@ -393,13 +390,8 @@ class BackwardSearch(SearchMethod):
         elif cfg.stopping == "authors-code":
             final = torch.where(torch.isfinite(best_loss)[:, None], best_z, z)
             steps = torch.full_like(steps, float(cfg.max_iter))  # the code never breaks
+        sat = _satisfied_by_heads(heads, final, properties, conditions, cfg.confidence)
         with torch.no_grad():
-            sat = torch.ones(final.shape[0], dtype=torch.bool, device=final.device)
-            for m, prop in enumerate(properties):
-                logits = heads[prop](final)
-                sat &= logits.argmax(dim=1) == conditions[:, m]
-                if cfg.confidence > 0:
-                    sat &= torch.exp(-F.cross_entropy(logits, conditions[:, m], reduction="none")) >= cfg.confidence
             value, _, _ = objective(final, z0, conditions, satisfied=False)
         return InversionResult(final.detach(), steps.long(), sat, value.detach().double())
 
@@ -419,6 +411,19 @@ class BackwardSearch(SearchMethod):
         if result.stop is not None:
             extras["stop"] = np.array(result.stop)
         return Ranking(pos.numpy(), score.numpy(), extras, query_vectors=result.z.detach().cpu().float().numpy())
+
+
+def _satisfied_by_heads(heads: Mapping[str, torch.nn.Module], z: torch.Tensor, properties: Sequence[str],
+                        conditions: torch.Tensor, confidence: float) -> torch.Tensor:
+    """Whether each row's every head predicts its condition (with p >= confidence when > 0)."""
+    with torch.no_grad():
+        sat = torch.ones(z.shape[0], dtype=torch.bool, device=z.device)
+        for m, prop in enumerate(properties):
+            logits = heads[prop](z)
+            sat &= logits.argmax(dim=1) == conditions[:, m]
+            if confidence > 0:
+                sat &= torch.exp(-F.cross_entropy(logits, conditions[:, m], reduction="none")) >= confidence
+    return sat
 
 
 def _joined(parts: Sequence[InversionResult]) -> InversionResult:
