@@ -86,7 +86,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         try:
             apply_mapping(cfg, data)
         except ConfigError as err:
-            raise ConfigError(f"{args.config}: {err}") from None
+            raise ConfigError(f"{args.config}: {err}", err.key, args.config) from None
         sources.append((args.config, flat_keys(data)))
     if args.dataset:
         select_dataset(cfg, args.dataset)
@@ -111,7 +111,7 @@ def build_config(args: argparse.Namespace) -> RunConfig:
         try:
             apply_overrides(cfg, [f"eval.lambdas=[{args.lambdas}]"])
         except ConfigError as err:
-            raise ConfigError(f"--lambda: {err}") from None
+            raise ConfigError(f"--lambda: {err}", err.key, "--lambda") from None
         sources.append(("--lambda", {"eval.lambdas"}))
     apply_overrides(cfg, list(args.set))
     sources.append(("--set", {parse_override(o)[0] for o in args.set}))

@@ -26,8 +26,30 @@ from typing import Any, Literal, Mapping, Union
 import yaml
 
 
+# Backward Search's choices (search/backward_step.py and search/backward.py read them from here)
+BackwardPreset = Literal["paper", "authors-code", "converged"]
+Regularizer = Literal["l1", "l2"]
+Reduction = Literal["sum", "mean"]  # over embedding dimensions
+Optimizer = Literal["adam", "sgd", "proximal"]
+# plateau: patience on the total loss (the paper preset); plateau-ce: on the CE alone (the
+# L1 term grows while the CE vanishes, so the total stops early for any λ > 0); converged:
+# the proximal solver's tolerance (search/proximal.py), with the proximal optimiser only
+StoppingRule = Literal["satisfied", "plateau", "plateau-ce", "none", "authors-code", "converged"]
+# eager: the loop that shrinks its batch as queries freeze (CPU default); fixed: one shape,
+# masks, padded to a bucket; graph: fixed, each step a captured CUDA graph (CUDA default)
+Engine = Literal["auto", "eager", "fixed", "graph"]
+# auto: dL/dz by hand through heads that are plain chains (search/objective.py), else autograd
+Gradient = Literal["auto", "autograd"]
+
+
 class ConfigError(ValueError):
-    """A configuration file or override names an unknown key or holds a bad value."""
+    """A configuration file or override names an unknown key or holds a bad value; ``key``:
+    the dotted key at fault (list items as ``key[i]``) when one is, ``source``: the file or
+    flag that set it, once known."""
+
+    def __init__(self, message: str, key: str | None = None, source: str | None = None) -> None:
+        super().__init__(message)
+        self.key, self.source = key, source
 
 
 def bounded(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, ge: float | None = None,
@@ -142,16 +164,16 @@ class SearchConfig:
     """Backward Search (search/backward.py), also the student's teacher. ``preset`` sets every
     field left at None; a value given here overrides the preset's."""
 
-    preset: Literal["paper", "authors-code", "converged"] = "paper"
+    preset: BackwardPreset = "paper"
     lam: float = bounded(0.005, ge=0)  # sum-L1 over 128 dims: 0.005 here is 0.64 in the authors' mean-L1 units
-    regularizer: Literal["l1", "l2"] | None = None
-    reduction: Literal["sum", "mean"] | None = None  # over embedding dimensions
-    optimizer: Literal["adam", "sgd", "proximal"] | None = None
+    regularizer: Regularizer | None = None
+    reduction: Reduction | None = None
+    optimizer: Optimizer | None = None
     lr: float | None = bounded(None, gt=0)
     max_iter: int | None = bounded(None, ge=0)
     condition_weights: dict[str, float] = bounded(factory=dict, ge=0, items=True)  # w_m, default 1
     average_conditions: bool | None = None
-    stopping: Literal["satisfied", "plateau", "plateau-ce", "none", "authors-code", "converged"] | None = None
+    stopping: StoppingRule | None = None
     confidence: float | None = bounded(None, ge=0, lt=1)
     patience: int | None = bounded(None, ge=1)
     min_delta: float | None = bounded(None, ge=0)
@@ -161,11 +183,11 @@ class SearchConfig:
     # how the loop runs (not what it computes; not part of the cache keys): auto = a captured
     # CUDA graph on CUDA, the eager shrinking loop on CPU; fixed = the masked fixed-shape loop
     # uncaptured; eager/fixed turn capture off
-    engine: Literal["auto", "eager", "fixed", "graph"] | None = None
+    engine: Engine | None = None
     check_every: int | None = bounded(None, ge=0)  # fixed/graph: read the stop mask every N steps (0: never)
     # how dL/dz is taken (likewise not in the cache keys): auto = by hand through heads that are
     # Linear/ReLU/BatchNorm chains (autograd's arithmetic, fewer kernels), autograd otherwise
-    gradient: Literal["auto", "autograd"] | None = None
+    gradient: Gradient | None = None
     # the fixed-shape step through torch.compile (fused kernels; compiled once per bucket and
     # settings, seconds each, λ excluded; on CUDA captured after); engine auto then picks fixed on CPU
     compile: bool | None = None
@@ -253,23 +275,24 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if value is None:
             if type(None) in args:
                 return None
-            raise ConfigError(f"config key '{where}' must be set (got null)")
+            raise ConfigError(f"config key '{where}' must be set (got null)", key=where)
         hint = next(a for a in args if a is not type(None))
     origin = typing.get_origin(hint)
     if origin is Literal:
         choices = typing.get_args(hint)
         if value not in choices:
-            raise ConfigError(f"config key '{where}' must be one of {', '.join(map(str, choices))}, got {value!r}")
+            raise ConfigError(f"config key '{where}' must be one of {', '.join(map(str, choices))}, got {value!r}",
+                              key=where)
         return value
     if hint is Any:
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"config key '{where}' expects a number, got {value!r}")
+            raise ConfigError(f"config key '{where}' expects a number, got {value!r}", key=where)
         try:
             return float(value)
         except ValueError:
-            raise ConfigError(f"config key '{where}' expects a number, got {value!r}") from None
+            raise ConfigError(f"config key '{where}' expects a number, got {value!r}", key=where) from None
     if hint is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -277,23 +300,23 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             return int(value)
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
             return int(value)
-        raise ConfigError(f"config key '{where}' expects an integer, got {value!r}")
+        raise ConfigError(f"config key '{where}' expects an integer, got {value!r}", key=where)
     if hint is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"config key '{where}' expects true or false, got {value!r}")
+            raise ConfigError(f"config key '{where}' expects true or false, got {value!r}", key=where)
         return value
     if hint is str:
         if isinstance(value, (dict, list)) or value is None:
-            raise ConfigError(f"config key '{where}' expects a string, got {value!r}")
+            raise ConfigError(f"config key '{where}' expects a string, got {value!r}", key=where)
         return str(value)
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"config key '{where}' expects a list, got {value!r}")
+            raise ConfigError(f"config key '{where}' expects a list, got {value!r}", key=where)
         (item,) = typing.get_args(hint) or (Any,)
         return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            raise ConfigError(f"config key '{where}' expects a mapping, got {value!r}")
+            raise ConfigError(f"config key '{where}' expects a mapping, got {value!r}", key=where)
         _, item = typing.get_args(hint) or (str, Any)
         if dataclasses.is_dataclass(item):
             return {str(k): from_mapping(item, v, f"{where}.{k}") for k, v in value.items()}
@@ -324,7 +347,8 @@ def apply_mapping(obj: Any, data: Mapping[str, Any], where: str = "") -> Any:
             hint = ""
             if key == "overrides" and where in ("search", "student"):
                 hint = f" (its settings are keys of '{where}' itself now, e.g. {where}.lr=0.1)"
-            raise ConfigError(f"unknown config key '{_join(where, key)}'{hint}; known: {', '.join(fields)}")
+            raise ConfigError(f"unknown config key '{_join(where, key)}'{hint}; known: {', '.join(fields)}",
+                              key=_join(where, key))
         current = getattr(obj, key)
         if dataclasses.is_dataclass(current) and isinstance(value, Mapping):
             apply_mapping(current, value, _join(where, key))
@@ -402,11 +426,11 @@ def _check_number(value: Any, bounds: Mapping[str, float], where: str) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return
     if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"config key '{where}' must be a finite number, got {value}")
+        raise ConfigError(f"config key '{where}' must be a finite number, got {value}", key=where)
     for op, bound in bounds.items():
         sign, holds = _BOUNDS[op]
         if not holds(value, bound):
-            raise ConfigError(f"config key '{where}' must be {sign} {bound:g}, got {value:g}")
+            raise ConfigError(f"config key '{where}' must be {sign} {bound:g}, got {value:g}", key=where)
 
 
 def validate(obj: Any, where: str = "") -> Any:
@@ -437,7 +461,7 @@ def _check_device(device: str) -> None:
     d = str(device)
     if d in ("auto", "cpu", "cuda", "mps") or (d.startswith("cuda:") and d[5:].isdigit()):
         return
-    raise ConfigError(f"config key 'device' must be auto, cpu, cuda or cuda:N, got {device!r}")
+    raise ConfigError(f"config key 'device' must be auto, cpu, cuda or cuda:N, got {device!r}", key="device")
 
 
 # -- files --------------------------------------------------------------------------------------
@@ -469,15 +493,12 @@ def flat_keys(data: Mapping[str, Any], prefix: str = "") -> set[str]:
 
 def blame(err: ConfigError, sources: list[tuple[str, set[str]]]) -> ConfigError:
     """``err`` prefixed with the source (a file, ``--set``, a preset) that last set its key."""
-    import re
-
-    match = re.search(r"config key '([^'\[]+)", str(err))
-    if not match:
+    if err.key is None or err.source is not None:
         return err
-    key = match.group(1)
+    key = err.key.split("[")[0]
     for label, keys in reversed(sources):
         if any(key == k or key.startswith(k + ".") or k.startswith(key + ".") for k in keys):
-            return err if str(err).startswith(label) else ConfigError(f"{label}: {err}")
+            return ConfigError(f"{label}: {err}", err.key, label)
     return err
 
 
@@ -491,7 +512,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         try:
             apply_mapping(cfg, data)
         except ConfigError as err:
-            raise ConfigError(f"{path}: {err}") from None
+            raise ConfigError(f"{path}: {err}", err.key, str(path)) from None
         sources.append((str(path), flat_keys(data)))
     apply_overrides(cfg, overrides or [])
     sources.append(("--set", {parse_override(o)[0] for o in overrides or []}))

@@ -433,7 +433,7 @@ class Ingress:
             body = await self._body(request)
         except RequestError as err:
             status = err.status if err.status != 422 else (400 if err.field == "body" else 422)
-            return _error(err.field, str(err).split(": ", 1)[1], status)
+            return _error(err.field, err.message, status)
         return await self._answer(body, t0)
 
     @api.get("/search", summary="Conditional search by item id, as a query string (no body to read)",
@@ -447,7 +447,7 @@ class Ingress:
         try:
             body = request_from_query(request.query_params.multi_items())
         except RequestError as err:
-            return _error(err.field, str(err).split(": ", 1)[1], err.status)
+            return _error(err.field, err.message, err.status)
         return await self._answer(body, t0)
 
     async def _answer(self, body: Any, t0: float) -> JSONResponse:
@@ -462,7 +462,7 @@ class Ingress:
             else:
                 parsed = self.parser.parse(body)
         except RequestError as err:
-            return _error(err.field, str(err).split(": ", 1)[1], err.status)
+            return _error(err.field, err.message, err.status)
         (result,) = await answer([parsed], self.stages, self.catalog, t0)
         return JSONResponse(result)
 

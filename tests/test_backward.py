@@ -440,7 +440,7 @@ def test_a_compiled_step_that_computes_something_else_is_not_used(setup, monkeyp
     kernels that compute something else (a stale kernel cache, a miscompile; here a compile that
     perturbs every update) are not used: the search runs the uncompiled step, with its
     answers, and says why (stderr, setup_info for the manifest)."""
-    from cir_bench.search import backward
+    from cir_bench.search import backward_engines
 
     ds, store, model = setup
 
@@ -450,14 +450,14 @@ def test_a_compiled_step_that_computes_something_else_is_not_used(setup, monkeyp
             state["z"].add_(0.05 * torch.sign(state["z"]))  # what a wrong kernel might do
         return wrong
 
-    monkeypatch.setattr(backward.torch, "compile", miscompile)
-    backward._GRAPH_CACHE.clear()
+    monkeypatch.setattr(backward_engines.torch, "compile", miscompile)
+    backward_engines.STEP_CACHE.clear()
     props = ["style"]
     z0 = store.z[:6]
     cond = (_pred(model, z0, "style") + 1) % ds.property("style").num_classes
     bs = BackwardSearch(compile=True, lam=0.01)
     got = bs.invert(model.heads, z0, props, cond[:, None])
-    backward._GRAPH_CACHE.clear()
+    backward_engines.STEP_CACHE.clear()
     assert not bs.compiled
     note = bs.setup_info()["compile"]["8"]
     assert note["compiled"] is False and "disagrees with the eager step" in note["note"], note

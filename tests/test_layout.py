@@ -86,3 +86,72 @@ def test_docs_links_stay_inside_the_repository():
             assert "://" not in target and not target.startswith(("/", "..")), f"{page.name} links to {target}"
             path = (page.parent / target.split("#")[0]).resolve()
             assert path.is_relative_to(ROOT) and path.exists(), f"{page.name}: dead link {target}"
+
+
+def _called_names(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Call):
+            func = node.func
+            names.add(func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", ""))
+    return names
+
+
+def test_serving_ranks_with_the_search_stage_and_computes_no_score_of_its_own():
+    """One function per ranking: the served index stage scores filtered_knn and
+    soft_filtered_knn with cir_bench.search.label_filters (what the offline methods call) and
+    the teacher inverts with BackwardSearch; no module of serving/ or serve/ takes a head's
+    argmax, softmax or top-k itself, or inverts by gradient."""
+    scoring = {"argmax", "softmax", "log_softmax", "cross_entropy", "topk", "sort", "argsort", "backward", "grad"}
+    paths = sorted((ROOT / "cir_bench" / "serving").rglob("*.py")) + sorted((ROOT / "serve").rglob("*.py"))
+    for path in paths:
+        own = _called_names(path) & scoring
+        assert not own, f"{path.relative_to(ROOT)} calls {sorted(own)}: rankings belong to cir_bench.search"
+    tree = ast.parse((ROOT / "cir_bench" / "serving" / "components.py").read_text(encoding="utf-8"))
+    imported = {a.name for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                and node.module == "cir_bench.search.label_filters" for a in node.names}
+    assert {"hard_filter_scores", "soft_filter_scores", "database_labels", "database_log_probs"} <= imported
+    for module in ("filtered_knn", "soft_filtered_knn"):
+        offline = _called_names(ROOT / "cir_bench" / "search" / f"{module}.py")
+        assert offline & {"hard_filter_scores", "soft_filter_scores"}, f"{module} does not use label_filters"
+
+
+# messages of third-party errors that carry no fields: Ray raises a bare RuntimeError when its
+# HAProxy fails to start, with HAProxy's own [ALERT] lines in the text; whatever torch.compile's
+# stack raises is shown by its first line
+THIRD_PARTY_MESSAGES = {("cir_bench.cli", "RuntimeError"), ("cir_bench.search.backward_engines", "Exception")}
+
+
+@pytest.mark.parametrize("module, path", _modules(), ids=lambda v: v if isinstance(v, str) else "")
+def test_no_code_reads_an_error_message_to_decide(module, path):
+    """Errors carry fields (``RequestError.field/.message``, ``ConfigError.key/.source``,
+    ``CompileUnavailable``): no module splits, searches or matches the text of an error it
+    caught (``str(err).split``, ``"x" in str(err)``, ``re.search(..., str(err))``)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+
+    def handler_of(node: ast.AST, name: str) -> str | None:
+        """The exception type caught as ``name`` by the handler around ``node``."""
+        while node in parents:
+            node = parents[node]
+            if isinstance(node, ast.ExceptHandler) and node.name == name:
+                return ast.unparse(node.type) if node.type is not None else "BaseException"
+        return None
+
+    for node in ast.walk(tree):
+        if not (isinstance(node, ast.Call) and getattr(node.func, "id", None) == "str" and len(node.args) == 1
+                and isinstance(node.args[0], ast.Name)):
+            continue
+        caught = handler_of(node, node.args[0].id)
+        if caught is None:
+            continue
+        parent = parents.get(node)
+        reads = (isinstance(parent, ast.Attribute) and parent.attr in ("split", "splitlines", "startswith",
+                                                                       "endswith", "find", "index", "partition")
+                 or isinstance(parent, ast.Compare) and parent.comparators and node in parent.comparators
+                 and any(isinstance(op, (ast.In, ast.NotIn)) for op in parent.ops)
+                 or isinstance(parent, ast.Call) and getattr(parent.func, "attr", "") in ("search", "match",
+                                                                                         "findall", "fullmatch"))
+        if reads and (module, caught) not in THIRD_PARTY_MESSAGES:
+            raise AssertionError(f"{module}:{node.lineno} reads the message of a caught {caught} to decide: "
+                                 "give the error a field")

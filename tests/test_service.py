@@ -330,21 +330,21 @@ def test_teacher_with_compile_warms_up_and_answers_every_lambda_like_the_plain_o
     round differently, so near-ties and a few amplified queries may differ)."""
     import dataclasses
 
-    from cir_bench.search import backward
+    from cir_bench.search import backward_engines
     from cir_bench.serving import TeacherSearch
     from cir_bench.serving.orchestrate import search_job
 
     bundle = service.bundle
     bundle = dataclasses.replace(bundle, students={("style",): bundle.students[("style",)]},
-                                 search={**bundle.search, "overrides": {**bundle.search["overrides"], "compile": True}})
+                                 search=dataclasses.replace(bundle.search, compile=True))
     teacher = TeacherSearch(bundle, "cpu")
     assert teacher.warmup_s > 0
-    cached = len(backward._GRAPH_CACHE)
+    cached = len(backward_engines.STEP_CACHE)
     parsed = [service.parser.parse(r) for r in _requests(prepared.dataset, "teacher", 6)]
     for lam in (None, 0.02):
         jobs = [{**search_job(p, service.index.vectors([p["position"]])[0]), "lambda": lam} for p in parsed]
         got = teacher.invert_many(jobs)
-        assert len(backward._GRAPH_CACHE) == cached  # buckets 1 and 8 were compiled at start, for every λ
+        assert len(backward_engines.STEP_CACHE) == cached  # buckets 1 and 8 were compiled at start, for every λ
         plain = service.teacher.invert_many(jobs)
         dist = [float(np.linalg.norm(g["z"] - p["z"]) / np.linalg.norm(p["z"])) for g, p in zip(got, plain)]
         assert np.median(dist) <= 1e-4, dist
@@ -377,27 +377,27 @@ def test_teacher_serves_uncompiled_when_compiling_fails_or_disagrees(service, mo
     """A torch.compile that fails (no working compiler, no Triton) or a compiled step that does
     not compute what the eager step computes leaves the teacher uncompiled, answering, and
     saying why, whether compile was auto or true: a compile failure never stops a server."""
-    from cir_bench.search import backward
+    from cir_bench.search import backward_engines
     from cir_bench.serving import TeacherSearch
     from cir_bench.serving import components
 
     def broken(*args, **kwargs):
-        raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+        raise backward_engines.CompileUnavailable("RuntimeError", "InvalidCxxCompiler: No working C++ compiler found")
 
     def disagrees(*args, **kwargs):
-        raise backward.CompiledStepMismatch(1.2, 1e-3, 0.1)
+        raise backward_engines.CompiledStepMismatch(1.2, 1e-3, 0.1)
 
     monkeypatch.setattr(components, "cxx_compiler", lambda: "/usr/bin/g++")
     job = {"z0": service.index.vectors([0])[0], "properties": ["style"], "classes": [1], "lambda": None}
     for fake, why in ((broken, "off: fell back to the uncompiled step: torch.compile failed (RuntimeError: "
                                 "InvalidCxxCompiler"),
                       (disagrees, "off: fell back to the uncompiled step: the compiled step disagrees")):
-        monkeypatch.setattr(backward, "_CompiledStep", fake)
+        monkeypatch.setattr(backward_engines, "CompiledStep", fake)
         for setting in ("auto", True):
-            backward._GRAPH_CACHE.clear()
+            backward_engines.STEP_CACHE.clear()
             teacher = TeacherSearch(service.bundle, "cpu", 8, setting)
             assert not teacher.compiled and teacher.info()["compile"].startswith(why), teacher.info()
             assert teacher.invert_many([job])[0]["iterations"] >= 1
-    backward._GRAPH_CACHE.clear()
+    backward_engines.STEP_CACHE.clear()
 
 

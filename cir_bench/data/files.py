@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 from PIL import Image
 
+from cir_bench.config import ConfigError
 from cir_bench.data.base import BadImageError, Dataset, Item, Property
 
 
@@ -122,22 +123,23 @@ def checked_options(dataset: str, loader: Callable[..., Any], options: dict[str,
               if p.kind is inspect.Parameter.KEYWORD_ONLY or (p.default is not inspect.Parameter.empty)}
     out: dict[str, Any] = {}
     for key, value in options.items():
-        where = f"config key 'dataset.options.{key}'"
+        dotted = f"dataset.options.{key}"
+        where = f"config key '{dotted}'"
         if key not in params:
-            raise ValueError(f"{where}: unknown option of dataset '{dataset}'; known: {', '.join(params)}")
+            raise ConfigError(f"{where}: unknown option of dataset '{dataset}'; known: {', '.join(params)}", key=dotted)
         default = params[key].default
         if isinstance(default, bool):
             if not isinstance(value, bool):
-                raise ValueError(f"{where} expects true or false, got {value!r}")
+                raise ConfigError(f"{where} expects true or false, got {value!r}", key=dotted)
         elif isinstance(default, (int, float)):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{where} expects a number, got {value!r}")
+                raise ConfigError(f"{where} expects a number, got {value!r}", key=dotted)
             if isinstance(default, int) and not float(value).is_integer():
-                raise ValueError(f"{where} expects an integer, got {value!r}")
+                raise ConfigError(f"{where} expects an integer, got {value!r}", key=dotted)
             value = type(default)(value)
             if key.endswith("fraction") and not 0.0 < value < 1.0:
-                raise ValueError(f"{where} must be in (0, 1), got {value}")
+                raise ConfigError(f"{where} must be in (0, 1), got {value}", key=dotted)
         elif isinstance(default, str) and not isinstance(value, str):
-            raise ValueError(f"{where} expects a string, got {value!r}")
+            raise ConfigError(f"{where} expects a string, got {value!r}", key=dotted)
         out[key] = value
     return out

@@ -33,6 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFilter
 
+from cir_bench.config import ConfigError
 from cir_bench.data.base import Dataset, Item, Property, decode_image
 from cir_bench.paths import atomic_write, cache_root, load_cached, write_checked
 
@@ -503,10 +504,10 @@ def check_options(options: dict[str, Any]) -> None:
     """SynthArt's options: ``preset`` and any generator parameter (``SynthArtParams``)."""
     preset = options.get("preset", "default")
     if preset not in PRESETS:
-        raise ValueError(f"config key 'dataset.options.preset': unknown SynthArt preset {preset!r}; "
-                         f"available: {', '.join(PRESETS)}")
+        raise ConfigError(f"config key 'dataset.options.preset': unknown SynthArt preset {preset!r}; "
+                          f"available: {', '.join(PRESETS)}", key="dataset.options.preset")
     known = set(SynthArtParams.__dataclass_fields__)
     unknown = sorted(set(options) - known - {"preset"})
     if unknown:
-        raise ValueError(f"config key 'dataset.options.{unknown[0]}': unknown SynthArt option; known: preset, "
-                         + ", ".join(SynthArtParams.__dataclass_fields__))
+        raise ConfigError(f"config key 'dataset.options.{unknown[0]}': unknown SynthArt option; known: preset, "
+                          + ", ".join(SynthArtParams.__dataclass_fields__), key=f"dataset.options.{unknown[0]}")

@@ -24,30 +24,35 @@ def check_run_config(cfg: RunConfig, need_out: bool = True, overwrite: bool = Fa
         try:
             registry.get(name)
         except UnknownNameError as err:
-            raise ConfigError(f"config key '{key}': {err}") from None
+            raise ConfigError(f"config key '{key}': {err}", key=key) from None
     from cir_bench.data import check_dataset_options
 
     try:
         check_dataset_options(cfg.dataset.name, cfg.dataset.options)
+    except ConfigError:
+        raise
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if cfg.dataset.name == "synthart" and cfg.dataset.root is not None:
-        raise ConfigError("config key 'dataset.root': dataset 'synthart' is generated, it takes no root")
+        raise ConfigError("config key 'dataset.root': dataset 'synthart' is generated, it takes no root",
+                          key="dataset.root")
     try:
         specs = method_specs(cfg)
     except (UnknownNameError, ValueError) as err:
-        raise ConfigError(f"config key 'eval.methods': {err}") from None
+        raise ConfigError(f"config key 'eval.methods': {err}", key="eval.methods") from None
     for spec in specs:
         where = "search" if spec.name == "backward" else f"eval.methods ({spec.label})"
         try:
             get_method(spec.name, **spec.params)
         except (TypeError, ValueError) as err:
-            raise ConfigError(f"config key '{where}': {err}") from None
+            raise ConfigError(f"config key '{where}': {err}", key="search" if spec.name == "backward" else
+                              "eval.methods") from None
     if cfg.device.startswith("cuda"):
         import torch
 
         if not torch.cuda.is_available():
-            raise ConfigError(f"config key 'device': '{cfg.device}' asked for, but CUDA is not available here")
+            raise ConfigError(f"config key 'device': '{cfg.device}' asked for, but CUDA is not available here",
+                              key="device")
     if need_out and cfg.out:
         _check_out(Path(cfg.out), overwrite)
     return cfg
@@ -55,10 +60,10 @@ def check_run_config(cfg: RunConfig, need_out: bool = True, overwrite: bool = Fa
 
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"config key 'out': {out} exists and is not a folder")
+        raise ConfigError(f"config key 'out': {out} exists and is not a folder", key="out")
     if (out / "manifest.json").exists() and not overwrite:
         raise ConfigError(f"config key 'out': {out} already holds a run (manifest.json); pass --overwrite to "
-                          "replace its files, or choose another --out")
+                          "replace its files, or choose another --out", key="out")
     parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError(f"config key 'out': cannot write under {parent}")
+        raise ConfigError(f"config key 'out': cannot write under {parent}", key="out")

@@ -185,8 +185,7 @@ def prepare(cfg: RunConfig, progress: bool = True, dataset: Dataset | None = Non
 
 def teacher(cfg: RunConfig, lam: float | None = None) -> BackwardSearch:
     """Backward Search as the ``search`` section configures it, at ``lam`` when given."""
-    return BackwardSearch(cfg.search.preset, lam=float(cfg.search.lam if lam is None else lam),
-                          **cfg.search.overrides())
+    return BackwardSearch.from_config(cfg.search, lam)
 
 
 def backward_label(lam: float) -> str:

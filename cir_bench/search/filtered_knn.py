@@ -17,8 +17,7 @@ from cir_bench.data.queries import QuerySet
 from cir_bench.search.base import Ranking, SearchContext, SearchMethod
 from cir_bench.index import rank_scores
 from cir_bench.index.base import result_size
-
-BONUS = 3.0
+from cir_bench.search.label_filters import database_labels, hard_filter_scores
 
 
 class FilteredKNN(SearchMethod):
@@ -33,10 +32,8 @@ class FilteredKNN(SearchMethod):
             raise ValueError("filtered_knn needs the trained classifier heads (ctx.model)")
         cache = ctx.cache.setdefault("predicted_labels", {})
         if prop not in cache:
-            head = ctx.model.heads[prop].eval()
             z = ctx.store.z[torch.as_tensor(ctx.database)].to(ctx.device)
-            with torch.no_grad():
-                cache[prop] = torch.cat([head(c).argmax(1) for c in z.split(4096)]).cpu().numpy()
+            cache[prop] = database_labels(ctx.model.heads[prop], z).cpu().numpy()
         return cache[prop]
 
     def search(self, ctx: SearchContext, queries: QuerySet, k: int) -> Ranking:
@@ -46,8 +43,7 @@ class FilteredKNN(SearchMethod):
         cond = torch.as_tensor(queries.conditions, device=ctx.device)
 
         def bonus(sl: slice, sim: torch.Tensor) -> torch.Tensor:
-            match = (labels[None, :, :] == cond[sl, None, :]).all(dim=2)
-            return sim + BONUS * match  # cosine is in [-1, 1]: every match outranks every miss
+            return hard_filter_scores(sim, labels, cond[sl])
 
         pos, cosine, _ = rank_database(ctx, queries, k, bonus)
         return Ranking(pos, cosine)

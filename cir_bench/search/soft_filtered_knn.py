@@ -17,6 +17,7 @@ import torch
 from cir_bench.data.queries import QuerySet
 from cir_bench.search.base import Ranking, SearchContext, SearchMethod
 from cir_bench.search.filtered_knn import rank_database
+from cir_bench.search.label_filters import database_log_probs, soft_filter_scores
 
 
 class SoftFilteredKNN(SearchMethod):
@@ -37,10 +38,8 @@ class SoftFilteredKNN(SearchMethod):
             raise ValueError("soft_filtered_knn needs the trained classifier heads (ctx.model)")
         cache = ctx.cache.setdefault("database_log_probs", {})
         if prop not in cache:
-            head = ctx.model.heads[prop].eval()
             z = ctx.store.z[torch.as_tensor(ctx.database)].to(ctx.device)
-            with torch.no_grad():
-                cache[prop] = torch.cat([torch.log_softmax(head(c).float(), dim=1) for c in z.split(4096)])
+            cache[prop] = database_log_probs(ctx.model.heads[prop], z)
         return cache[prop]
 
     def search(self, ctx: SearchContext, queries: QuerySet, k: int) -> Ranking:
@@ -48,10 +47,7 @@ class SoftFilteredKNN(SearchMethod):
         cond = torch.as_tensor(queries.conditions, device=ctx.device)
 
         def soft(sl: slice, sim: torch.Tensor) -> torch.Tensor:
-            if not self.beta:
-                return sim
-            # (chunk, N_db): the condition's log-probability of every database item
-            return sim + self.beta * sum(lp.T[cond[sl, m]] for m, lp in enumerate(log_p))
+            return soft_filter_scores(sim, log_p, cond[sl], self.beta)
 
         pos, _, score = rank_database(ctx, queries, k, soft)
         return Ranking(pos, score)

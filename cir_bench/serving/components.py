@@ -13,6 +13,7 @@ cluster the cache folder holding those files must be on a shared filesystem.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from cir_bench.config import SearchConfig
 from cir_bench.data.base import decode_image
 from cir_bench.data.transforms import build_transform
 from cir_bench.serving.requests import Catalog
@@ -36,7 +38,7 @@ class ServeBundle:
     store: str
     students: dict[tuple[str, ...], str]
     transform: dict[str, Any]  # build_transform kwargs
-    search: dict[str, Any]  # {"preset", "lam", "overrides"}
+    search: SearchConfig  # the run config's Backward Search section (the teacher)
     index: str = "exact"
     index_options: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
@@ -68,7 +70,7 @@ def build_bundle(cfg, progress: bool = False, dataset=None) -> ServeBundle:
         students=students,
         transform={"input_size": resolve_input_size(cfg.model, ds), "mean": list(spec.mean), "std": list(spec.std),
                    "square": ds.square_resize},
-        search={"preset": cfg.search.preset, "lam": float(cfg.search.lam), "overrides": cfg.search.overrides()},
+        search=dataclasses.replace(cfg.search),
         index=cfg.eval.index, index_options={"chunk": cfg.eval.search_batch, **cfg.eval.index_options},
         device=str(prepared.device),
         dataset={"name": cfg.dataset.name, "root": cfg.dataset.root, "options": dict(cfg.dataset.options),
@@ -193,10 +195,9 @@ class TeacherSearch:
         for p in model.parameters():
             p.requires_grad_(False)  # only z is differentiated
         self.heads = model.heads
-        self.settings = {**bundle.search, "overrides": dict(bundle.search["overrides"])}
         self.warmup_s = 0.0
-        wanted, why = compile_decision(compile, bool(self.settings["overrides"].get("compile")), self.device)
-        self.settings["overrides"]["compile"] = wanted
+        wanted, why = compile_decision(compile, bool(bundle.search.compile), self.device)
+        self.search = dataclasses.replace(bundle.search, compile=wanted)
         self.compiled, self.compile_note = False, why
         if wanted:
             self.warmup_s, outcomes = self._warm_up(list(bundle.students), max_batch)
@@ -205,7 +206,7 @@ class TeacherSearch:
             if self.compiled:
                 self.compile_note = f"on ({why}; compiled and verified in {self.warmup_s:.1f} s)"
             else:  # serve the plain step rather than a step that failed to build or to agree
-                self.settings["overrides"]["compile"] = False
+                self.search = dataclasses.replace(self.search, compile=False)
                 self.compile_note = f"off: {failed[0]}"
 
     def info(self) -> dict[str, Any]:
@@ -218,14 +219,14 @@ class TeacherSearch:
         requests that need it (seconds each; a load test at concurrency 16 stalled on one).
         Any λ reuses them. Returns the seconds and each step's outcome."""
         from cir_bench.search.backward import BUCKETS, BackwardSearch
+        from cir_bench.search.backward_step import head_sizes
 
         sizes = [b for b in BUCKETS if b < max_batch] + [next(b for b in BUCKETS if b >= min(max_batch, BUCKETS[-1]))]
-        first = next(iter(self.heads.values()))
-        d = next(m for m in first.modules() if isinstance(m, torch.nn.Linear)).in_features
+        d, _ = head_sizes(self.heads, list(self.heads))
         t0 = time.perf_counter()
         outcomes = []
         for props in query_sets:
-            bs = BackwardSearch(self.settings["preset"], lam=float(self.settings["lam"]), **self.settings["overrides"])
+            bs = BackwardSearch.from_config(self.search)
             for n in sizes:
                 bs.invert(self.heads, torch.zeros(n, d, device=self.device), list(props),
                           torch.zeros(n, len(props), dtype=torch.long, device=self.device))
@@ -238,8 +239,8 @@ class TeacherSearch:
 
         out: list[dict[str, Any]] = [{}] * len(jobs)
         for (props, lam), idx in _groups(jobs, ("properties", "lambda")).items():
-            lam = float(self.settings["lam"] if lam is None else lam)
-            bs = BackwardSearch(self.settings["preset"], lam=lam, **self.settings["overrides"])
+            bs = BackwardSearch.from_config(self.search, lam)
+            lam = bs.config.lam
             z0 = torch.as_tensor(np.stack([jobs[i]["z0"] for i in idx]), dtype=torch.float32, device=self.device)
             cond = torch.as_tensor([jobs[i]["classes"] for i in idx], device=self.device)
             t0 = time.perf_counter()
@@ -314,7 +315,8 @@ class IndexSearch:
         self.database = np.asarray(bundle.catalog.database, dtype=np.int64)
         self._row_of = {int(p): r for r, p in enumerate(self.database)}
         self.db_unit = torch.nn.functional.normalize(store.z[torch.as_tensor(self.database)].float(), dim=1)
-        self._checkpoint, self._heads, self._log_probs = bundle.checkpoint, None, {}
+        self._checkpoint, self._heads = bundle.checkpoint, None
+        self._views: dict[tuple[str, str], torch.Tensor] = {}
 
     def vectors(self, positions: Sequence[int]) -> np.ndarray:
         return self.z[torch.as_tensor(list(positions), dtype=torch.long)].numpy()
@@ -334,38 +336,40 @@ class IndexSearch:
                 out[i] = self._search_filtered(j)
         return out
 
-    def _heads_view(self, prop: str) -> torch.Tensor:
-        """(N_db, C) log-probabilities of ``prop``'s head on the database rows, computed once
-        (the same numbers as cir_bench.search's filtered methods)."""
-        if prop not in self._log_probs:
+    def _heads_view(self, prop: str, kind: str) -> torch.Tensor:
+        """The heads' view of the database rows for ``prop``, computed once: predicted labels
+        (N_db,) for the hard filter, log-probabilities (N_db, C) for the soft one
+        (cir_bench.search.label_filters, as the offline methods compute them)."""
+        from cir_bench.search.label_filters import database_labels, database_log_probs
+
+        if (kind, prop) not in self._views:
             if self._heads is None:
                 from cir_bench.models import load_checkpoint
 
                 model, _ = load_checkpoint(self._checkpoint, torch.device("cpu"))
                 self._heads = model.heads.eval()
-            z = self.z[torch.as_tensor(self.database)]
-            with torch.no_grad():
-                self._log_probs[prop] = torch.cat([torch.log_softmax(self._heads[prop](c).float(), dim=1)
-                                                   for c in z.split(4096)])
-        return self._log_probs[prop]
+            view = database_labels if kind == "hard" else database_log_probs
+            self._views[(kind, prop)] = view(self._heads[prop], self.z[torch.as_tensor(self.database)])
+        return self._views[(kind, prop)]
 
     def _search_filtered(self, job: Mapping[str, Any]) -> dict[str, Any]:
         from cir_bench.index import rank_scores
+        from cir_bench.search.label_filters import hard_filter_scores, soft_filter_scores
 
         f = job["filter"]
         z = job["z"].cpu() if torch.is_tensor(job["z"]) else job["z"]
         q = torch.nn.functional.normalize(torch.as_tensor(z, dtype=torch.float32)[None], dim=1)
         sim = q @ self.db_unit.T
-        views = [self._heads_view(p) for p in f["properties"]]
-        if f["kind"] == "hard":  # predicted labels match every condition: ranked first (BONUS as offline)
-            match = torch.stack([v.argmax(1) == c for v, c in zip(views, f["classes"])]).all(0)
-            ranked = sim + 3.0 * match
+        cond = torch.as_tensor([list(f["classes"])])
+        if f["kind"] == "hard":
+            labels = torch.stack([self._heads_view(p, "hard") for p in f["properties"]], dim=1)
+            ranked = hard_filter_scores(sim, labels, cond)
         else:
-            ranked = sim + f["beta"] * sum(v[:, c] for v, c in zip(views, f["classes"]))
+            ranked = soft_filter_scores(sim, [self._heads_view(p, "soft") for p in f["properties"]], cond, f["beta"])
         exclude = job.get("exclude", -1)
         local = torch.as_tensor([self._row_of.get(int(exclude), -1)]) if exclude >= 0 else None
         k = min(job["k"], ranked.shape[1] - (1 if local is not None and int(local[0]) >= 0 else 0))
-        idx, top = rank_scores(ranked.clone(), k, local)
+        idx, top = rank_scores(ranked if ranked is not sim else sim.clone(), k, local)
         scores = torch.gather(sim, 1, idx) if f["kind"] == "hard" else top  # what the offline methods report
         return {"positions": self.database[idx[0].numpy()].tolist(), "scores": scores[0].tolist()}
 

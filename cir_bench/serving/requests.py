@@ -36,6 +36,7 @@ class RequestError(ValueError):
     def __init__(self, field: str, message: str, status: int = 422) -> None:
         super().__init__(f"{field}: {message}")
         self.field = field
+        self.message = message  # without the field: what an HTTP error body carries beside it
         self.status = status  # the HTTP status the Serve app answers with
 
 

@@ -77,7 +77,7 @@ class Experiment:
             exp = cls.from_dict(data)
             exp.check()
         except ConfigError as err:
-            raise ConfigError(f"{path}: {err}") from None
+            raise ConfigError(f"{path}: {err}", err.key, str(path)) from None
         return exp
 
     def check(self) -> None:

@@ -55,7 +55,7 @@ def run_trial(config: dict[str, Any]) -> None:
               "node_id": ray.get_runtime_context().get_node_id()}  # where Ray placed the trial
 
     def method(lam: float) -> BackwardSearch:
-        return BackwardSearch(cfg.search.preset, lam=float(lam), **cfg.search.overrides())
+        return BackwardSearch.from_config(cfg.search, lam)
 
     for props, queries, _ in query_sets(cfg, dataset, log=lambda *_: None):
         name = "+".join(props)
