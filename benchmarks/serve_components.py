@@ -51,11 +51,11 @@ def student_index(bundle, service, requests, sizes, repeat) -> list[dict]:
     rows = []
     for b in sizes:
         parsed = [service.parser.parse({**r, "method": "student"}) for r in requests[:b]]
-        jobs = [search_job(p, index.vectors([p["position"]])[0]) for p in parsed]
+        jobs = [search_job(p, index.vectors([p.position])[0]) for p in parsed]
 
         def call(on_device: bool) -> list:
             out = student.transform_many(jobs, on_device=on_device)
-            return index.search_many([rank_job(bundle.catalog, p, o["z"]) for p, o in zip(parsed, out)])
+            return index.search_many([rank_job(bundle.catalog, p, o.z) for p, o in zip(parsed, out)])
 
         row = {"batch": b}
         answers = {}
@@ -64,7 +64,7 @@ def student_index(bundle, service, requests, sizes, repeat) -> list[dict]:
             row[f"{name}_ms_per_call"] = 1000 * _time(lambda: call(one_sync), max(repeat, 20))
             answers[name] = call(one_sync)
         row["speedup"] = row["before_ms_per_call"] / row["after_ms_per_call"]
-        row["identical_top10"] = float(np.mean([a["positions"] == c["positions"]
+        row["identical_top10"] = float(np.mean([a.positions == c.positions
                                                 for a, c in zip(answers["before"], answers["after"])]))
         rows.append(row)
     return rows

@@ -32,6 +32,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from cir_bench.serving.jobs import Ranked, RankJob, Searched, SearchJob
 from serve.runtime import loopback_replica_grpc
 from serve.settings import STAGES
 
@@ -175,7 +176,7 @@ class Teacher(_Batched):
         return {**super().stats(), **self.teacher.info()}
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def invert(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def invert(self, jobs: list[SearchJob]) -> list[Searched]:
         self._seen(len(jobs))
         return await self._off_loop(self.teacher.invert_many, jobs)
 
@@ -189,7 +190,7 @@ class Student(_Batched):
         self._setup_batching(self.transform, batching)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def transform(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def transform(self, jobs: list[SearchJob]) -> list[Searched]:
         self._seen(len(jobs))
         return self.student.transform_many(jobs)
 
@@ -206,7 +207,7 @@ class Index(_Batched):
         return self.index.vectors([position])[0]
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def search(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def search(self, jobs: list[RankJob]) -> list[Ranked]:
         self._seen(len(jobs))
         return self.index.search_many(jobs)
 
@@ -251,18 +252,18 @@ class HandleStages:
             return [self.z0[p] for p in positions]
         return await self._each(self.handles["index"].vector, positions)
 
-    async def invert(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def invert(self, jobs: list[SearchJob]) -> list[Searched]:
         if self.local_invert is not None:
             return list(await asyncio.gather(*[self.local_invert(job) for job in jobs]))
         return await self._each(self.handles["teacher"].invert, jobs)
 
-    async def transform(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def transform(self, jobs: list[SearchJob]) -> list[Searched]:
         if "student" in self.local:  # under a millisecond: no hop, no batch wait; z stays on the
             # device when the index is here too (one wait for the device per request batch)
             return self._local("student", len(jobs)).transform_many(jobs, on_device="index" in self.local)
         return await self._each(self.handles["student"].transform, jobs)
 
-    async def rank(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def rank(self, jobs: list[RankJob]) -> list[Ranked]:
         if "index" in self.local:
             return self._local("index", len(jobs)).search_many(jobs)
         return await self._each(self.handles["index"].search, jobs)
@@ -349,7 +350,7 @@ class Ingress:
         self.max_body = self.limits.max_image_bytes * 4 // 3 + 64 * 1024
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.001)
-    async def _invert_here(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def _invert_here(self, jobs: list[SearchJob]) -> list[Searched]:
         teacher = self.stages._local("teacher", len(jobs))
         return await asyncio.get_running_loop().run_in_executor(self._teacher_thread, teacher.invert_many, jobs)
 

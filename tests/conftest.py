@@ -106,9 +106,9 @@ def tiny_search(tiny, tiny_config, tiny_trained):
 def local_ray():
     """``ray.init(num_cpus=2)`` once per test session."""
     ray = pytest.importorskip("ray")
-    from cir_bench.embed.ray_extract import ensure_ray
+    from cir_bench.cluster import connect
 
-    ensure_ray(num_cpus=2)
+    connect(num_cpus=2)
     yield
     ray.shutdown()
 
@@ -141,5 +141,5 @@ def queries_from_requests(parsed):
     """The QuerySet equivalent of parsed item-id requests (to compare with the offline methods)."""
     from cir_bench.data.queries import QuerySet
 
-    return QuerySet(list(parsed[0]["properties"]), np.array([p["position"] for p in parsed]),
-                    np.array([p["classes"] for p in parsed]))
+    return QuerySet(list(parsed[0].properties), np.array([p.position for p in parsed]),
+                    np.array([list(p.classes) for p in parsed]))

@@ -192,16 +192,16 @@ def test_student_leaving_z_on_its_device_ranks_the_same(service, prepared):
 
     student, index = StudentSearch(service.bundle, "cpu"), IndexSearch(service.bundle, "cpu")
     parsed = [service.parser.parse(r) for r in _requests(prepared.dataset, "student", 8)]
-    jobs = [search_job(p, index.vectors([p["position"]])[0]) for p in parsed]
+    jobs = [search_job(p, index.vectors([p.position])[0]) for p in parsed]
     as_numpy, as_tensor = student.transform_many(jobs), student.transform_many(jobs, on_device=True)
-    assert all(torch.is_tensor(t["z"]) and isinstance(n["z"], np.ndarray) for t, n in zip(as_tensor, as_numpy))
-    ranked = [index.search_many([rank_job(service.catalog, p, s["z"]) for p, s in zip(parsed, out)])
+    assert all(torch.is_tensor(t.z) and isinstance(n.z, np.ndarray) for t, n in zip(as_tensor, as_numpy))
+    ranked = [index.search_many([rank_job(service.catalog, p, s.z) for p, s in zip(parsed, out)])
               for out in (as_numpy, as_tensor)]
-    assert [r["positions"] for r in ranked[0]] == [r["positions"] for r in ranked[1]]
-    assert np.allclose([r["scores"] for r in ranked[0]], [r["scores"] for r in ranked[1]], atol=1e-6)
+    assert [r.positions for r in ranked[0]] == [r.positions for r in ranked[1]]
+    assert np.allclose([r.scores for r in ranked[0]], [r.scores for r in ranked[1]], atol=1e-6)
     # a batch mixing student z (tensors) and knn z0 (numpy) is ranked in one call
-    mixed = [rank_job(service.catalog, parsed[0], as_tensor[0]["z"]), rank_job(service.catalog, parsed[1], jobs[1]["z0"])]
-    assert index.search_many(mixed)[0]["positions"] == ranked[0][0]["positions"]
+    mixed = [rank_job(service.catalog, parsed[0], as_tensor[0].z), rank_job(service.catalog, parsed[1], jobs[1].z0)]
+    assert index.search_many(mixed)[0].positions == ranked[0][0].positions
 
 
 @pytest.mark.gpu
@@ -217,12 +217,12 @@ def test_student_and_index_on_cuda_wait_once_and_match_cpu(service, prepared):
     for device in ("cpu", "cuda"):
         student, index = StudentSearch(service.bundle, device), IndexSearch(service.bundle, device)
         assert index.index.one_sync is (device == "cuda")
-        jobs = [search_job(p, index.vectors([p["position"]])[0]) for p in parsed]
+        jobs = [search_job(p, index.vectors([p.position])[0]) for p in parsed]
         out = student.transform_many(jobs, on_device=True)
-        answers[device] = index.search_many([rank_job(service.catalog, p, s["z"]) for p, s in zip(parsed, out)])
-        again = index.search_many([rank_job(service.catalog, p, s["z"]) for p, s in zip(parsed[:3], out[:3])])
-        assert [a["positions"] for a in again] == [a["positions"] for a in answers[device][:3]]
-    overlap = np.mean([len(set(a["positions"]) & set(b["positions"])) / len(a["positions"])
+        answers[device] = index.search_many([rank_job(service.catalog, p, s.z) for p, s in zip(parsed, out)])
+        again = index.search_many([rank_job(service.catalog, p, s.z) for p, s in zip(parsed[:3], out[:3])])
+        assert [a.positions for a in again] == [a.positions for a in answers[device][:3]]
+    overlap = np.mean([len(set(a.positions) & set(b.positions)) / len(a.positions)
                        for a, b in zip(answers["cpu"], answers["cuda"])])
     assert overlap >= 0.95, overlap
 
@@ -283,8 +283,8 @@ def test_condition_order_does_not_matter(service, prepared):
         assert "items" in a, a
         assert [i["id"] for i in a["items"]] == [i["id"] for i in b["items"]]
     parsed = service.parser.parse({"item_id": ds.items[pos].id, "conditions": {"shape": shape, "style": style}})
-    assert parsed["properties"] == ["style", "shape"]
-    assert parsed["classes"] == [ds.property("style").index(style), ds.property("shape").index(shape)]
+    assert parsed.properties == ("style", "shape")
+    assert parsed.classes == (ds.property("style").index(style), ds.property("shape").index(shape))
 
 
 def test_query_sets_are_canonical(tiny):
@@ -342,13 +342,13 @@ def test_teacher_with_compile_warms_up_and_answers_every_lambda_like_the_plain_o
     cached = len(backward_engines.STEP_CACHE)
     parsed = [service.parser.parse(r) for r in _requests(prepared.dataset, "teacher", 6)]
     for lam in (None, 0.02):
-        jobs = [{**search_job(p, service.index.vectors([p["position"]])[0]), "lambda": lam} for p in parsed]
+        jobs = [dataclasses.replace(search_job(p, service.index.vectors([p.position])[0]), lam=lam) for p in parsed]
         got = teacher.invert_many(jobs)
         assert len(backward_engines.STEP_CACHE) == cached  # buckets 1 and 8 were compiled at start, for every λ
         plain = service.teacher.invert_many(jobs)
-        dist = [float(np.linalg.norm(g["z"] - p["z"]) / np.linalg.norm(p["z"])) for g, p in zip(got, plain)]
+        dist = [float(np.linalg.norm(g.z - p.z) / np.linalg.norm(p.z)) for g, p in zip(got, plain)]
         assert np.median(dist) <= 1e-4, dist
-        assert np.mean([abs(g["iterations"] - p["iterations"]) <= 1 for g, p in zip(got, plain)]) >= 0.8
+        assert np.mean([abs(g.iterations - p.iterations) <= 1 for g, p in zip(got, plain)]) >= 0.8
 
 
 def test_teacher_compile_setting_auto_true_false(monkeypatch):
@@ -380,6 +380,7 @@ def test_teacher_serves_uncompiled_when_compiling_fails_or_disagrees(service, mo
     from cir_bench.search import backward_engines
     from cir_bench.serving import TeacherSearch
     from cir_bench.serving import components
+    from cir_bench.serving.jobs import SearchJob
 
     def broken(*args, **kwargs):
         raise backward_engines.CompileUnavailable("RuntimeError", "InvalidCxxCompiler: No working C++ compiler found")
@@ -388,7 +389,7 @@ def test_teacher_serves_uncompiled_when_compiling_fails_or_disagrees(service, mo
         raise backward_engines.CompiledStepMismatch(1.2, 1e-3, 0.1)
 
     monkeypatch.setattr(components, "cxx_compiler", lambda: "/usr/bin/g++")
-    job = {"z0": service.index.vectors([0])[0], "properties": ["style"], "classes": [1], "lambda": None}
+    job = SearchJob(service.index.vectors([0])[0], ("style",), (1,))
     for fake, why in ((broken, "off: fell back to the uncompiled step: torch.compile failed (RuntimeError: "
                                 "InvalidCxxCompiler"),
                       (disagrees, "off: fell back to the uncompiled step: the compiled step disagrees")):
@@ -397,7 +398,7 @@ def test_teacher_serves_uncompiled_when_compiling_fails_or_disagrees(service, mo
             backward_engines.STEP_CACHE.clear()
             teacher = TeacherSearch(service.bundle, "cpu", 8, setting)
             assert not teacher.compiled and teacher.info()["compile"].startswith(why), teacher.info()
-            assert teacher.invert_many([job])[0]["iterations"] >= 1
+            assert teacher.invert_many([job])[0].iterations >= 1
     backward_engines.STEP_CACHE.clear()
 
 

@@ -18,7 +18,7 @@ import time
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -26,6 +26,7 @@ import torch
 from cir_bench.config import SearchConfig
 from cir_bench.data.base import decode_image
 from cir_bench.data.transforms import build_transform
+from cir_bench.serving.jobs import Ranked, RankJob, Searched, SearchJob
 from cir_bench.serving.requests import Catalog
 
 
@@ -140,10 +141,11 @@ class ImageEncoder:
         return self.model.embed(x).float().cpu().numpy()
 
 
-def _groups(jobs: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> dict[tuple, list[int]]:
+def _groups(jobs: Sequence[SearchJob], with_lam: bool) -> dict[tuple, list[int]]:
+    """Job indices per property set (and λ): each group is one batched search."""
     groups: dict[tuple, list[int]] = {}
     for i, job in enumerate(jobs):
-        groups.setdefault(tuple(tuple(job[k]) if isinstance(job[k], list) else job[k] for k in keys), []).append(i)
+        groups.setdefault((tuple(job.properties), job.lam if with_lam else None), []).append(i)
     return groups
 
 
@@ -233,23 +235,22 @@ class TeacherSearch:
             outcomes += bs.compile_outcomes.values()
         return time.perf_counter() - t0, outcomes
 
-    def invert_many(self, jobs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        """jobs: {"z0": (d,) array, "properties": [...], "classes": [...], "lambda": float | None}."""
+    def invert_many(self, jobs: Sequence[SearchJob]) -> list[Searched]:
+        """Backward Search of every job, one batch per (property set, λ)."""
         from cir_bench.search.backward import BackwardSearch
 
-        out: list[dict[str, Any]] = [{}] * len(jobs)
-        for (props, lam), idx in _groups(jobs, ("properties", "lambda")).items():
+        out: list[Searched] = [None] * len(jobs)  # type: ignore[list-item]
+        for (props, lam), idx in _groups(jobs, with_lam=True).items():
             bs = BackwardSearch.from_config(self.search, lam)
             lam = bs.config.lam
-            z0 = torch.as_tensor(np.stack([jobs[i]["z0"] for i in idx]), dtype=torch.float32, device=self.device)
-            cond = torch.as_tensor([jobs[i]["classes"] for i in idx], device=self.device)
+            z0 = torch.as_tensor(np.stack([jobs[i].z0 for i in idx]), dtype=torch.float32, device=self.device)
+            cond = torch.as_tensor([list(jobs[i].classes) for i in idx], device=self.device)
             t0 = time.perf_counter()
             inv = bs.invert(self.heads, z0, list(props), cond)
             z, its, sat = inv.z.float().cpu().numpy(), inv.iterations.cpu().numpy(), inv.satisfied.cpu().numpy()
             ms = 1000 * (time.perf_counter() - t0)  # the group's inversion, where it ran (the rest is hops)
             for row, i in enumerate(idx):
-                out[i] = {"z": z[row], "iterations": int(its[row]), "satisfied": bool(sat[row]), "lambda": lam,
-                          "batch_size": len(idx), "inversion_ms": ms}
+                out[i] = Searched(z[row], len(idx), int(its[row]), bool(sat[row]), lam, ms)
         return out
 
 
@@ -281,20 +282,21 @@ class StudentSearch:
         return view.to(self.device, non_blocking=True)
 
     @torch.no_grad()
-    def transform_many(self, jobs: Sequence[Mapping[str, Any]], on_device: bool = False) -> list[dict[str, Any]]:
+    def transform_many(self, jobs: Sequence[SearchJob], on_device: bool = False) -> list[Searched]:
+        """The student of each job's property set, one batch per set (λ is the teacher's only)."""
         if self._copied is not None:
             self._copied.synchronize()  # the staging buffers may be overwritten now
-        out: list[dict[str, Any]] = [{}] * len(jobs)
-        for (props,), idx in _groups(jobs, ("properties",)).items():
-            z0 = self._to_device("z0", np.stack([np.asarray(jobs[i]["z0"], dtype=np.float32) for i in idx]))
-            cond = self._to_device("cond", np.asarray([jobs[i]["classes"] for i in idx], dtype=np.int64))
+        out: list[Searched] = [None] * len(jobs)  # type: ignore[list-item]
+        for (props, _), idx in _groups(jobs, with_lam=False).items():
+            z0 = self._to_device("z0", np.stack([np.asarray(jobs[i].z0, dtype=np.float32) for i in idx]))
+            cond = self._to_device("cond", np.asarray([list(jobs[i].classes) for i in idx], dtype=np.int64))
             z = self.students[tuple(props)](z0, cond).float()
             if self.device.type == "cuda":
                 self._copied = torch.cuda.Event()
                 self._copied.record()
             rows = z if on_device else z.cpu().numpy()
             for row, i in enumerate(idx):
-                out[i] = {"z": rows[row], "batch_size": len(idx)}
+                out[i] = Searched(rows[row], len(idx))
         return out
 
 
@@ -321,18 +323,17 @@ class IndexSearch:
     def vectors(self, positions: Sequence[int]) -> np.ndarray:
         return self.z[torch.as_tensor(list(positions), dtype=torch.long)].numpy()
 
-    def search_many(self, jobs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        """jobs: {"z": (d,), "k": int, "exclude": item position or -1, optional "filter"}; one
-        top-k for all plain jobs, the filtered ones (filtered_knn / soft_filtered_knn) scored
-        over the whole database as the offline methods do."""
-        plain = [i for i, j in enumerate(jobs) if "filter" not in j]
-        out: list[dict[str, Any]] = [{}] * len(jobs)
+    def search_many(self, jobs: Sequence[RankJob]) -> list[Ranked]:
+        """One top-k for all plain jobs; the filtered ones (filtered_knn / soft_filtered_knn)
+        scored over the whole database as the offline methods do."""
+        plain = [i for i, j in enumerate(jobs) if j.filter is None]
+        out: list[Ranked] = [None] * len(jobs)  # type: ignore[list-item]
         if plain:
             out_plain = self._search_plain([jobs[i] for i in plain])
             for i, r in zip(plain, out_plain):
                 out[i] = r
         for i, j in enumerate(jobs):
-            if "filter" in j:
+            if j.filter is not None:
                 out[i] = self._search_filtered(j)
         return out
 
@@ -352,37 +353,37 @@ class IndexSearch:
             self._views[(kind, prop)] = view(self._heads[prop], self.z[torch.as_tensor(self.database)])
         return self._views[(kind, prop)]
 
-    def _search_filtered(self, job: Mapping[str, Any]) -> dict[str, Any]:
+    def _search_filtered(self, job: RankJob) -> Ranked:
         from cir_bench.index import rank_scores
         from cir_bench.search.label_filters import hard_filter_scores, soft_filter_scores
 
-        f = job["filter"]
-        z = job["z"].cpu() if torch.is_tensor(job["z"]) else job["z"]
+        f = job.filter
+        z = job.z.cpu() if torch.is_tensor(job.z) else job.z
         q = torch.nn.functional.normalize(torch.as_tensor(z, dtype=torch.float32)[None], dim=1)
         sim = q @ self.db_unit.T
-        cond = torch.as_tensor([list(f["classes"])])
-        if f["kind"] == "hard":
-            labels = torch.stack([self._heads_view(p, "hard") for p in f["properties"]], dim=1)
+        cond = torch.as_tensor([list(f.classes)])
+        if f.kind == "hard":
+            labels = torch.stack([self._heads_view(p, "hard") for p in f.properties], dim=1)
             ranked = hard_filter_scores(sim, labels, cond)
         else:
-            ranked = soft_filter_scores(sim, [self._heads_view(p, "soft") for p in f["properties"]], cond, f["beta"])
-        exclude = job.get("exclude", -1)
+            ranked = soft_filter_scores(sim, [self._heads_view(p, "soft") for p in f.properties], cond, f.beta)
+        exclude = job.exclude
         local = torch.as_tensor([self._row_of.get(int(exclude), -1)]) if exclude >= 0 else None
-        k = min(job["k"], ranked.shape[1] - (1 if local is not None and int(local[0]) >= 0 else 0))
+        k = min(job.k, ranked.shape[1] - (1 if local is not None and int(local[0]) >= 0 else 0))
         idx, top = rank_scores(ranked if ranked is not sim else sim.clone(), k, local)
-        scores = torch.gather(sim, 1, idx) if f["kind"] == "hard" else top  # what the offline methods report
-        return {"positions": self.database[idx[0].numpy()].tolist(), "scores": scores[0].tolist()}
+        scores = torch.gather(sim, 1, idx) if f.kind == "hard" else top  # what the offline methods report
+        return Ranked(self.database[idx[0].numpy()].tolist(), scores[0].tolist())
 
-    def _search_plain(self, jobs: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-        if any(torch.is_tensor(j["z"]) for j in jobs):  # a student in this process left z on its device
+    def _search_plain(self, jobs: Sequence[RankJob]) -> list[Ranked]:
+        if any(torch.is_tensor(j.z) for j in jobs):  # a student in this process left z on its device
             device = self.index.device
-            z = torch.stack([torch.as_tensor(j["z"], dtype=torch.float32).to(device) for j in jobs])
+            z = torch.stack([torch.as_tensor(j.z, dtype=torch.float32).to(device) for j in jobs])
         else:
-            z = torch.as_tensor(np.stack([j["z"] for j in jobs]), dtype=torch.float32)
-        exclude = np.array([j.get("exclude", -1) for j in jobs])
-        pos, scores = self.index.search(z, max(j["k"] for j in jobs),
+            z = torch.as_tensor(np.stack([j.z for j in jobs]), dtype=torch.float32)
+        exclude = np.array([j.exclude for j in jobs])
+        pos, scores = self.index.search(z, max(j.k for j in jobs),
                                         exclude=exclude if (exclude >= 0).any() else None)
-        return [{"positions": pos[i, : j["k"]].tolist(), "scores": scores[i, : j["k"]].tolist()}
+        return [Ranked(pos[i, : j.k].tolist(), scores[i, : j.k].tolist())
                 for i, j in enumerate(jobs)]
 
 

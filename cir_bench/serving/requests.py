@@ -30,6 +30,21 @@ DEFAULT_BETA = 0.1  # SoftFilteredKNN's default
 MAX_WEIGHT = 1e6
 
 
+@dataclass(frozen=True)
+class ParsedRequest:
+    """A validated request: conditions in the catalog's property order, as class ids; the
+    query is an item (``position``) or an upload (``image_bytes``)."""
+
+    method: str
+    k: int
+    properties: tuple[str, ...]
+    classes: tuple[int, ...]
+    lam: float | None = None  # teacher only
+    beta: float | None = None  # soft_filtered_knn only (its default when not given)
+    position: int | None = None
+    image_bytes: bytes | None = None
+
+
 class RequestError(ValueError):
     """A bad request: ``field`` names the offending field."""
 
@@ -152,7 +167,7 @@ class RequestParser:
         self.student_sets = [self.catalog.canonical(s) for s in student_sets]
         self.limits = limits
 
-    def parse(self, request: Any) -> dict[str, Any]:
+    def parse(self, request: Any) -> ParsedRequest:
         if not isinstance(request, dict):
             raise RequestError("body", f"expected a JSON object, got {type(request).__name__}")
         unknown = set(request) - FIELDS
@@ -199,20 +214,19 @@ class RequestParser:
         if method == "student" and tuple(props) not in self.student_sets:
             raise RequestError("method", f"no student for conditions on {props}; students exist for "
                                f"{[list(s) for s in self.student_sets] or 'none'}")
-        out = {"method": method, "k": k, "lambda": None if lam is None else float(lam), "properties": props,
-               "classes": classes}
-        if method == "soft_filtered_knn":
-            out["beta"] = float(DEFAULT_BETA if beta is None else beta)
+        position, image = None, None
         if has_id:
             if not isinstance(request["item_id"], str):
                 raise RequestError("item_id", "must be a string")
             try:
-                out["position"] = self.catalog.position(request["item_id"])
+                position = self.catalog.position(request["item_id"])
             except KeyError:
                 raise RequestError("item_id", f"unknown item id {request['item_id']!r}") from None
         else:
-            out["image_bytes"] = self.image_bytes(request["image"])
-        return out
+            image = self.image_bytes(request["image"])
+        return ParsedRequest(method, k, tuple(props), tuple(classes), None if lam is None else float(lam),
+                             float(DEFAULT_BETA if beta is None else beta) if method == "soft_filtered_knn" else None,
+                             position, image)
 
     def image_bytes(self, value: Any) -> bytes:
         """Raw bytes (multipart) or base64 (JSON) -> checked, decodable image bytes."""

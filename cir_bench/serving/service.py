@@ -11,7 +11,8 @@ import numpy as np
 
 from cir_bench.serving.components import ImageEncoder, IndexSearch, ServeBundle, StudentSearch, TeacherSearch
 from cir_bench.serving.orchestrate import answer
-from cir_bench.serving.requests import RequestError, RequestParser, ServiceLimits, example_requests
+from cir_bench.serving.jobs import Ranked, RankJob, Searched, SearchJob
+from cir_bench.serving.requests import ParsedRequest, RequestError, RequestParser, ServiceLimits, example_requests
 
 
 class LocalStages:
@@ -27,13 +28,13 @@ class LocalStages:
     async def vectors(self, positions: list[int]) -> list[np.ndarray]:
         return list(self.index.vectors(positions))
 
-    async def invert(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def invert(self, jobs: list[SearchJob]) -> list[Searched]:
         return self.teacher.invert_many(jobs)
 
-    async def transform(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def transform(self, jobs: list[SearchJob]) -> list[Searched]:
         return self.student.transform_many(jobs)
 
-    async def rank(self, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    async def rank(self, jobs: list[RankJob]) -> list[Ranked]:
         return self.index.search_many(jobs)
 
 
@@ -66,7 +67,7 @@ class SearchService:
         as {"error": ..., "field": ...}."""
         t0 = time.perf_counter()
         results: list[dict[str, Any]] = [{} for _ in requests]
-        parsed: dict[int, dict[str, Any]] = {}
+        parsed: dict[int, ParsedRequest] = {}
         for i, r in enumerate(requests):
             try:
                 parsed[i] = self.parser.parse(r)
