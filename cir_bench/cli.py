@@ -8,10 +8,9 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from cir_bench.config import ConfigError, RunConfig
+from cir_bench.config import ConfigError, ConfigLayer, RunConfig
 from cir_bench.paths import DamagedCacheError, DiskFullError, FolderInUseError, UntrustedFolderError
 
-APP_NAME = "cir-bench"
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError, KeyError,
                                                DamagedCacheError, ConnectionError, UntrustedFolderError,
                                                FolderInUseError, DiskFullError)
@@ -42,157 +41,86 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def final_dataset_name(args: argparse.Namespace, config_file: dict[str, Any]) -> str:
-    """The dataset a command will run on, by the same precedence as ``build_config``."""
-    from cir_bench.config import parse_override, task_preset
+def config_layers(args: argparse.Namespace) -> list[ConfigLayer]:
+    """The command line as config layers, by precedence whatever the order of the flags:
+    --task < --paper-recipe < --config FILE < named flags < --lambda < --set (in order)."""
+    from cir_bench.config import PAPER_RECIPE, read_yaml, task_preset
 
-    name = RunConfig().dataset.name
+    layers = []
     if args.task:
-        name = task_preset(args.task)["dataset"]["name"]
-    section = config_file.get("dataset") if isinstance(config_file, dict) else None
-    if isinstance(section, dict) and isinstance(section.get("name"), str):
-        name = section["name"]
-    if args.dataset:
-        name = args.dataset
-    for item in args.set:
-        key, value = parse_override(item)
-        if key == "dataset.name" and isinstance(value, str):
-            name = value
-    return name
+        layers.append(ConfigLayer(f"--task {args.task}", task_preset(args.task)))
+    if args.paper_recipe:
+        layers.append(ConfigLayer("--paper-recipe", PAPER_RECIPE))
+    if args.config:
+        layers.append(ConfigLayer(args.config, read_yaml(args.config)))
+    named = {"--dataset": ("dataset.name", args.dataset), "--root": ("dataset.root", args.root),
+             "--preset": ("dataset.options.preset", args.preset),
+             "--skip-bad-images": ("dataset.options.skip_bad_images", args.skip_bad_images or None),
+             "--address": ("ray.address", args.address), "--ray-embed": ("ray.embed", args.ray_embed or None),
+             "--strict-queries": ("queries.strict", args.strict_queries or None)}
+    for flag in ("seed", "device", "cache_dir", "out"):
+        named[f"--{flag.replace('_', '-')}"] = (flag, getattr(args, flag, None))
+    if getattr(args, "methods", None):
+        named["--methods"] = ("eval.methods", [m.strip() for m in args.methods.split(",") if m.strip()])
+    layers += [ConfigLayer(flag, values={key: value}) for flag, (key, value) in named.items() if value is not None]
+    if getattr(args, "lambdas", None):
+        layers.append(ConfigLayer("--lambda", overrides=(f"eval.lambdas=[{args.lambdas}]",)))
+    layers.append(ConfigLayer("--set", overrides=tuple(args.set)))
+    return layers
 
 
 def build_config(args: argparse.Namespace) -> RunConfig:
-    """The run config of a command, validated before any work. Precedence, whatever the
-    order on the command line: defaults < --task < --paper-recipe < --config FILE < named
-    flags < --set (in the order given)."""
-    from cir_bench.config import PAPER_RECIPE, apply_mapping, apply_overrides, blame, dataset_defaults, flat_keys, \
-        parse_override, read_yaml, select_dataset, task_preset, validate
+    """The run config of a command (``config.layered_config`` of ``config_layers``), validated
+    and checked before any work."""
+    from cir_bench.config import layered_config
+    from cir_bench.paths import cache_root, remove_stale_temporaries
     from cir_bench.pipeline.checks import check_run_config
 
-    cfg = RunConfig()
-    sources: list[tuple[str, set[str]]] = []  # who set which key, to name it in an error
-    data = read_yaml(args.config) if args.config else {}
-    name = final_dataset_name(args, data)
-    if dataset_defaults(name):
-        apply_mapping(cfg, dataset_defaults(name))
-        sources.append((f"the defaults of dataset '{name}'", flat_keys(dataset_defaults(name))))
-    if args.task:
-        apply_mapping(cfg, task_preset(args.task))
-        sources.append((f"--task {args.task}", flat_keys(task_preset(args.task))))
-    if args.paper_recipe:
-        apply_mapping(cfg, PAPER_RECIPE)
-        sources.append(("--paper-recipe", flat_keys(PAPER_RECIPE)))
-    if args.config:
-        try:
-            apply_mapping(cfg, data)
-        except ConfigError as err:
-            raise ConfigError(f"{args.config}: {err}", err.key, args.config) from None
-        sources.append((args.config, flat_keys(data)))
-    if args.dataset:
-        select_dataset(cfg, args.dataset)
-    if args.root:
-        cfg.dataset.root = args.root
-    if args.preset:
-        cfg.dataset.options = {**cfg.dataset.options, "preset": args.preset}
-    if args.skip_bad_images:
-        cfg.dataset.options = {**cfg.dataset.options, "skip_bad_images": True}
-    if args.address:
-        cfg.ray.address = args.address
-    if args.ray_embed:
-        cfg.ray.embed = True
-    if args.strict_queries:
-        cfg.queries.strict = True
-    for flag in ("seed", "device", "cache_dir", "out"):
-        if getattr(args, flag, None) is not None:
-            setattr(cfg, flag, getattr(args, flag))
-    if getattr(args, "methods", None):
-        cfg.eval.methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    if getattr(args, "lambdas", None):
-        try:
-            apply_overrides(cfg, [f"eval.lambdas=[{args.lambdas}]"])
-        except ConfigError as err:
-            raise ConfigError(f"--lambda: {err}", err.key, "--lambda") from None
-        sources.append(("--lambda", {"eval.lambdas"}))
-    apply_overrides(cfg, list(args.set))
-    sources.append(("--set", {parse_override(o)[0] for o in args.set}))
-    try:
-        cfg = check_run_config(validate(cfg), need_out=getattr(args, "command", None) in ("run", "compare"),
-                               overwrite=getattr(args, "overwrite", False))
-    except ConfigError as err:
-        raise blame(err, sources) from None
-    from cir_bench.paths import cache_root, remove_stale_temporaries
-
+    cfg = layered_config(config_layers(args), lambda c: check_run_config(
+        c, need_out=getattr(args, "command", None) in ("run", "compare"), overwrite=getattr(args, "overwrite", False)))
     remove_stale_temporaries(cache_root(cfg.cache_dir))  # of writes killed midway, hours ago
     return cfg
 
 
-def _parse_seeds(text: str) -> list[int]:
-    try:
-        seeds = [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise ConfigError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
-    if len(seeds) < 2 or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise ConfigError(f"--seeds {text!r}: give at least two different non-negative seeds")
-    return seeds
-
-
-def cmd_run_seeds(args: argparse.Namespace, seeds: list[int]) -> int:
-    """One run per training seed under <out>/seed-<n>/ (the query sets drawn once, with the
-    first seed, so the seeds differ in training only), then one report that pools them."""
-    import copy
-
-    from cir_bench.pipeline import run
-    from cir_bench.pipeline.checks import check_run_config
-    from cir_bench.pipeline.run import default_out_dir
-
-    cfg = build_config(args)
-    base = Path(cfg.out) if cfg.out else default_out_dir(cfg)
-    if cfg.queries.seed is None:
-        cfg.queries.seed = seeds[0]
-    outs, t0 = [], time.perf_counter()
-    configs = []
-    for seed in seeds:
-        one = copy.deepcopy(cfg)
-        one.seed, one.out = seed, str(base / f"seed-{seed}")
-        configs.append(check_run_config(one, need_out=True, overwrite=args.overwrite))  # all checked first
-    for one in configs:
-        print(f"seed {one.seed}: {one.out}")
-        outs.append(run(one, progress=not args.no_progress))
-    print(f"\nwrote {len(outs)} runs under {base}/ in {time.perf_counter() - t0:.1f} s")
-    if not args.no_report:
-        from cir_bench.report import ReportOptions, classify, write_html_report
-
-        t0 = time.perf_counter()
-        paths = write_html_report(classify(outs), base, ReportOptions(seed=seeds[0]))
-        print(f"report, the seeds pooled ({time.perf_counter() - t0:.0f} s): {paths[0].resolve()}")
-    return 0
-
-
 def cmd_run(args: argparse.Namespace) -> int:
+    """One run; with --seeds one per training seed under <out>/seed-<n>/ on the same queries,
+    and one report that pools them."""
     from cir_bench.pipeline import run
+    from cir_bench.pipeline.run import seed_configs
     from cir_bench.results import format_metrics_table
 
-    if args.seeds:
-        if args.seed is not None:
-            raise ConfigError("--seed and --seeds: give one of them")
-        return cmd_run_seeds(args, _parse_seeds(args.seeds))
+    if args.seeds and args.seed is not None:
+        raise ConfigError("--seed and --seeds: give one of them")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else []
+    except ValueError:
+        raise ConfigError(f"--seeds {args.seeds!r}: expected comma-separated integers, e.g. 0,1,2") from None
     cfg = build_config(args)
-    t0 = time.perf_counter()
-    out = run(cfg, progress=not args.no_progress)
-    print()
+    configs = seed_configs(cfg, seeds, overwrite=args.overwrite) if args.seeds else [cfg]
+    t0, outs = time.perf_counter(), []
+    for one in configs:
+        if args.seeds:
+            print(f"seed {one.seed}: {one.out}")
+        outs.append(run(one, progress=not args.no_progress))
     k = cfg.eval.k
-    print(format_metrics_table(out, ["query_set", "n_queries", f"precision_at_{k}", f"ap_at_{k}_R",
-                                     f"ap_at_{k}_minRk", f"mts_at_{k}", f"context_at_{k}", f"twin_hit_at_{k}",
-                                     "mean_iterations", f"retrieved_similarity_at_{k}", "ms_per_query"]))
-    print(f"(precision_at_{k} is the paper's \"mAP@{k}\", paper def.)")
-    print(f"\nwrote {out}/ (results.parquet, metrics.csv, items.parquet, map_points.parquet, manifest.json) "
-          f"in {time.perf_counter() - t0:.1f} s")
+    if not args.seeds:
+        print()
+        print(format_metrics_table(outs[0], ["query_set", "n_queries", f"precision_at_{k}", f"ap_at_{k}_R",
+                                             f"ap_at_{k}_minRk", f"mts_at_{k}", f"context_at_{k}",
+                                             f"twin_hit_at_{k}", "mean_iterations", f"retrieved_similarity_at_{k}",
+                                             "ms_per_query"]))
+        print(f"(precision_at_{k} is the paper's \"mAP@{k}\", paper def.)")
+    base = outs[0].parent if args.seeds else outs[0]
+    what = f"{len(outs)} runs" if args.seeds else "results.parquet, metrics.csv, items.parquet, map_points.parquet, " \
+        "manifest.json"
+    print(f"\nwrote {base}/ ({what}) in {time.perf_counter() - t0:.1f} s")
     if not args.no_report:
         from cir_bench.report import ReportOptions, classify, write_html_report
 
         t0 = time.perf_counter()
-        paths = write_html_report(classify([out]), out, ReportOptions(seed=cfg.seed))
-        print(f"report ({time.perf_counter() - t0:.0f} s): {paths[0].resolve()}")
+        paths = write_html_report(classify(outs), base, ReportOptions(seed=configs[0].seed))
+        print(f"report{', the seeds pooled' if args.seeds else ''} ({time.perf_counter() - t0:.0f} s): "
+              f"{paths[0].resolve()}")
     return 0
 
 
@@ -269,174 +197,29 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 1 if errors else 0
 
 
-def _check_port_free(host: str, port: int) -> None:
-    """Refuse a port something already listens on: Serve's proxy shares a port with another
-    proxy (SO_REUSEPORT), and two apps would then answer in turn. Connections of a server
-    stopped moments ago (TIME_WAIT, thousands after a load test) do not count: the proxy
-    binds past them too (SO_REUSEADDR), and so does this probe."""
-    import socket
-
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as err:
-            raise ConfigError(f"--port {port}: {host}:{port} is not free ({err.strerror}); another cir-bench serve? "
-                              "Stop it (Ctrl+C, or `cir-bench serve --stop --address ADDR`) or pick another "
-                              "--port") from None
-
-
-def _app_running(name: str) -> bool:
-    from ray import serve
-
-    try:
-        return name in serve.status().applications
-    except Exception:  # noqa: BLE001 -- the controller is gone: Serve was shut down
-        return False
-
-
-def _print_teacher(url: str) -> None:
-    """Whether the served teacher compiled its search step (teacher.compile), from /stats."""
-    import urllib.request
-
-    try:
-        with urllib.request.urlopen(f"{url}/stats", timeout=30) as response:
-            teacher = json.loads(response.read()).get("teacher", {})
-    except (OSError, ValueError):
-        return  # e.g. a cluster's HTTP proxy this machine cannot reach: the server is up anyway
-    if "compile" in teacher:
-        print(f"cir-bench serve: teacher torch.compile {teacher['compile']}", flush=True)
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     """Start the Ray Serve app (blocks until Ctrl+C, SIGTERM or `serve --stop`), or stop it."""
-    import os
-
+    from serve.driver import run_server, stop_server
     from serve.settings import load_serve_config
 
-    # Serve kills a proxy that is not ready within 5 s (its default); a small, busy machine
-    # can take longer to start one. Ray's processes inherit this from the one that starts Ray.
-    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
     if args.stop:
-        from serve.runtime import LOCAL_RAY, is_loopback, local_servers
-
-        if not args.address:  # Ray's "auto" may find another user's cluster: only this user's servers
-            mine = local_servers()
-            if len(mine) != 1:
-                raise ConfigError("serve --stop: " + ("no `cir-bench serve` of yours is running on this machine"
-                                                      if not mine else "several of your servers run: " +
-                                                      ", ".join(f"pid {pid} (Ray at {addr})" for pid, addr in mine))
-                                  + "; name one with --address HOST:PORT (the server printed it)")
-            args.address = mine[0][1]
-        if is_loopback(args.address):
-            os.environ[LOCAL_RAY] = "0"  # a local server's Ray is on 127.0.0.1: join it as a driver there
-        from ray import serve
-
-        from cir_bench.embed.ray_extract import ensure_ray
-
-        ensure_ray(args.address or "auto")
-        serve.shutdown()
+        stop_server(args.address)
         print("cir-bench serve: stopped")
         return 0
-    sc = load_serve_config(args.serve_config)  # both configs are checked before any work
+    settings = load_serve_config(args.serve_config)  # both configs are checked before any work
     cfg = build_config(args)
-    host, port = args.host or sc.http.host, args.port or sc.http.port
-    if not 1 <= port <= 65535:
-        raise ConfigError(f"--port must be in 1..65535, got {port}")
+    run_server(cfg, settings, args.host or settings.http.host, args.port or settings.http.port, args.address,
+               progress=not args.no_progress)
     if not args.address:
-        _check_port_free(host, port)
-        # Serve's switches (serve/runtime.py) are read from the environment when a process
-        # imports Serve: set before ray is imported here and before the local Ray starts, and
-        # only once the arguments are known to be good (a refused call leaves the environment
-        # as it was: callers in the same process, e.g. tests, would otherwise inherit them)
-        from serve.runtime import serve_environment
-
-        os.environ.update(serve_environment(sc.ray_serve.haproxy, sc.ray_serve.throughput_optimized,
-                                            http_port=port))
-    else:  # before any work: the replicas load the bundle's files from the cache on their nodes
-        from cir_bench.embed.cluster import join
-        from cir_bench.pipeline import cache_dir_for
-
-        join(args.address, cache_dir_for(cfg), [cfg.dataset.root] if cfg.dataset.root else [])
-    from ray import serve
-
-    from cir_bench.embed.ray_extract import ensure_ray
-    from cir_bench.serving import build_bundle
-    from serve.app import build_app, with_index
-
-    # train or load the model, embeddings and students once, here; the deployments load the files
-    bundle = build_bundle(cfg, progress=not args.no_progress)
-    bundle = with_index(bundle, sc, cfg.eval.search_batch)
-    ensure_ray(args.address)
-    if not args.address:
-        _check_port_free(host, port)  # again: another server may have started meanwhile
-    try:
-        serve.start(http_options={"host": host, "port": int(port)})
-        import dataclasses
-
-        served = dataclasses.replace(sc, http=dataclasses.replace(sc.http, host=host, port=int(port)))
-        serve.run(build_app(bundle, served), route_prefix="/", name=APP_NAME)
-    except RuntimeError as err:
-        if "HAProxy" not in str(err):
-            raise
-        alerts = [line.split(":", 1)[-1].strip() for line in str(err).splitlines() if "[ALERT]" in line]
-        raise ConfigError(f"Ray's HAProxy (ray_serve.haproxy) did not start: {'; '.join(alerts[:2]) or err}. "
-                          "Set ray_serve.haproxy: false in the serve config to use Ray's Python proxy") from None
-    import ray
-
-    url = f"http://{host}:{port}"
-    print(f"cir-bench serve: {url}  (POST /search, GET /healthz, GET /properties, GET /stats, OpenAPI at /docs)",
-          flush=True)
-    _print_teacher(url)
-    if args.address:
-        if sc.ray_serve.haproxy or sc.ray_serve.throughput_optimized:
-            print("cir-bench serve: on a cluster Serve's switches (ray_serve in the serve config) are the ones "
-                  "`ray start` was given on each node: RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1 "
-                  "ray start ... (README, Running on a Ray cluster)", flush=True)
-        return 0  # deployed on the cluster; `cir-bench serve --stop --address ...` removes it
-    from serve.runtime import runtime_dir
-
-    (runtime_dir() / "ray-address").write_text(ray.get_runtime_context().gcs_address)  # for serve --stop
-    print(f"cir-bench serve: Ray at {ray.get_runtime_context().gcs_address}; stop with Ctrl+C or "
-          f"`cir-bench serve --stop --address {ray.get_runtime_context().gcs_address}`", flush=True)
-    import signal
-
-    stop: list[int] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):  # Ray installs its own handlers; ours decide
-        signal.signal(sig, lambda signum, _frame: stop.append(signum))
-    checked = time.monotonic()
-    while not stop:
-        time.sleep(0.2)
-        if time.monotonic() - checked > 1.0:
-            checked = time.monotonic()
-            if not _app_running(APP_NAME):  # removed by `serve --stop` from another process
-                break
-    if stop:
-        serve.shutdown()
-    ray.shutdown()
-    import shutil
-
-    from serve.runtime import runtime_folder_root
-
-    shutil.rmtree(runtime_folder_root() / str(os.getpid()), ignore_errors=True)  # HAProxy's files, the address
-    print("cir-bench serve: stopped", flush=True)
+        print("cir-bench serve: stopped", flush=True)
     return 0
 
 
 def cmd_loadtest(args: argparse.Namespace) -> int:
-    from cir_bench.serving.loadtest import default_stages, run_loadtest
+    from cir_bench.serving.loadtest import run_loadtest, stages_from_flags
 
-    def numbers(flag: str, text: str, kind=float) -> list:
-        try:
-            return [kind(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise ValueError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
-
-    stages = default_stages([m.strip() for m in args.methods.split(",") if m.strip()],
-                            numbers("--concurrency", args.concurrency, int),
-                            numbers("--rates", args.rates) if args.rates else [], args.duration, args.warmup,
-                            args.max_requests, tuple(v.strip() for v in args.via.split(",") if v.strip()))
+    stages = stages_from_flags(args.methods, args.concurrency, args.rates, args.duration, args.warmup,
+                               args.max_requests, args.via)
     out = Path(args.out)
     rows = run_loadtest(args.url, stages, out, allow_remote=args.allow_remote)
     cols = ["method", "via", "mode", "concurrency", "rate", "requests", "errors", "p50_ms", "p90_ms", "p99_ms", "qps"]
@@ -464,15 +247,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from baselines.condition_text import TEMPLATES
     from cir_bench.pipeline.compare import COMPOSED, REFERENCES, run_compare
 
-    cfg = build_config(args)
     names = _names(args.baselines, COMPOSED + REFERENCES)
     for n in names:
         BASELINES.get(n)  # unknown names fail before any work
     templates = _names(args.templates, list(TEMPLATES))
-    for t in templates:
-        if t not in TEMPLATES:
-            raise ValueError(f"--templates: unknown template {t!r}; valid: {', '.join(TEMPLATES)}")
-    t0 = time.perf_counter()
+    if set(templates) - set(TEMPLATES):
+        raise ValueError(f"--templates: unknown template(s) {sorted(set(templates) - set(TEMPLATES))}; valid: "
+                         f"{', '.join(TEMPLATES)}")
+    cfg, t0 = build_config(args), time.perf_counter()
     out = run_compare(cfg, names, templates, args.weights_dir, progress=not args.no_progress)
     print()
     print((out / "comparison.md").read_text())
@@ -504,45 +286,21 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_check_weights(args: argparse.Namespace) -> int:
-    """Which baseline weights are present under the weights root and usable: paths, sizes,
-    sha256; a file that cannot be the weights (HTML page, truncated, damaged) is DAMAGED."""
+    """Which baseline weights are present under the weights root and usable (baselines/check.py)."""
     from baselines import BASELINES
-    from baselines.base import BadWeightsError, resolve_weights_root, sha256
+    from baselines.check import check_weights
+    from baselines.base import resolve_weights_root
 
     root, how = resolve_weights_root(args.weights_dir)
     print(f"weights root: {root.resolve()} (from {how})")
-    names = _names(args.baselines, BASELINES.names())
-    ready = damaged = 0
-    for name in names:
-        files = BASELINES.get(name).required_files()
-        lines, status = [], "ready"
-        for f in files:
-            path = f.find(root)
-            if path is None:
-                status = "MISSING" if status == "ready" else status
-                lines.append(f"  missing  {(root / f.path).resolve()}  ({f.source}; licence: {f.licence})")
-                continue
-            try:
-                f.check(path)
-            except BadWeightsError as err:
-                status = "DAMAGED"
-                lines.append(f"  damaged  {path.resolve()}: {err}")
-                continue
-            lines.append(f"  found    {path.resolve()}  {path.stat().st_size:,} bytes  sha256 "
-                         f"{sha256(path) if not args.no_hash else '(not computed)'}")
-        if status == "ready" and not args.no_load:  # the adapter reads its files: keys and shapes
-            from baselines import get_composer
-
-            try:
-                get_composer(name, root, device="cpu")
-            except BadWeightsError as err:
-                status = "DAMAGED"
-                lines.append(f"  damaged  {err}")
-        ready += status == "ready"
-        damaged += status == "DAMAGED"
-        print(f"{name}: {status}")
-        print("\n".join(lines))
-    print(f"{ready} of {len(names)} baselines ready" + (f", {damaged} with damaged files" if damaged else ""))
+    reports = check_weights(root, _names(args.baselines, BASELINES.names()), hash_files=not args.no_hash,
+                            load=not args.no_load)
+    for report in reports:
+        print(f"{report.name}: {report.status}")
+        print("\n".join(f"  {line}" for line in report.lines))
+    ready = sum(r.status == "ready" for r in reports)
+    damaged = sum(r.status == "DAMAGED" for r in reports)
+    print(f"{ready} of {len(reports)} baselines ready" + (f", {damaged} with damaged files" if damaged else ""))
     return 1 if damaged else 0
 
 
@@ -673,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if getattr(args, "address", None) and not getattr(args, "stop", False):
-            from cir_bench.embed.cluster import connect
+            from cir_bench.cluster import connect
 
             connect(args.address)  # first: a wrong address or a missing token fails in seconds
         return int(args.func(args))

@@ -21,7 +21,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping, Union
+from typing import Any, Callable, Literal, Mapping, Sequence, Union
 
 import yaml
 
@@ -502,28 +502,67 @@ def blame(err: ConfigError, sources: list[tuple[str, set[str]]]) -> ConfigError:
     return err
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
-    """Defaults, then the YAML file, then the overrides; validated. An error names the file
-    when the file set the offending key."""
+@dataclass(frozen=True)
+class ConfigLayer:
+    """One source of settings (a file, a preset, a flag, ``--set``), applied over the ones
+    before it: a nested ``mapping``, dotted ``values`` (``dataset.name`` switches the dataset:
+    the previous one's options do not carry over) and ``key=value`` ``overrides``, in that order."""
+
+    source: str  # what an error names: a path, "--task wikiart-style", "--root", "--set"
+    mapping: Mapping[str, Any] = field(default_factory=dict)
+    values: Mapping[str, Any] = field(default_factory=dict)
+    overrides: tuple[str, ...] = ()
+
+    def keys(self) -> set[str]:
+        return flat_keys(self.mapping) | set(self.values) | {parse_override(o)[0] for o in self.overrides}
+
+    def dataset_name(self) -> str | None:
+        """The dataset this layer selects, if it does (the last word within the layer)."""
+        name = None
+        section = self.mapping.get("dataset")
+        if isinstance(section, Mapping) and isinstance(section.get("name"), str):
+            name = section["name"]
+        if isinstance(self.values.get("dataset.name"), str):
+            name = self.values["dataset.name"]
+        for item in self.overrides:
+            key, value = parse_override(item)
+            if key == "dataset.name" and isinstance(value, str):
+                name = value
+        return name
+
+
+def layered_config(layers: Sequence[ConfigLayer], check: Callable[[RunConfig], RunConfig] | None = None
+                   ) -> RunConfig:
+    """The one layering of a run config, for the CLI, tune trials and ``load_config``: defaults
+    < the final dataset's own defaults (``dataset_defaults``) < each layer in order; then
+    validated and passed to ``check``. An error names the layer that last set the offending key."""
     cfg = RunConfig()
+    name = cfg.dataset.name
+    for layer in layers:
+        name = layer.dataset_name() or name
+    layers = [ConfigLayer(f"the defaults of dataset '{name}'", dataset_defaults(name)), *layers]
     sources: list[tuple[str, set[str]]] = []
-    if path is not None:
-        data = read_yaml(path)
+    for layer in layers:
         try:
-            apply_mapping(cfg, data)
+            apply_mapping(cfg, layer.mapping)
+            for key, value in layer.values.items():
+                select_dataset(cfg, value) if key == "dataset.name" else set_value(cfg, key, value)
+            apply_overrides(cfg, list(layer.overrides))
         except ConfigError as err:
-            raise ConfigError(f"{path}: {err}", err.key, str(path)) from None
-        sources.append((str(path), flat_keys(data)))
-    apply_overrides(cfg, overrides or [])
-    sources.append(("--set", {parse_override(o)[0] for o in overrides or []}))
+            raise ConfigError(f"{layer.source}: {err}", err.key, layer.source) from None
+        sources.append((layer.source, layer.keys()))
     try:
-        return validate(cfg)
+        cfg = validate(cfg)
+        return check(cfg) if check is not None else cfg
     except ConfigError as err:
         raise blame(err, sources) from None
 
 
-def config_from_dict(data: Mapping[str, Any]) -> RunConfig:
-    return validate(from_mapping(RunConfig, data))
+def load_config(path: str | Path | None = None, overrides: Sequence[str] | None = None) -> RunConfig:
+    """Defaults, then the YAML file, then the overrides; validated. An error names the file
+    when the file set the offending key."""
+    layers = [ConfigLayer(str(path), read_yaml(path))] if path is not None else []
+    return layered_config([*layers, ConfigLayer("--set", overrides=tuple(overrides or ()))])
 
 
 # -- named presets ------------------------------------------------------------------------------

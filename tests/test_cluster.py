@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from cir_bench.embed.cluster import ClusterConnectError, check_reachable, token_source
+from cir_bench.cluster import ClusterConnectError, check_reachable, token_source
 
 
 def test_token_is_found_where_ray_documents_it(tmp_path):

@@ -1,6 +1,6 @@
 """The package layout is the data flow: no module imports from a stage after its own.
 
-    shared (config, registry, paths) -> data -> models -> train -> embed -> index -> search
+    shared (config, registry, paths, cluster) -> data -> models -> train -> embed -> index -> search
     (+ baselines/, the adapters search runs) -> metrics (score) -> results -> report
     -> drivers: pipeline (run, compare) -> tune | serving -> serve/ (the Ray Serve app) -> cli
 """
@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 STAGES = [
-    ["cir_bench.config", "cir_bench.registry", "cir_bench.paths", "cir_bench", "tune_configs"],
+    ["cir_bench.config", "cir_bench.registry", "cir_bench.paths", "cir_bench.cluster", "cir_bench", "tune_configs"],
     ["cir_bench.data"], ["cir_bench.models"], ["cir_bench.train"], ["cir_bench.embed"], ["cir_bench.index"],
     ["baselines"], ["cir_bench.search"], ["cir_bench.metrics"], ["cir_bench.results"], ["cir_bench.report"],
     ["cir_bench.pipeline"], ["cir_bench.tune", "cir_bench.serving"], ["serve"], ["cir_bench.cli"],
@@ -119,7 +119,7 @@ def test_serving_ranks_with_the_search_stage_and_computes_no_score_of_its_own():
 # messages of third-party errors that carry no fields: Ray raises a bare RuntimeError when its
 # HAProxy fails to start, with HAProxy's own [ALERT] lines in the text; whatever torch.compile's
 # stack raises is shown by its first line
-THIRD_PARTY_MESSAGES = {("cir_bench.cli", "RuntimeError"), ("cir_bench.search.backward_engines", "Exception")}
+THIRD_PARTY_MESSAGES = {("serve.driver", "RuntimeError"), ("cir_bench.search.backward_engines", "Exception")}
 
 
 @pytest.mark.parametrize("module, path", _modules(), ids=lambda v: v if isinstance(v, str) else "")
@@ -155,3 +155,44 @@ def test_no_code_reads_an_error_message_to_decide(module, path):
         if reads and (module, caught) not in THIRD_PARTY_MESSAGES:
             raise AssertionError(f"{module}:{node.lineno} reads the message of a caught {caught} to decide: "
                                  "give the error a field")
+
+
+# the stage boundaries of a served search: what the orchestration hands each component and
+# gets back (cir_bench.serving.jobs), in one process and through Ray handles alike
+SERVING_BOUNDARIES = {"parse", "search_job", "rank_job", "format_answer", "invert_many", "transform_many",
+                      "search_many", "invert", "transform", "rank", "_invert_here", "search"}
+
+
+def test_no_untyped_mapping_crosses_a_serving_stage_boundary():
+    """Requests and jobs travel as frozen dataclasses (ParsedRequest, SearchJob, Searched,
+    RankJob, Ranked), not ``dict[str, Any]``: no parameter or return annotation of a stage
+    boundary in serving/ or the Serve app is a dict or Mapping."""
+    paths = sorted((ROOT / "cir_bench" / "serving").rglob("*.py")) + [ROOT / "serve" / "app.py"]
+    checked = 0
+    for path in paths:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        # SearchService and the HTTP routes are the front door: JSON in, JSON out
+        front_door = {id(f) for c in ast.walk(tree) if isinstance(c, ast.ClassDef) and c.name in ("SearchService",
+                                                                                                  "Ingress")
+                      for f in c.body}
+        for node in ast.walk(tree):
+            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) or node.name not in SERVING_BOUNDARIES \
+                    or id(node) in front_door:
+                continue
+            args = [a for a in node.args.args + node.args.kwonlyargs if a.arg not in ("self", "catalog")]
+            annotations = [a.annotation for a in args] + ([node.returns] if node.name != "format_answer" else [])
+            for ann in annotations:
+                text = ast.unparse(ann) if ann is not None else "unannotated"
+                assert "dict[" not in text and "Mapping" not in text and text != "unannotated", \
+                    f"{path.relative_to(ROOT)}:{node.lineno} {node.name}: {text} crosses a stage boundary"
+            checked += 1
+    assert checked >= 15, checked
+
+
+@pytest.mark.parametrize("path, limit", [("README.md", 200), ("cir_bench/search/backward.py", 200),
+                                         ("cir_bench/cli.py", 450)])
+def test_the_front_door_stays_small(path, limit):
+    """A newcomer reads the README, the CLI and the method first: the detail lives in docs/,
+    the serving driver, baselines/ and Backward Search's step and engine floors."""
+    lines = (ROOT / path).read_text(encoding="utf-8").count("\n")
+    assert lines <= limit, f"{path}: {lines} lines > {limit}"

@@ -666,7 +666,7 @@ def test_query_params_and_request_from_query_round_trip():
 def test_port_check_refuses_a_listener_but_not_a_stopped_servers_connections():
     """After a load test, the stopped server's connections linger in TIME_WAIT for a minute:
     `cir-bench serve` on the same port must start (it used to be refused as "not free")."""
-    from cir_bench.cli import _check_port_free
+    from serve.driver import check_port_free
     from cir_bench.config import ConfigError
 
     listener = socket.socket()
@@ -675,7 +675,7 @@ def test_port_check_refuses_a_listener_but_not_a_stopped_servers_connections():
     port = listener.getsockname()[1]
     listener.listen()
     with pytest.raises(ConfigError, match=f"--port {port}: 127.0.0.1:{port} is not free"):
-        _check_port_free("127.0.0.1", port)
+        check_port_free("127.0.0.1", port)
     client = socket.create_connection(("127.0.0.1", port))
     accepted, _ = listener.accept()
     accepted.close()  # the server side closes first: its end of the connection waits in TIME_WAIT
@@ -685,7 +685,7 @@ def test_port_check_refuses_a_listener_but_not_a_stopped_servers_connections():
     with pytest.raises(OSError):
         plain.bind(("127.0.0.1", port))
     plain.close()
-    _check_port_free("127.0.0.1", port)  # free for a server that binds as Serve's proxy does
+    check_port_free("127.0.0.1", port)  # free for a server that binds as Serve's proxy does
 
 
 def test_serve_environment_sets_rays_switches_and_side_ports():

@@ -34,20 +34,14 @@ class _EmbedActor:
         return {"index": idx, "z": z}
 
 
-def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to ``address`` (a cluster) or start a local Ray once; reuse a running one
-    (cir_bench.embed.cluster: fast, explained failures and Ray's token authentication)."""
-    from cir_bench.embed.cluster import connect
-
-    connect(address, num_cpus)
-
-
 def extract_embeddings_ray(checkpoint: Path, dataset: Dataset, transform_args: dict[str, Any], actors: int = 2,
                            gpus_per_actor: float = 0.0, batch_size: int = 64, address: str | None = None
                            ) -> torch.Tensor:
     import ray
 
-    ensure_ray(address)
+    from cir_bench.cluster import connect
+
+    connect(address)
     ds = ray.data.from_items([{"index": i} for i in range(len(dataset))])
     out = ds.map_batches(
         _EmbedActor,

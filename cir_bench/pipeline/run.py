@@ -2,18 +2,19 @@
 query sets -> search -> score -> result files."""
 from __future__ import annotations
 
+import copy
 import json
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 
-from cir_bench.config import RunConfig
+from cir_bench.config import ConfigError, RunConfig
 from cir_bench.metrics import build_eval_inputs, evaluate, find_twins, retrieved_similarity_at_k, summarize
 from cir_bench.models import pick_device
 from cir_bench.paths import exclusive_folder, file_sha256
@@ -81,6 +82,24 @@ def run(cfg: RunConfig, progress: bool = True, log=print) -> Path:
         return _run(cfg, out, progress, log)
 
 
+def seed_configs(cfg: RunConfig, seeds: Sequence[int], overwrite: bool = False) -> list[RunConfig]:
+    """One checked config per training seed, under <out>/seed-<n>/; the query sets are drawn
+    once, with the first seed (``queries.seed``), so the runs differ in training only."""
+    from cir_bench.pipeline.checks import check_run_config
+
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise ConfigError(f"seeds {list(seeds)}: give at least two different non-negative seeds", key="seed")
+    base = Path(cfg.out) if cfg.out else default_out_dir(cfg)
+    configs = []
+    for seed in seeds:
+        one = copy.deepcopy(cfg)
+        one.seed, one.out = int(seed), str(base / f"seed-{seed}")
+        if one.queries.seed is None:
+            one.queries.seed = int(seeds[0])
+        configs.append(check_run_config(one, need_out=True, overwrite=overwrite))  # all checked first
+    return configs
+
+
 def _run(cfg: RunConfig, out: Path, progress: bool, log) -> Path:
     t_start = time.perf_counter()
     device = pick_device(cfg.device)
@@ -100,7 +119,7 @@ def _run(cfg: RunConfig, out: Path, progress: bool, log) -> Path:
 
     cluster = None
     if cfg.ray.address:  # before any work: every node must see the cache (and the dataset root)
-        from cir_bench.embed.cluster import join
+        from cir_bench.cluster import join
 
         cluster = join(cfg.ray.address, cache_dir_for(cfg), [cfg.dataset.root] if cfg.dataset.root else [])
         log(f"Ray cluster {cfg.ray.address}: {len(cluster['nodes'])} node(s), each reads and writes the cache "

@@ -215,3 +215,18 @@ def default_stages(methods: list[str], concurrency: list[int], rates: list[float
     stages += [Stage(m, "open", rate=r, duration_s=duration_s, warmup_s=warmup_s, max_requests=max_requests, via=v)
                for m in methods for r in rates for v in via]
     return stages
+
+
+def stages_from_flags(methods: str, concurrency: str, rates: str | None, duration_s: float, warmup_s: float,
+                      max_requests: int, via: str) -> list[Stage]:
+    """``default_stages`` from the comma-separated text of ``cir-bench loadtest``'s flags."""
+    def numbers(flag: str, text: str, kind=float) -> list:
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise ValueError(f"{flag}: expected comma-separated numbers, got {text!r}") from None
+
+    return default_stages([m.strip() for m in methods.split(",") if m.strip()],
+                          numbers("--concurrency", concurrency, int), numbers("--rates", rates) if rates else [],
+                          duration_s, warmup_s, max_requests, tuple(v.strip() for v in via.split(",") if v.strip()))
+

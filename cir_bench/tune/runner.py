@@ -90,12 +90,12 @@ def run_experiment(exp: Experiment, storage_path: str | Path, resume: bool = Fal
     there, unless ``trust_storage``."""
     from ray import tune
 
-    from cir_bench.embed.ray_extract import ensure_ray
+    from cir_bench.cluster import connect
     from cir_bench.paths import check_private_tree
 
     storage = Path(storage_path).expanduser().resolve()
     if address:  # trials read and write the cache and Tune's storage on whichever node they run
-        from cir_bench.embed.cluster import check_shared_folder, join
+        from cir_bench.cluster import check_shared_folder, join
         from cir_bench.paths import cache_root
 
         join(address, cache_root(cache_dir))
@@ -110,7 +110,7 @@ def run_experiment(exp: Experiment, storage_path: str | Path, resume: bool = Fal
                   "write there", file=sys.stderr, flush=True)
         else:
             check_private_tree(path, flag="--trust-storage")
-    ensure_ray(address)
+    connect(address)
     trainable = tune.with_resources(trainable, {"cpu": exp.resources.cpu, "gpu": exp.resources.gpu})
     if resume:
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=False, restart_errored=True)
