@@ -1,11 +1,10 @@
 #!/usr/bin/env bash
-# The device check (one short run on a lent GPU machine; see the device tool's README):
-# CUDA tests (graph-captured Backward Search against the eager loop among them), the
-# Backward Search and serving-component benchmarks on CUDA, and a compare run
-# with the tiny-weight adapters on CUDA. Outputs land in $OUT (default ./gpu-out). Each step
-# is time-boxed so that the whole fits one device call (at most 150+270+90+60 s = 9.5 min;
-# ≈ 5–7 min expected): run it as `bash benchmarks/gpu_check.sh` with timeout_s 600.
-# Packages the GPU image lacks travel as wheels in .whl/ (installed to /tmp/site).
+# The GPU check, for any CUDA machine with the project checked out: the CUDA tests
+# (graph-captured Backward Search against the eager loop among them), the Backward Search and
+# serving-component benchmarks on CUDA, and a compare run with the tiny-weight adapters on
+# CUDA. Outputs land in $OUT (default ./gpu-out). Each step is time-boxed (at most
+# 150+270+90+60 s = 9.5 min): `bash benchmarks/gpu_check.sh`. Packages the machine lacks may be
+# put as wheels in .whl/ (installed to /tmp/site, no index used).
 set -u
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 CIR_BENCH_CACHE=/tmp/cir-cache

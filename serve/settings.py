@@ -76,8 +76,7 @@ class TeacherSection:
     # compile_decision): "auto" compiles on the CPU when a C++ compiler is there (the buckets a
     # batch can reach, when the replica starts: seconds, cached on disk by torch) and serves
     # uncompiled when not, saying so in /stats; true must compile; false leaves it to the run
-    # config's search.compile. Measured on 2 cores: teacher p50 14.6 -> 9.4 ms, 109 -> 204
-    # requests/s at concurrency 16 (benchmarks/serve_latency.py).
+    # config's search.compile (its effect on latency: docs/performance.md).
     compile: Literal["auto", True, False] = "auto"
 
 
