@@ -5,9 +5,9 @@
 One module per method; adding one is one file plus its ``BASELINES.register`` line and an
 import below. (tests/tiny_weights.py writes tiny random weights in each author's format.)
 """
-from baselines.base import BASELINES, BadWeightsError, MissingWeightsError, QueryComposer, WeightsFile, \
+from cir_bench_baselines.base import BASELINES, BadWeightsError, MissingWeightsError, QueryComposer, WeightsFile, \
     get_composer, resolve_weights_root
-from baselines import clip4cir, clip_refs, covr, pic2word, searle  # noqa: F401  (registration)
+from cir_bench_baselines import clip4cir, clip_refs, covr, pic2word, searle  # noqa: F401  (registration)
 
 __all__ = ["BASELINES", "BadWeightsError", "MissingWeightsError", "QueryComposer", "WeightsFile", "get_composer",
            "resolve_weights_root"]

@@ -322,7 +322,7 @@ class QueryComposer(ABC):
                        template: str = "T1") -> list[str]:
         """The exact strings the text encoder receives, one per query: each query's list of
         (property, label) conditions -> T (baselines/condition_text.py) -> this method's prompt."""
-        from baselines.condition_text import condition_text, label_text
+        from cir_bench_baselines.condition_text import condition_text, label_text
 
         if self.text_source == "labels":
             return self.prompts([label_text(dataset, c) for c in conditions])

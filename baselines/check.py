@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Sequence
 
-from baselines import BASELINES, get_composer
-from baselines.base import BadWeightsError, sha256
+from cir_bench_baselines import BASELINES, get_composer
+from cir_bench_baselines.base import BadWeightsError, sha256
 
 
 @dataclass

@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import v2
 
-from baselines.base import BadWeightsError, QueryComposer, strict_load
+from cir_bench.registry import import_extra
+from cir_bench_baselines.base import BadWeightsError, QueryComposer, strict_load
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -54,7 +55,7 @@ def clip_config(state: dict[str, torch.Tensor]) -> dict[str, Any]:
 
 def build_clip(state: dict[str, torch.Tensor], what: str) -> tuple[torch.nn.Module, dict[str, Any]]:
     """``open_clip.CLIP`` holding ``state`` exactly (float32, QuickGELU as OpenAI trained it)."""
-    import open_clip
+    open_clip = import_extra("open_clip", "baselines", "the CLIP baselines")
 
     # drop the OpenAI files' extra entries and the causal mask a traced model may carry (derived, not learnt)
     state = {k: v for k, v in strip_prefix(state).items()
@@ -69,7 +70,7 @@ def build_clip(state: dict[str, torch.Tensor], what: str) -> tuple[torch.nn.Modu
 def architecture_note(cfg: dict[str, Any], expected: str) -> str | None:
     """None when ``cfg`` is the authors' architecture ``expected`` (an open_clip model name),
     else a note for the results (e.g. tiny test weights)."""
-    import open_clip
+    open_clip = import_extra("open_clip", "baselines", "the CLIP baselines")
 
     ref = open_clip.get_model_config(expected)
     same = (cfg["embed_dim"] == ref["embed_dim"]
@@ -84,7 +85,7 @@ def architecture_note(cfg: dict[str, Any], expected: str) -> str | None:
 
 def tokenizer():
     """open_clip's BPE tokenizer (its vocabulary ships in the wheel; nothing is fetched)."""
-    import open_clip
+    open_clip = import_extra("open_clip", "baselines", "the CLIP baselines")
 
     return open_clip.get_tokenizer("ViT-B-32")
 
@@ -100,7 +101,7 @@ def encode_text_with_pseudo_tokens(clip: torch.nn.Module, tokens: torch.Tensor, 
                                    placeholder: int) -> torch.Tensor:
     """``clip.encode_text(tokens)`` with the embedding of the placeholder token in row i
     replaced by ``pseudo[i]``; each row must hold the placeholder exactly once."""
-    from open_clip.transformer import text_global_pool
+    text_global_pool = import_extra("open_clip.transformer", "baselines", "the CLIP baselines").text_global_pool
 
     where = tokens == placeholder
     counts = where.sum(dim=1)

@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from baselines.base import BASELINES, WeightsFile, load_state, require, resolve_weights_root
-from baselines.clip_common import CLIPComposer, build_clip
-from baselines.searle import clip_file
+from cir_bench_baselines.base import BASELINES, WeightsFile, load_state, require, resolve_weights_root
+from cir_bench_baselines.clip_common import CLIPComposer, build_clip
+from cir_bench_baselines.searle import clip_file
 
 
 class CLIPReference(CLIPComposer):

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import v2
 
-from baselines.base import BASELINES, BadWeightsError, QueryComposer, WeightsFile, load_restricted, require, \
+from cir_bench.registry import import_extra
+from cir_bench_baselines.base import BASELINES, BadWeightsError, QueryComposer, WeightsFile, load_restricted, require, \
     resolve_weights_root, strict_load
-from baselines.clip_common import CLIP_MEAN, CLIP_STD, stack
+from cir_bench_baselines.clip_common import CLIP_MEAN, CLIP_STD, stack
 
 SOURCE = "Hugging Face model repo lucas-ventura/CoVR (files tab; see tools/scripts/download_pretrained_models.sh " \
          "of github.com/lucas-ventura/CoVR)"
@@ -65,7 +66,7 @@ def hf_to_blip(key: str) -> str:
 
 def blip_config(state: dict[str, torch.Tensor]):
     """A ``BlipConfig`` read off the tensors' shapes (heads: width / 64, as BLIP and BERT)."""
-    from transformers import BlipConfig
+    BlipConfig = import_extra("transformers", "baselines", "the CoVR baseline").BlipConfig
 
     try:
         width = state["visual_encoder.cls_token"].shape[-1]
@@ -96,7 +97,7 @@ def bert_tokenizer(vocab_file: Path):
 
     transformers 5 silently ignores ``vocab_file=``; the vocabulary is passed as a dict and the
     result checked, so a wrong vocabulary cannot pass unnoticed."""
-    from transformers import BertTokenizer
+    BertTokenizer = import_extra("transformers", "baselines", "the CoVR baseline").BertTokenizer
 
     vocab: dict[str, int] = {}
     for i, line in enumerate(vocab_file.read_text(encoding="utf-8").splitlines()):
@@ -141,7 +142,8 @@ class CoVR(QueryComposer):
     @classmethod
     def from_weights(cls, weights_dir: str | Path | None = None, checkpoint: str = "webvid-covr.ckpt",
                      config_dir: str | None = None, device: str = "cpu", batch_size: int = 16) -> "CoVR":
-        from transformers import BlipForImageTextRetrieval
+        transformers = import_extra("transformers", "baselines", "the CoVR baseline")
+        BlipForImageTextRetrieval = transformers.BlipForImageTextRetrieval
 
         root, how = resolve_weights_root(weights_dir, config_dir)
         files = cls.required_files(checkpoint)

@@ -16,9 +16,9 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from baselines.base import BASELINES, BadWeightsError, WeightsFile, load_state, require, resolve_weights_root, \
+from cir_bench_baselines.base import BASELINES, BadWeightsError, WeightsFile, load_state, require, resolve_weights_root, \
     strict_load
-from baselines.clip_common import CLIPComposer, build_clip, encode_text_with_pseudo_tokens, placeholder_id, \
+from cir_bench_baselines.clip_common import CLIPComposer, build_clip, encode_text_with_pseudo_tokens, placeholder_id, \
     strip_prefix
 
 SOURCE = "Google Drive link in the README of github.com/google-research/composed_image_retrieval"

@@ -18,9 +18,9 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from baselines.base import BASELINES, BadWeightsError, WeightsFile, load_state, require, resolve_weights_root, \
+from cir_bench_baselines.base import BASELINES, BadWeightsError, WeightsFile, load_state, require, resolve_weights_root, \
     strict_load
-from baselines.clip_common import CLIPComposer, build_clip, encode_text_with_pseudo_tokens, placeholder_id
+from cir_bench_baselines.clip_common import CLIPComposer, build_clip, encode_text_with_pseudo_tokens, placeholder_id
 
 SEARLE_SOURCE = "GitHub release 'weights' of github.com/miccunifi/SEARLE"
 SEARLE_LICENCE = "CC BY-NC 4.0 (code and weights): non-commercial use only, never redistribute"

@@ -10,10 +10,11 @@ from typing import Any, Sequence
 
 from cir_bench.config import ConfigError, ConfigLayer, RunConfig
 from cir_bench.paths import DamagedCacheError, DiskFullError, FolderInUseError, UntrustedFolderError
+from cir_bench.registry import MissingExtraError
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, ValueError, KeyError,
                                                DamagedCacheError, ConnectionError, UntrustedFolderError,
-                                               FolderInUseError, DiskFullError)
+                                               FolderInUseError, DiskFullError, MissingExtraError)
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -175,9 +176,9 @@ def cmd_tune(args: argparse.Namespace) -> int:
     from cir_bench.tune import Experiment
     from cir_bench.tune.runner import run_experiment
 
-    import tune_configs
+    import cir_bench_tune_configs
 
-    exp = Experiment.load(tune_configs.resolve(args.config))
+    exp = Experiment.load(cir_bench_tune_configs.resolve(args.config))
     storage = Path(args.storage_path)
     t0 = time.perf_counter()
     tidy, errors = run_experiment(exp, storage, resume=args.resume, address=args.address,
@@ -199,8 +200,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """Start the Ray Serve app (blocks until Ctrl+C, SIGTERM or `serve --stop`), or stop it."""
-    from serve.driver import run_server, stop_server
-    from serve.settings import load_serve_config
+    from cir_bench_serve.driver import run_server, stop_server
+    from cir_bench_serve.settings import load_serve_config
 
     if args.stop:
         stop_server(args.address)
@@ -243,8 +244,8 @@ def _names(value: str | None, default: list[str]) -> list[str]:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Backward Search vs the CoIR baselines on one dataset; writes comparison.md/.csv/.parquet."""
-    from baselines import BASELINES
-    from baselines.condition_text import TEMPLATES
+    from cir_bench_baselines import BASELINES
+    from cir_bench_baselines.condition_text import TEMPLATES
     from cir_bench.pipeline.compare import COMPOSED, REFERENCES, run_compare
 
     names = _names(args.baselines, COMPOSED + REFERENCES)
@@ -287,9 +288,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def cmd_check_weights(args: argparse.Namespace) -> int:
     """Which baseline weights are present under the weights root and usable (baselines/check.py)."""
-    from baselines import BASELINES
-    from baselines.check import check_weights
-    from baselines.base import resolve_weights_root
+    from cir_bench_baselines import BASELINES
+    from cir_bench_baselines.check import check_weights
+    from cir_bench_baselines.base import resolve_weights_root
 
     root, how = resolve_weights_root(args.weights_dir)
     print(f"weights root: {root.resolve()} (from {how})")
@@ -310,7 +311,7 @@ def cmd_list(args: argparse.Namespace) -> int:
     from cir_bench.metrics import METRICS
     from cir_bench.models import BACKBONES
 
-    from baselines import BASELINES
+    from cir_bench_baselines import BASELINES
 
     registries = {"datasets": DATASETS, "backbones": BACKBONES, "methods": METHODS, "metrics": METRICS,
                   "baselines": BASELINES}

@@ -49,3 +49,23 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+class MissingExtraError(ImportError):
+    """A feature needs an optional dependency group (an extra of the package) that is not
+    installed: ``feature``, ``extra`` and the ``module`` that failed to import."""
+
+    def __init__(self, feature: str, extra: str, module: str) -> None:
+        self.feature, self.extra, self.module = feature, extra, module
+        super().__init__(f"{feature} needs the '{extra}' extra ({module} is not installed): "
+                         f"pip install 'cir-bench[{extra}]'")
+
+
+def import_extra(module: str, extra: str, feature: str):
+    """``module`` imported, or a ``MissingExtraError`` naming the extra that provides it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise MissingExtraError(feature, extra, module) from err

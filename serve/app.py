@@ -33,8 +33,8 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cir_bench.serving.jobs import Ranked, RankJob, Searched, SearchJob
-from serve.runtime import loopback_replica_grpc
-from serve.settings import STAGES
+from cir_bench_serve.runtime import loopback_replica_grpc
+from cir_bench_serve.settings import STAGES
 
 loopback_replica_grpc()  # a local server's replicas listen on loopback only (serve/runtime.py)
 
@@ -519,7 +519,7 @@ def build_app(bundle, settings=None):
     the checked serve config (serve/settings.py): deployments, batching, limits."""
     import dataclasses
 
-    from serve.settings import ServeSettings
+    from cir_bench_serve.settings import ServeSettings
 
     settings = settings or ServeSettings()
 

@@ -38,7 +38,7 @@ def check_port_free(host: str, port: int) -> None:
 
 def stop_server(address: str | None) -> None:
     """Remove the app from the Ray at ``address``; without one, this user's only local server."""
-    from serve.runtime import LOCAL_RAY, is_loopback, local_servers
+    from cir_bench_serve.runtime import LOCAL_RAY, is_loopback, local_servers
 
     os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", PROXY_READY_TIMEOUT_S)
     if not address:  # Ray's "auto" may find another user's cluster: only this user's servers
@@ -72,7 +72,7 @@ def run_server(cfg: RunConfig, settings, host: str, port: int, address: str | No
         # imports Serve: set before ray is imported here and before the local Ray starts, and
         # only once the arguments are known to be good (a refused call leaves the environment
         # as it was: callers in the same process, e.g. tests, would otherwise inherit them)
-        from serve.runtime import serve_environment
+        from cir_bench_serve.runtime import serve_environment
 
         os.environ.update(serve_environment(settings.ray_serve.haproxy, settings.ray_serve.throughput_optimized,
                                             http_port=port))
@@ -86,7 +86,7 @@ def run_server(cfg: RunConfig, settings, host: str, port: int, address: str | No
 
     from cir_bench.cluster import connect
     from cir_bench.serving import build_bundle
-    from serve.app import build_app, with_index
+    from cir_bench_serve.app import build_app, with_index
 
     # train or load the model, embeddings and students once, here; the deployments load the files
     bundle = with_index(build_bundle(cfg, progress=progress), settings, cfg.eval.search_batch)
@@ -114,7 +114,7 @@ def run_server(cfg: RunConfig, settings, host: str, port: int, address: str | No
                   "`ray start` was given on each node: RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_THROUGHPUT_OPTIMIZED=1 "
                   "ray start ... (README, Running on a Ray cluster)", flush=True)
         return  # deployed on the cluster; `cir-bench serve --stop --address ...` removes it
-    from serve.runtime import runtime_dir, runtime_folder_root
+    from cir_bench_serve.runtime import runtime_dir, runtime_folder_root
 
     gcs = ray.get_runtime_context().gcs_address
     (runtime_dir() / "ray-address").write_text(gcs)  # for serve --stop

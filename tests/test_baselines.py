@@ -12,12 +12,12 @@ from PIL import Image
 
 pytest.importorskip("open_clip")
 
-from baselines import BASELINES, get_composer  # noqa: E402
-from baselines.base import BadWeightsError, MissingWeightsError, load_restricted, load_state, \
+from cir_bench_baselines import BASELINES, get_composer  # noqa: E402
+from cir_bench_baselines.base import BadWeightsError, MissingWeightsError, load_restricted, load_state, \
     resolve_weights_root  # noqa: E402
-from baselines.clip4cir import Combiner  # noqa: E402
-from baselines.clip_common import encode_text_with_pseudo_tokens, placeholder_id, tokenizer  # noqa: E402
-from baselines.condition_text import ConditionTextError, condition_text, label_text  # noqa: E402
+from cir_bench_baselines.clip4cir import Combiner  # noqa: E402
+from cir_bench_baselines.clip_common import encode_text_with_pseudo_tokens, placeholder_id, tokenizer  # noqa: E402
+from cir_bench_baselines.condition_text import ConditionTextError, condition_text, label_text  # noqa: E402
 from .tiny_weights import tiny_clip  # noqa: E402
 
 NAMES = ["clip4cir", "pic2word", "searle", "searle-xl", "covr", "clip-image", "clip-text", "clip-sum"]
@@ -210,7 +210,7 @@ def _evil_checkpoint(path, command: str) -> None:
 
 
 def test_checkpoints_load_weights_only_with_the_formats_own_classes_as_stubs(tmp_path):
-    from baselines.base import UnsafeWeightsError, WeightsFile
+    from cir_bench_baselines.base import UnsafeWeightsError, WeightsFile
 
     # a Lightning-style checkpoint holding the authors' src.tools.scheduler.CosineSchedule
     _Scheduler.__qualname__ = _Scheduler.__name__ = "CosineSchedule"
@@ -233,7 +233,7 @@ def test_checkpoints_load_weights_only_with_the_formats_own_classes_as_stubs(tmp
 
 
 def test_a_checkpoint_that_runs_code_is_refused_before_anything_runs(tmp_path, monkeypatch, capsys):
-    from baselines.base import UnsafeWeightsError, WeightsFile
+    from cir_bench_baselines.base import UnsafeWeightsError, WeightsFile
     from cir_bench.cli import main
 
     marker = tmp_path / "pwned"
@@ -270,7 +270,7 @@ def test_a_checkpoint_that_runs_code_is_refused_before_anything_runs(tmp_path, m
 
 
 def test_covr_query_path_swaps_cls_for_enc_and_cross_attends(composers, images):
-    from baselines.covr import blip_to_hf, hf_to_blip
+    from cir_bench_baselines.covr import blip_to_hf, hf_to_blip
 
     c = composers["covr"]
     seen = {}
@@ -314,8 +314,8 @@ def test_condition_text_gives_the_exact_prompts_per_query(composers):
 
 
 def test_from_modules_runs_the_same_forward_code_as_from_weights(composers, weights, images):
-    from baselines.clip_common import build_clip
-    from baselines.searle import SEARLE, Phi
+    from cir_bench_baselines.clip_common import build_clip
+    from cir_bench_baselines.searle import SEARLE, Phi
 
     clip, cfg = build_clip(load_state(weights / "clip" / "ViT-B-32.pt"), "clip")
     state = load_state(weights / "searle" / "SEARLE_ViT-B32.pt")["Phi"]
@@ -369,7 +369,7 @@ def test_clip_backbone_from_torchscript_and_safetensors_files(tmp_path, images):
     bit-exactly into the same open_clip model (here for a tiny CLIP)."""
     from safetensors.torch import save_file
 
-    from baselines.clip_common import build_clip
+    from cir_bench_baselines.clip_common import build_clip
 
     model = tiny_clip("vit", 3)
     pixels = torch.randn(2, 3, 32, 32)

@@ -188,8 +188,8 @@ def test_serve_config_is_checked_before_any_work(tmp_path, capsys):
 
 def test_tune_starts_from_outside_the_checkout(tmp_path):
     """The shipped experiments are package data: found from any working directory."""
-    code = ("import tune_configs, sys; from cir_bench.tune import Experiment; "
-            "e = Experiment.load(tune_configs.resolve('quick')); print(e.name, len(e.trials()))")
+    code = ("import cir_bench_tune_configs as tc; from cir_bench.tune import Experiment; "
+            "e = Experiment.load(tc.resolve('quick')); print(e.name, len(e.trials()))")
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.split() == ["quick", "2"], done.stderr
     cli = Path(sys.executable).with_name("cir-bench")
@@ -198,13 +198,18 @@ def test_tune_starts_from_outside_the_checkout(tmp_path):
                                 timeout=120)
         assert helped.returncode == 0 and "quick (default)" in helped.stdout
     with pytest.raises(FileNotFoundError, match="quick, table3"):
-        __import__("tune_configs").resolve("no-such-experiment")
+        __import__("cir_bench_tune_configs").resolve("no-such-experiment")
 
 
 def test_wheel_carries_the_shipped_configs(tmp_path):
     """Installed from a wheel, outside any checkout, `cir-bench tune` finds its default
     experiment and `cir-bench serve` its settings."""
-    root = Path(__file__).resolve().parent.parent
+    import shutil
+
+    # built from a copy without build/ (setuptools packs whatever an earlier build left in build/lib)
+    root = tmp_path / "src"
+    shutil.copytree(Path(__file__).resolve().parent.parent, root, ignore=shutil.ignore_patterns(
+        ".venv", "build", "runs", ".git", "*.egg-info", "__pycache__", "gpu-out", ".pytest_cache"))
     built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
                             "-w", str(tmp_path / "dist"), str(root)], capture_output=True, text=True, timeout=300)
     if built.returncode != 0:
@@ -213,8 +218,9 @@ def test_wheel_carries_the_shipped_configs(tmp_path):
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)],
                    check=True, capture_output=True, timeout=300)
-    code = ("import cir_bench, tune_configs, serve.settings as s; from cir_bench.tune import Experiment; "
-            "print(cir_bench.__file__); print(Experiment.load(tune_configs.resolve('quick')).name); "
+    code = ("import cir_bench, cir_bench_tune_configs as tc, cir_bench_serve.settings as s; "
+            "from cir_bench.tune import Experiment; "
+            "print(cir_bench.__file__); print(Experiment.load(tc.resolve('quick')).name); "
             "print(len(s.load_serve_config().deployments))")
     env = {**__import__("os").environ, "PYTHONPATH": str(site)}
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
@@ -222,6 +228,10 @@ def test_wheel_carries_the_shipped_configs(tmp_path):
     assert done.returncode == 0, done.stderr
     where, name, deployments = done.stdout.split()
     assert where.startswith(str(site)) and name == "quick" and deployments == "5"
+    # the project's folders install under its own names: nothing squats a generic top-level name
+    top = {p.name for p in site.iterdir() if p.is_dir() and not p.name.endswith((".dist-info", "__pycache__"))
+           and p.name != "bin"}
+    assert top == {"cir_bench", "cir_bench_serve", "cir_bench_baselines", "cir_bench_tune_configs"}, top
     helped = subprocess.run([sys.executable, "-m", "cir_bench.cli", "tune", "--help"], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=120)
     assert helped.returncode == 0 and "quick (default)" in helped.stdout
@@ -284,7 +294,7 @@ def test_invalid_port_is_refused(capsys):
 
 def test_serve_ingress_local_stages_are_checked():
     from cir_bench.config import ConfigError
-    from serve.settings import settings_from_dict
+    from cir_bench_serve.settings import settings_from_dict
 
     assert settings_from_dict({}).ingress.local == ["student", "index", "teacher"]
     assert settings_from_dict({"ingress": {"local": []}}).ingress.local == []

@@ -12,11 +12,15 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+# the repository's folders serve/, baselines/ and tune_configs/ install as these packages
+INSTALLED_AS = {"cir_bench": "cir_bench", "baselines": "cir_bench_baselines", "serve": "cir_bench_serve",
+                "tune_configs": "cir_bench_tune_configs"}
 STAGES = [
-    ["cir_bench.config", "cir_bench.registry", "cir_bench.paths", "cir_bench.cluster", "cir_bench", "tune_configs"],
+    ["cir_bench.config", "cir_bench.registry", "cir_bench.paths", "cir_bench.cluster", "cir_bench",
+     "cir_bench_tune_configs"],
     ["cir_bench.data"], ["cir_bench.models"], ["cir_bench.train"], ["cir_bench.embed"], ["cir_bench.index"],
-    ["baselines"], ["cir_bench.search"], ["cir_bench.metrics"], ["cir_bench.results"], ["cir_bench.report"],
-    ["cir_bench.pipeline"], ["cir_bench.tune", "cir_bench.serving"], ["serve"], ["cir_bench.cli"],
+    ["cir_bench_baselines"], ["cir_bench.search"], ["cir_bench.metrics"], ["cir_bench.results"], ["cir_bench.report"],
+    ["cir_bench.pipeline"], ["cir_bench.tune", "cir_bench.serving"], ["cir_bench_serve"], ["cir_bench.cli"],
 ]
 
 
@@ -34,9 +38,9 @@ def _unit(module: str) -> tuple[int, str]:
 
 def _modules() -> list[tuple[str, Path]]:
     out = []
-    for package in ("cir_bench", "baselines", "serve", "tune_configs"):
-        for path in sorted((ROOT / package).rglob("*.py")):
-            parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    for folder, package in INSTALLED_AS.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = [package, *path.relative_to(ROOT / folder).with_suffix("").parts]
             if parts[-1] == "__init__":
                 parts = parts[:-1]
             out.append((".".join(parts), path))
@@ -56,7 +60,7 @@ def _imports(module: str, path: Path) -> list[str]:
                 names.append(".".join(base + ([node.module] if node.module else [])))
             elif node.module:
                 names.append(node.module)
-    return [n for n in names if n.split(".")[0] in ("cir_bench", "baselines", "serve", "tune_configs")]
+    return [n for n in names if n.split(".")[0] in (*INSTALLED_AS, *INSTALLED_AS.values())]
 
 
 def test_package_root_holds_only_what_every_stage_shares():
@@ -119,7 +123,7 @@ def test_serving_ranks_with_the_search_stage_and_computes_no_score_of_its_own():
 # messages of third-party errors that carry no fields: Ray raises a bare RuntimeError when its
 # HAProxy fails to start, with HAProxy's own [ALERT] lines in the text; whatever torch.compile's
 # stack raises is shown by its first line
-THIRD_PARTY_MESSAGES = {("serve.driver", "RuntimeError"), ("cir_bench.search.backward_engines", "Exception")}
+THIRD_PARTY_MESSAGES = {("cir_bench_serve.driver", "RuntimeError"), ("cir_bench.search.backward_engines", "Exception")}
 
 
 @pytest.mark.parametrize("module, path", _modules(), ids=lambda v: v if isinstance(v, str) else "")
@@ -196,3 +200,26 @@ def test_the_front_door_stays_small(path, limit):
     the serving driver, baselines/ and Backward Search's step and engine floors."""
     lines = (ROOT / path).read_text(encoding="utf-8").count("\n")
     assert lines <= limit, f"{path}: {lines} lines > {limit}"
+
+
+def test_the_wheel_lists_every_package_folder():
+    """pyproject.toml names each package (the folders serve/, baselines/, tune_configs/ under
+    the project's names): a new subpackage not listed would be missing from the wheel."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    folders = {".".join(p.relative_to(ROOT).parent.parts) for p in (ROOT / "cir_bench").rglob("__init__.py")}
+    wanted = folders | set(INSTALLED_AS.values()) - {"cir_bench"} | {"cir_bench"}
+    assert set(project["packages"]) == wanted
+    assert {v: k for k, v in project["package-dir"].items()} == {f: p for f, p in INSTALLED_AS.items() if f != p}
+
+
+@pytest.mark.parametrize("module", ["cir_bench_baselines.condition_text", "cir_bench_serve.haproxy_guard"])
+def test_doctests_of_the_folders_installed_under_other_names(module):
+    """serve/ and baselines/ install as cir_bench_serve and cir_bench_baselines: their doctests
+    run here under those names (collected from the folders they would load a second time)."""
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module), optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0 and result.failed == 0

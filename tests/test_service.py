@@ -229,8 +229,8 @@ def test_student_and_index_on_cuda_wait_once_and_match_cpu(service, prepared):
 
 def test_serve_config_is_checked_before_serve_starts_naming_file_and_key(tmp_path, service):
     from cir_bench.config import ConfigError
-    from serve.app import with_index
-    from serve.settings import load_serve_config, settings_from_dict
+    from cir_bench_serve.app import with_index
+    from cir_bench_serve.settings import load_serve_config, settings_from_dict
 
     shipped = load_serve_config(None)  # serve/config.yaml
     assert set(shipped.deployments) == {"ingress", "encoder", "teacher", "student", "index"}
@@ -294,7 +294,7 @@ def test_query_sets_are_canonical(tiny):
 
 
 def test_serve_config_env_reaches_the_replica_as_runtime_env():
-    from serve.settings import settings_from_dict
+    from cir_bench_serve.settings import settings_from_dict
 
     settings = settings_from_dict({"deployments": {"ingress": {"ray_actor_options": {
         "num_cpus": 0.5, "env": {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": 0}}}}})
@@ -309,7 +309,7 @@ def test_serve_config_shutdown_timing_reaches_the_deployment_options():
     longer); a config may set both, and the timeout still bounds the wait."""
     from ray.serve.deployment import Deployment
 
-    from serve.settings import settings_from_dict
+    from cir_bench_serve.settings import settings_from_dict
 
     opts = settings_from_dict({}).deployment("teacher")
     assert opts["graceful_shutdown_wait_loop_s"] == 0.1 and opts["graceful_shutdown_timeout_s"] == 20.0

@@ -152,3 +152,27 @@ def test_unknown_index_backend_names_the_choices():
 
     with pytest.raises(UnknownNameError, match="exact, faiss"):
         build_index("annoy", torch.zeros(3, 2), np.arange(3))
+
+
+def test_a_feature_without_its_extra_names_the_extra(monkeypatch, capsys):
+    """FAISS and the CoIR baselines are extras of the package ([faiss], [baselines]): without
+    one, the feature stops with an error naming the extra to install, not an ImportError deep
+    in a stack; the CLI prints it as a user error."""
+    import sys
+
+    import numpy as np
+    import torch
+
+    from cir_bench.index.faiss_index import FaissIndex
+    from cir_bench.registry import MissingExtraError
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # an import of faiss now fails
+    with pytest.raises(MissingExtraError) as err:
+        FaissIndex(torch.randn(8, 4), np.arange(8))
+    assert err.value.extra == "faiss" and "pip install 'cir-bench[faiss]'" in str(err.value)
+    monkeypatch.setitem(sys.modules, "open_clip", None)
+    from cir_bench_baselines.clip_common import tokenizer
+
+    with pytest.raises(MissingExtraError) as err:
+        tokenizer()
+    assert err.value.extra == "baselines" and err.value.module == "open_clip"

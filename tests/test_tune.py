@@ -75,22 +75,22 @@ def test_resume_finishes_without_rerunning_finished_trials(local_ray, tmp_path, 
 
 
 def test_shipped_experiment_files_parse_and_expand():
-    import tune_configs
+    import cir_bench_tune_configs
     from cir_bench.tune import Experiment, trial_config
 
-    assert tune_configs.names() == ["emoji", "lambda_sweep", "quick", "table3"]
-    emoji = Experiment.load(tune_configs.resolve("emoji"))
+    assert cir_bench_tune_configs.names() == ["emoji", "lambda_sweep", "quick", "table3"]
+    emoji = Experiment.load(cir_bench_tune_configs.resolve("emoji"))
     trials = [trial_config(emoji, t, None) for t in emoji.trials()]
     assert len(trials) == 2 * 2 * 2 and {t.model.backbone for t in trials} == {"efficientnet_lite0"}
     assert {(t.model.finetune, t.train.epochs) for t in trials} == {(False, 20), (True, 1)}
-    table3 = Experiment.load(tune_configs.resolve("table3"))
+    table3 = Experiment.load(cir_bench_tune_configs.resolve("table3"))
     assert len(table3.trials()) == 4 * 4 * 2 * 3
     cfg = trial_config(table3, table3.trials()[0], None)
     assert cfg.dataset.name == "cub" and cfg.dataset.root == "/data/CUB" and cfg.queries.n_queries == 1000
     assert cfg.model.backbone == "vgg16_bn" and cfg.search.preset == "authors-code"
-    sweep = Experiment.load(tune_configs.resolve("lambda_sweep.yaml"))
+    sweep = Experiment.load(cir_bench_tune_configs.resolve("lambda_sweep.yaml"))
     assert sweep.calibration is None and len(sweep.lambdas) == 11
-    quick = Experiment.load(tune_configs.resolve("quick"))
+    quick = Experiment.load(cir_bench_tune_configs.resolve("quick"))
     assert trial_config(quick, quick.trials()[0], None).dataset.options == {"preset": "default"}
 
 

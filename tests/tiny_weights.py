@@ -14,9 +14,9 @@ from pathlib import Path
 
 import torch
 
-from baselines.clip4cir import Combiner
-from baselines.pic2word import IM2TEXT
-from baselines.searle import Phi
+from cir_bench_baselines.clip4cir import Combiner
+from cir_bench_baselines.pic2word import IM2TEXT
+from cir_bench_baselines.searle import Phi
 
 TEXT = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 1}
 
@@ -100,7 +100,7 @@ def write_tiny_covr(root: Path, seed: int = 0) -> list[Path]:
 
     from transformers import BlipConfig, BlipForImageTextRetrieval
 
-    from baselines.covr import hf_to_blip
+    from cir_bench_baselines.covr import hf_to_blip
 
     vocab = root / "covr" / "bert-base-uncased" / "vocab.txt"
     vocab.parent.mkdir(parents=True, exist_ok=True)

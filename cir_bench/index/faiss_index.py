@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from cir_bench.index.base import DatabaseRows, result_size
+from cir_bench.registry import import_extra
 
 
 class FaissIndex(DatabaseRows):
@@ -20,10 +21,7 @@ class FaissIndex(DatabaseRows):
     def __init__(self, z: torch.Tensor, positions: np.ndarray, device: torch.device | str = "cpu",
                  factory: str = "Flat", nprobe: int = 16, ef_search: int = 128, seed: int = 0, threads: int = 0,
                  chunk: int = 1024) -> None:
-        try:
-            import faiss
-        except ImportError as err:  # faiss-cpu is a dependency; a stripped install may lack it
-            raise ImportError("the 'faiss' index needs faiss-cpu: pip install faiss-cpu==1.15.1") from err
+        faiss = import_extra("faiss", "faiss", "the 'faiss' index")
         super().__init__(positions, z.shape[0])
         if threads:
             faiss.omp_set_num_threads(int(threads))

@@ -25,8 +25,8 @@ def plan(baselines: Sequence[str], templates: Sequence[str], weights_dir: str | 
          config_dir: str | None = None, options: dict[str, dict[str, Any]] | None = None
          ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Method entries for the baselines whose files are present, and the missing ones."""
-    from baselines import BASELINES
-    from baselines.base import MissingWeightsError, require, resolve_weights_root
+    from cir_bench_baselines import BASELINES
+    from cir_bench_baselines.base import MissingWeightsError, require, resolve_weights_root
 
     root, how = resolve_weights_root(weights_dir, config_dir)
     entries, missing = [], []

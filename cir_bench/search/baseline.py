@@ -31,7 +31,7 @@ def load_composer(baseline: str, weights_dir: str | None, device: str, batch_siz
     after training), and the search method then finds it here."""
     import json
 
-    from baselines import get_composer
+    from cir_bench_baselines import get_composer
 
     key = (baseline, str(weights_dir), str(device), int(batch_size), json.dumps(options or {}, sort_keys=True))
     if key not in _COMPOSERS:
@@ -51,7 +51,7 @@ class BaselineSearch(SearchMethod):
 
     def __init__(self, baseline: str, template: str = "T1", weights_dir: str | None = None,
                  cache_dir: str | None = None, batch_size: int = 32, options: dict[str, Any] | None = None) -> None:
-        from baselines.condition_text import TEMPLATES
+        from cir_bench_baselines.condition_text import TEMPLATES
 
         if template not in TEMPLATES:
             raise ValueError(f"template must be one of {', '.join(TEMPLATES)}, got {template!r}")
