@@ -155,10 +155,10 @@ class Encoder(_Batched):
     def __init__(self, bundle, batching: dict[str, Any]) -> None:
         from cir_bench.serving import ImageEncoder
 
-        self.encoder = ImageEncoder(bundle, _device(bundle))
+        self.encoder = ImageEncoder(bundle, _replica_device())
         self._setup_batching(self.embed, batching)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch  # its size and wait: set from the serve config when the replica starts
     async def embed(self, images: list[bytes]) -> list[np.ndarray]:
         self._seen(len(images))
         return list(await self._off_loop(self.encoder.embed, images))
@@ -169,13 +169,13 @@ class Teacher(_Batched):
     def __init__(self, bundle, batching: dict[str, Any], compile: bool | str = False) -> None:
         from cir_bench.serving import TeacherSearch
 
-        self.teacher = TeacherSearch(bundle, _device(bundle), int(batching.get("max_batch_size", 16)), compile)
+        self.teacher = TeacherSearch(bundle, _replica_device(), int(batching.get("max_batch_size", 16)), compile)
         self._setup_batching(self.invert, batching)
 
     def stats(self) -> dict[str, Any]:
         return {**super().stats(), **self.teacher.info()}
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch  # its size and wait: set from the serve config when the replica starts
     async def invert(self, jobs: list[SearchJob]) -> list[Searched]:
         self._seen(len(jobs))
         return await self._off_loop(self.teacher.invert_many, jobs)
@@ -186,10 +186,10 @@ class Student(_Batched):
     def __init__(self, bundle, batching: dict[str, Any]) -> None:
         from cir_bench.serving import StudentSearch
 
-        self.student = StudentSearch(bundle, _device(bundle))
+        self.student = StudentSearch(bundle, _replica_device())
         self._setup_batching(self.transform, batching)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch  # its size and wait: set from the serve config when the replica starts
     async def transform(self, jobs: list[SearchJob]) -> list[Searched]:
         self._seen(len(jobs))
         return self.student.transform_many(jobs)
@@ -200,20 +200,20 @@ class Index(_Batched):
     def __init__(self, bundle, batching: dict[str, Any]) -> None:
         from cir_bench.serving import IndexSearch
 
-        self.index = IndexSearch(bundle, _device(bundle))
+        self.index = IndexSearch(bundle, _replica_device())
         self._setup_batching(self.search, batching)
 
     def vector(self, position: int) -> np.ndarray:
         return self.index.vectors([position])[0]
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch  # its size and wait: set from the serve config when the replica starts
     async def search(self, jobs: list[RankJob]) -> list[Ranked]:
         self._seen(len(jobs))
         return self.index.search_many(jobs)
 
 
-def _device(bundle) -> str:
-    """The bundle was built where the driver ran; a replica uses CUDA only if it got a GPU."""
+def _replica_device() -> str:
+    """CUDA when this replica was given a GPU (the bundle names the driver's device, not the replica's)."""
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -316,9 +316,9 @@ class Ingress:
                                                  ("index", index)) if h is not None}
         local_stages: dict[str, Any] = {}
         if "student" in (local or []):
-            local_stages["student"] = StudentSearch(bundle, _device(bundle))
+            local_stages["student"] = StudentSearch(bundle, _replica_device())
         if "index" in (local or []):
-            local_stages["index"] = IndexSearch(bundle, _device(bundle))
+            local_stages["index"] = IndexSearch(bundle, _replica_device())
         local_invert = None
         if "teacher" in (local or []):
             # in the ingress, concurrent requests still share one inversion (@serve.batch on
@@ -326,7 +326,7 @@ class Ingress:
             from concurrent.futures import ThreadPoolExecutor
 
             batching = teacher_batching or {}
-            local_stages["teacher"] = TeacherSearch(bundle, _device(bundle), int(batching.get("max_batch_size", 16)),
+            local_stages["teacher"] = TeacherSearch(bundle, _replica_device(), int(batching.get("max_batch_size", 16)),
                                                     teacher_compile)
             self._teacher_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher")
             self._invert_here.set_max_batch_size(int(batching.get("max_batch_size", 16)))
@@ -349,7 +349,7 @@ class Ingress:
         # a JSON body holds the image as base64 (4/3 of its size) plus small fields
         self.max_body = self.limits.max_image_bytes * 4 // 3 + 64 * 1024
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.001)
+    @serve.batch  # its size and wait: set from the serve config when the replica starts
     async def _invert_here(self, jobs: list[SearchJob]) -> list[Searched]:
         teacher = self.stages._local("teacher", len(jobs))
         return await asyncio.get_running_loop().run_in_executor(self._teacher_thread, teacher.invert_many, jobs)

@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from cir_bench.config import ConfigError, bounded, from_mapping, read_yaml, validate
+from cir_bench.config import ConfigError, apply_mapping, bounded, from_mapping, read_yaml, validate
+from cir_bench.serving.requests import ServiceLimits
 
 STAGES = ("encoder", "teacher", "student", "index")
 DEPLOYMENTS = ("ingress", *STAGES)
@@ -41,12 +42,9 @@ class Batching:
 
 
 @dataclass
-class Limits:
-    max_k: int = bounded(100, ge=1)
-    max_image_bytes: int = bounded(5 * 1024 * 1024, ge=1)  # uploads above this get a 4xx
-    max_image_pixels: int = bounded(40_000_000, ge=1)  # declared in the header, checked before decoding
-    max_image_side: int = bounded(20_000, ge=1)  # likewise: the longer side
-    max_image_aspect: float = bounded(50.0, ge=1)  # likewise: longer side / shorter side
+class Limits(ServiceLimits):
+    """The service's limits (one definition, cir_bench.serving.ServiceLimits) and where the store is held."""
+
     ingress_store_mb: float = bounded(256.0, ge=0)  # stores up to this size are also held by the ingress
 
 
@@ -99,10 +97,26 @@ class RayServeSection:
     throughput_optimized: bool = True
 
 
-def _ingress_default() -> Deployment:
+# Each deployment's and each stage's batching defaults. The shipped config.yaml sets only what
+# its layout deploys (the ingress, the encoder, the teacher's in-ingress batching): a stage moved
+# out of ingress.local gets these unless the file sets its own.
+DEPLOYMENT_DEFAULTS: dict[str, dict[str, Any]] = {
     # the ingress only awaits the others: let it hold many requests so that they can meet in
     # one batch downstream (Serve's default of 5 ongoing requests per replica caps the batch)
-    return Deployment(max_ongoing_requests=256)
+    "ingress": {"max_ongoing_requests": 256},
+    "encoder": {"ray_actor_options": {"num_cpus": 0.25}},
+    "teacher": {"ray_actor_options": {"num_cpus": 0.5}},
+    "student": {"ray_actor_options": {"num_cpus": 0.25}},
+    "index": {"ray_actor_options": {"num_cpus": 0.5}},
+}
+BATCHING_DEFAULTS: dict[str, dict[str, Any]] = {
+    "encoder": {"max_batch_size": 16, "batch_wait_timeout_s": 0.005},
+    # concurrent requests share one inversion; requests queue while one runs, so a long wait
+    # only adds latency
+    "teacher": {"max_batch_size": 16, "batch_wait_timeout_s": 0.001},
+    "student": {"max_batch_size": 16, "batch_wait_timeout_s": 0.002},
+    "index": {"max_batch_size": 32, "batch_wait_timeout_s": 0.002},
+}
 
 
 @dataclass
@@ -118,15 +132,14 @@ class ServeSettings:
 
     def deployment(self, name: str) -> dict[str, Any]:
         """Ray Serve ``.options(...)`` of one deployment."""
-        default = _ingress_default() if name == "ingress" else Deployment()
-        options = dataclasses.asdict(self.deployments.get(name, default))
+        options = dataclasses.asdict(self.deployments[name])
         env = options["ray_actor_options"].pop("env")
         if env:
             options["ray_actor_options"]["runtime_env"] = {"env_vars": {k: str(v) for k, v in env.items()}}
         return options
 
     def batch(self, name: str) -> Batching:
-        return self.batching.get(name, Batching())
+        return self.batching[name]
 
 
 def settings_from_dict(data: dict[str, Any]) -> ServeSettings:
@@ -137,7 +150,16 @@ def settings_from_dict(data: dict[str, Any]) -> ServeSettings:
             if unknown:
                 raise ConfigError(f"{section}: unknown deployment(s) {unknown}; known: {list(known)}")
     data = {k: v for k, v in data.items() if v is not None}
-    settings = validate(from_mapping(ServeSettings, data))
+    settings = from_mapping(ServeSettings, data)
+    for name in DEPLOYMENTS:  # the file's keys over each deployment's defaults
+        given = (data.get("deployments") or {}).get(name) or {}
+        settings.deployments[name] = from_mapping(Deployment, DEPLOYMENT_DEFAULTS[name], f"deployments.{name}")
+        apply_mapping(settings.deployments[name], given, f"deployments.{name}")
+    for name in STAGES:
+        given = (data.get("batching") or {}).get(name) or {}
+        settings.batching[name] = from_mapping(Batching, BATCHING_DEFAULTS[name], f"batching.{name}")
+        apply_mapping(settings.batching[name], given, f"batching.{name}")
+    settings = validate(settings)
     for name in settings.ingress.local:
         gpus = settings.deployments[name].ray_actor_options.num_gpus if name in settings.deployments else 0
         if gpus > 0:  # a stage answered in the ingress has no replica of its own to put on a GPU

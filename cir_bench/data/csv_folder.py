@@ -19,8 +19,6 @@ import pandas as pd
 from cir_bench.data.base import Item, Property
 from cir_bench.data.files import checked_options, DatasetLayoutError, FileDataset, find_file, ImageSource, require_dir
 
-RESERVED = ("path", "tags", "split", "id")
-
 
 class CSVFolder(FileDataset):
     name = "csv"

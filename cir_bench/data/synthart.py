@@ -46,7 +46,6 @@ COLOR_HUES = (0.0, 30.0, 55.0, 120.0, 180.0, 225.0, 275.0, 320.0)  # degrees
 BACKGROUNDS = ("plain", "sky", "grid", "texture", "horizon")
 SIZES = ("small", "medium", "large")
 SIZE_RADIUS = (0.13, 0.19, 0.26)  # fraction of the canvas
-CELLS = tuple(str(i) for i in range(9))
 CONTEXT_FACTORS = ("style", "shape", "color", "background", "size", "cell")
 
 
