@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cir_bench_baselines.base import BASELINES, BadWeightsError, WeightsFile, load_state, require, resolve_weights_root, \
-    strict_load
+from cir_bench_baselines.base import BASELINES, BadWeightsError, WeightsFile, load_state, require, \
+    resolve_weights_root, strict_load
 from cir_bench_baselines.clip_common import CLIPComposer, build_clip
 
 SOURCE = "Google Drive folder linked from the README of github.com/ABaldrati/CLIP4Cir (see its issue #3)"

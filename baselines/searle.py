@@ -18,8 +18,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
-from cir_bench_baselines.base import BASELINES, BadWeightsError, WeightsFile, load_state, require, resolve_weights_root, \
-    strict_load
+from cir_bench_baselines.base import BASELINES, BadWeightsError, WeightsFile, load_state, require, \
+    resolve_weights_root, strict_load
 from cir_bench_baselines.clip_common import CLIPComposer, build_clip, encode_text_with_pseudo_tokens, placeholder_id
 
 SEARLE_SOURCE = "GitHub release 'weights' of github.com/miccunifi/SEARLE"

@@ -41,11 +41,11 @@ def _time(fn, repeat: int) -> float:
 def student_index(bundle, service, requests, sizes, repeat) -> list[dict]:
     """Student -> exact index in one process, per request batch: before (numpy between the
     stages, a wait for the device in each) and after (z stays on the device, one wait)."""
-    from cir_bench.serving import IndexSearch, StudentSearch
+    from cir_bench.serving import IndexStage, StudentStage
     from cir_bench.serving.orchestrate import rank_job, search_job
 
     device = str(service.teacher.device)
-    student, index = StudentSearch(bundle, device), IndexSearch(bundle, device)
+    student, index = StudentStage(bundle, device), IndexStage(bundle, device)
     if not hasattr(index.index, "one_sync"):
         return []  # a FAISS backend: nothing to compare
     rows = []

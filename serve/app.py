@@ -2,16 +2,16 @@
 through a handle or (student and index by default, see ``ingress.local`` in serve/config.yaml)
 answered inside the ingress itself, one hop and one batch wait fewer each.
 
-    Ingress  validates (cir_bench.serving.RequestParser), then answers through the same
-             orchestration as the in-process service (cir_bench.serving.orchestrate.answer),
-             with the stages:
-             z0 <- Encoder (uploads) or Index.vector (item ids)
-             z  <- Teacher (Backward Search) | Student | z0 (knn)
-             top-k <- Index
-    Encoder  image bytes -> z0                 @serve.batch
-    Teacher  batched Backward Search inversion @serve.batch: concurrent requests share one
-    Student  distilled one-pass search         @serve.batch
-    Index    top-k over the embedding store    @serve.batch (exact torch, or FAISS)
+    IngressDeployment  validates (cir_bench.serving.RequestParser), then answers through the
+                       same orchestration as the in-process service
+                       (cir_bench.serving.orchestrate.answer), with the stages:
+                       z0 <- EncoderDeployment (uploads) or IndexDeployment.vector (item ids)
+                       z  <- TeacherDeployment (Backward Search) | StudentDeployment | z0 (knn)
+                       top-k <- IndexDeployment
+    EncoderDeployment  image bytes -> z0                 @serve.batch
+    TeacherDeployment  batched Backward Search inversion @serve.batch: concurrent requests share one
+    StudentDeployment  distilled one-pass search         @serve.batch
+    IndexDeployment    top-k over the embedding store    @serve.batch (exact torch, or FAISS)
 
 Routes: POST /search (JSON, image as base64; or multipart/form-data with an ``image`` file part
 and the other fields as form fields, ``conditions`` as a JSON object), GET /healthz,
@@ -151,11 +151,11 @@ class _Batched:
 
 
 @serve.deployment
-class Encoder(_Batched):
+class EncoderDeployment(_Batched):
     def __init__(self, bundle, batching: dict[str, Any]) -> None:
-        from cir_bench.serving import ImageEncoder
+        from cir_bench.serving import EncoderStage
 
-        self.encoder = ImageEncoder(bundle, _replica_device())
+        self.encoder = EncoderStage(bundle, _replica_device())
         self._setup_batching(self.embed, batching)
 
     @serve.batch  # its size and wait: set from the serve config when the replica starts
@@ -165,11 +165,11 @@ class Encoder(_Batched):
 
 
 @serve.deployment
-class Teacher(_Batched):
+class TeacherDeployment(_Batched):
     def __init__(self, bundle, batching: dict[str, Any], compile: bool | str = False) -> None:
-        from cir_bench.serving import TeacherSearch
+        from cir_bench.serving import TeacherStage
 
-        self.teacher = TeacherSearch(bundle, _replica_device(), int(batching.get("max_batch_size", 16)), compile)
+        self.teacher = TeacherStage(bundle, _replica_device(), int(batching.get("max_batch_size", 16)), compile)
         self._setup_batching(self.invert, batching)
 
     def stats(self) -> dict[str, Any]:
@@ -182,11 +182,11 @@ class Teacher(_Batched):
 
 
 @serve.deployment
-class Student(_Batched):
+class StudentDeployment(_Batched):
     def __init__(self, bundle, batching: dict[str, Any]) -> None:
-        from cir_bench.serving import StudentSearch
+        from cir_bench.serving import StudentStage
 
-        self.student = StudentSearch(bundle, _replica_device())
+        self.student = StudentStage(bundle, _replica_device())
         self._setup_batching(self.transform, batching)
 
     @serve.batch  # its size and wait: set from the serve config when the replica starts
@@ -196,11 +196,11 @@ class Student(_Batched):
 
 
 @serve.deployment
-class Index(_Batched):
+class IndexDeployment(_Batched):
     def __init__(self, bundle, batching: dict[str, Any]) -> None:
-        from cir_bench.serving import IndexSearch
+        from cir_bench.serving import IndexStage
 
-        self.index = IndexSearch(bundle, _replica_device())
+        self.index = IndexStage(bundle, _replica_device())
         self._setup_batching(self.search, batching)
 
     def vector(self, position: int) -> np.ndarray:
@@ -298,13 +298,13 @@ def _error(field: str, message: str, status: int = 422) -> JSONResponse:
 
 @serve.deployment
 @serve.ingress(api)
-class Ingress:
+class IngressDeployment:
     def __init__(self, bundle, encoder: DeploymentHandle, teacher: DeploymentHandle | None,
                  student: DeploymentHandle | None, index: DeploymentHandle | None, limits: dict[str, Any],
                  local: list[str] | None = None, teacher_batching: dict[str, Any] | None = None,
                  teacher_compile: bool | str = False, serve_host: str = "127.0.0.1") -> None:
-        from cir_bench.serving import (IndexSearch, ItemImages, RequestParser, ServiceLimits, StudentSearch,
-                                       TeacherSearch)
+        from cir_bench.serving import (IndexStage, ItemImages, RequestParser, ServiceLimits, StudentStage,
+                                       TeacherStage)
 
         HostCheck.allowed = HostCheck.for_host(serve_host)
         limits = dict(limits)
@@ -316,9 +316,9 @@ class Ingress:
                                                  ("index", index)) if h is not None}
         local_stages: dict[str, Any] = {}
         if "student" in (local or []):
-            local_stages["student"] = StudentSearch(bundle, _replica_device())
+            local_stages["student"] = StudentStage(bundle, _replica_device())
         if "index" in (local or []):
-            local_stages["index"] = IndexSearch(bundle, _replica_device())
+            local_stages["index"] = IndexStage(bundle, _replica_device())
         local_invert = None
         if "teacher" in (local or []):
             # in the ingress, concurrent requests still share one inversion (@serve.batch on
@@ -326,7 +326,7 @@ class Ingress:
             from concurrent.futures import ThreadPoolExecutor
 
             batching = teacher_batching or {}
-            local_stages["teacher"] = TeacherSearch(bundle, _replica_device(), int(batching.get("max_batch_size", 16)),
+            local_stages["teacher"] = TeacherStage(bundle, _replica_device(), int(batching.get("max_batch_size", 16)),
                                                     teacher_compile)
             self._teacher_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="teacher")
             self._invert_here.set_max_batch_size(int(batching.get("max_batch_size", 16)))
@@ -527,11 +527,11 @@ def build_app(bundle, settings=None):
         return cls.options(**settings.deployment(name)).bind(bundle, dataclasses.asdict(settings.batch(name)), *more)
 
     local = local_stages(bundle, settings)
-    encoder = bind(Encoder, "encoder")
-    teacher = None if "teacher" in local else bind(Teacher, "teacher", settings.teacher.compile)
-    student = None if "student" in local else bind(Student, "student")
-    index = None if "index" in local else bind(Index, "index")
-    return Ingress.options(**settings.deployment("ingress")).bind(
+    encoder = bind(EncoderDeployment, "encoder")
+    teacher = None if "teacher" in local else bind(TeacherDeployment, "teacher", settings.teacher.compile)
+    student = None if "student" in local else bind(StudentDeployment, "student")
+    index = None if "index" in local else bind(IndexDeployment, "index")
+    return IngressDeployment.options(**settings.deployment("ingress")).bind(
         bundle, encoder, teacher, student, index, dataclasses.asdict(settings.limits), local,
         dataclasses.asdict(settings.batch("teacher")), settings.teacher.compile, settings.http.host)
 

@@ -187,10 +187,10 @@ def test_service_components_on_cuda_match_cpu(service, prepared):
 def test_student_leaving_z_on_its_device_ranks_the_same(service, prepared):
     """In the ingress the student hands z to the index as a tensor (on CUDA: no wait for the
     device between the two); the answers are those of the numpy hand-over."""
-    from cir_bench.serving import IndexSearch, StudentSearch
+    from cir_bench.serving import IndexStage, StudentStage
     from cir_bench.serving.orchestrate import rank_job, search_job
 
-    student, index = StudentSearch(service.bundle, "cpu"), IndexSearch(service.bundle, "cpu")
+    student, index = StudentStage(service.bundle, "cpu"), IndexStage(service.bundle, "cpu")
     parsed = [service.parser.parse(r) for r in _requests(prepared.dataset, "student", 8)]
     jobs = [search_job(p, index.vectors([p.position])[0]) for p in parsed]
     as_numpy, as_tensor = student.transform_many(jobs), student.transform_many(jobs, on_device=True)
@@ -209,13 +209,13 @@ def test_student_leaving_z_on_its_device_ranks_the_same(service, prepared):
 def test_student_and_index_on_cuda_wait_once_and_match_cpu(service, prepared):
     """On CUDA: staged inputs, z left on the device, one wait in the index; the same top-10 as
     the CPU up to near-ties, and a second batch does not disturb the first one's answers."""
-    from cir_bench.serving import IndexSearch, StudentSearch
+    from cir_bench.serving import IndexStage, StudentStage
     from cir_bench.serving.orchestrate import rank_job, search_job
 
     parsed = [service.parser.parse(r) for r in _requests(prepared.dataset, "student", 12)]
     answers = {}
     for device in ("cpu", "cuda"):
-        student, index = StudentSearch(service.bundle, device), IndexSearch(service.bundle, device)
+        student, index = StudentStage(service.bundle, device), IndexStage(service.bundle, device)
         assert index.index.one_sync is (device == "cuda")
         jobs = [search_job(p, index.vectors([p.position])[0]) for p in parsed]
         out = student.transform_many(jobs, on_device=True)
@@ -331,13 +331,13 @@ def test_teacher_with_compile_warms_up_and_answers_every_lambda_like_the_plain_o
     import dataclasses
 
     from cir_bench.search import backward_engines
-    from cir_bench.serving import TeacherSearch
+    from cir_bench.serving import TeacherStage
     from cir_bench.serving.orchestrate import search_job
 
     bundle = service.bundle
     bundle = dataclasses.replace(bundle, students={("style",): bundle.students[("style",)]},
                                  search=dataclasses.replace(bundle.search, compile=True))
-    teacher = TeacherSearch(bundle, "cpu")
+    teacher = TeacherStage(bundle, "cpu")
     assert teacher.warmup_s > 0
     cached = len(backward_engines.STEP_CACHE)
     parsed = [service.parser.parse(r) for r in _requests(prepared.dataset, "teacher", 6)]
@@ -378,7 +378,7 @@ def test_teacher_serves_uncompiled_when_compiling_fails_or_disagrees(service, mo
     not compute what the eager step computes leaves the teacher uncompiled, answering, and
     saying why, whether compile was auto or true: a compile failure never stops a server."""
     from cir_bench.search import backward_engines
-    from cir_bench.serving import TeacherSearch
+    from cir_bench.serving import TeacherStage
     from cir_bench.serving import components
     from cir_bench.serving.jobs import SearchJob
 
@@ -396,7 +396,7 @@ def test_teacher_serves_uncompiled_when_compiling_fails_or_disagrees(service, mo
         monkeypatch.setattr(backward_engines, "CompiledStep", fake)
         for setting in ("auto", True):
             backward_engines.STEP_CACHE.clear()
-            teacher = TeacherSearch(service.bundle, "cpu", 8, setting)
+            teacher = TeacherStage(service.bundle, "cpu", 8, setting)
             assert not teacher.compiled and teacher.info()["compile"].startswith(why), teacher.info()
             assert teacher.invert_many([job])[0].iterations >= 1
     backward_engines.STEP_CACHE.clear()

@@ -2,10 +2,10 @@
 (serve/app.py) deploys each separately; ``SearchService`` composes them in one process. Both
 run them through the same orchestration (cir_bench.serving.orchestrate).
 
-    ImageEncoder   uploaded image bytes -> z0                    (the model's backbone+encoder)
-    TeacherSearch  (z0, condition) -> z by Backward Search        (the model's heads)
-    StudentSearch  (z0, condition) -> z in one forward pass       (the distilled students)
-    IndexSearch    z -> top-k item ids and scores; z0 of an item  (the embedding store)
+    EncoderStage   uploaded image bytes -> z0                    (the model's backbone+encoder)
+    TeacherStage  (z0, condition) -> z by Backward Search        (the model's heads)
+    StudentStage  (z0, condition) -> z in one forward pass       (the distilled students)
+    IndexStage    z -> top-k item ids and scores; z0 of an item  (the embedding store)
 
 Each component loads its own part from the files named by a ``ServeBundle`` (checkpoint,
 embedding store, students), so a deployment holds only what it needs. On a multi-node
@@ -121,7 +121,7 @@ class ItemImages:
 
 
 # -- the four components ----------------------------------------------------------------------
-class ImageEncoder:
+class EncoderStage:
     """Uploaded image bytes -> z0 (eval mode, one batch per call)."""
 
     def __init__(self, bundle: ServeBundle, device: str | None = None) -> None:
@@ -179,7 +179,7 @@ def compile_decision(setting: bool | str, run_compile: bool, device: torch.devic
     return True, f"teacher.compile: auto, {compiler}"
 
 
-class TeacherSearch:
+class TeacherStage:
     """(z0, condition) -> z by Backward Search. ``invert_many`` runs one batched inversion per
     (property set, λ) group: concurrent requests share it."""
 
@@ -254,7 +254,7 @@ class TeacherSearch:
         return out
 
 
-class StudentSearch:
+class StudentStage:
     """(z0, condition) -> z with the distilled student of the condition's property set.
 
     On CUDA the inputs go through reused page-locked buffers (one asynchronous copy each) and
@@ -300,7 +300,7 @@ class StudentSearch:
         return out
 
 
-class IndexSearch:
+class IndexStage:
     """Top-k over the database rows of the embedding store (backend from cir_bench.index)."""
 
     def __init__(self, bundle: ServeBundle, device: str | None = None) -> None:

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from cir_bench.serving.components import ImageEncoder, IndexSearch, ServeBundle, StudentSearch, TeacherSearch
+from cir_bench.serving.components import EncoderStage, IndexStage, ServeBundle, StudentStage, TeacherStage
 from cir_bench.serving.orchestrate import answer
 from cir_bench.serving.jobs import Ranked, RankJob, Searched, SearchJob
 from cir_bench.serving.requests import ParsedRequest, RequestError, RequestParser, ServiceLimits, example_requests
@@ -18,8 +18,8 @@ from cir_bench.serving.requests import ParsedRequest, RequestError, RequestParse
 class LocalStages:
     """``Stages`` as direct calls: a list handed to a stage is one batch."""
 
-    def __init__(self, encoder: ImageEncoder, teacher: TeacherSearch, student: StudentSearch,
-                 index: IndexSearch) -> None:
+    def __init__(self, encoder: EncoderStage, teacher: TeacherStage, student: StudentStage,
+                 index: IndexStage) -> None:
         self.encoder, self.teacher, self.student, self.index = encoder, teacher, student, index
 
     async def embed(self, images: list[bytes]) -> list[np.ndarray]:
@@ -47,10 +47,10 @@ class SearchService:
         self.catalog = bundle.catalog
         self.limits = limits or ServiceLimits()
         self.parser = RequestParser(self.catalog, list(bundle.students), self.limits)
-        self.encoder = ImageEncoder(bundle, device)
-        self.teacher = TeacherSearch(bundle, device)
-        self.student = StudentSearch(bundle, device)
-        self.index = IndexSearch(bundle, device)
+        self.encoder = EncoderStage(bundle, device)
+        self.teacher = TeacherStage(bundle, device)
+        self.student = StudentStage(bundle, device)
+        self.index = IndexStage(bundle, device)
         self.stages = LocalStages(self.encoder, self.teacher, self.student, self.index)
 
     def properties(self) -> dict[str, list[str]]:
