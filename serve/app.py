@@ -398,7 +398,7 @@ class IngressDeployment:
         # the image of an id never changes while the dataset's fingerprint holds
         return Response(data, media_type="image/jpeg", headers={
             "Cache-Control": "public, max-age=86400, immutable",
-            "ETag": f'"{self.images.spec.get("fingerprint", "")}-{item_id}-{size}"'})
+            "ETag": f'"{self.images.spec.fingerprint if self.images.spec else ""}-{item_id}-{size}"'})
 
     @api.get("/properties")
     async def properties(self) -> dict[str, list[str]]:

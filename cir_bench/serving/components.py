@@ -30,6 +30,28 @@ from cir_bench.serving.jobs import Ranked, RankJob, Searched, SearchJob
 from cir_bench.serving.requests import Catalog
 
 
+@dataclass(frozen=True)
+class TransformSpec:
+    """The model's eval preprocessing (``build_transform``'s arguments)."""
+
+    input_size: Any  # int, or (height, width)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    square: bool = False
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Where the search page reads item images from (the dataset's loader), and the fingerprint
+    the dataset must still have."""
+
+    name: str
+    root: str | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    cache_dir: str | None = None
+    fingerprint: str = ""
+
+
 @dataclass
 class ServeBundle:
     """The files and settings the components are built from (what ``build_bundle`` writes)."""
@@ -38,14 +60,12 @@ class ServeBundle:
     checkpoint: str
     store: str
     students: dict[tuple[str, ...], str]
-    transform: dict[str, Any]  # build_transform kwargs
+    transform: TransformSpec
     search: SearchConfig  # the run config's Backward Search section (the teacher)
     index: str = "exact"
     index_options: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
-    # where the images are read from (the search page's thumbnails): name, root, options,
-    # cache_dir and the fingerprint they must still have
-    dataset: dict[str, Any] = field(default_factory=dict)
+    dataset: DatasetSpec | None = None  # the search page's images; None: the bundle serves no images
 
 
 def build_bundle(cfg, progress: bool = False, dataset=None) -> ServeBundle:
@@ -69,13 +89,12 @@ def build_bundle(cfg, progress: bool = False, dataset=None) -> ServeBundle:
         checkpoint=str(prepared.trained.checkpoint),
         store=str(store_path(cache_dir_for(cfg), prepared.store.fingerprint)),
         students=students,
-        transform={"input_size": resolve_input_size(cfg.model, ds), "mean": list(spec.mean), "std": list(spec.std),
-                   "square": ds.square_resize},
+        transform=TransformSpec(resolve_input_size(cfg.model, ds), tuple(spec.mean), tuple(spec.std), ds.square_resize),
         search=dataclasses.replace(cfg.search),
         index=cfg.eval.index, index_options={"chunk": cfg.eval.search_batch, **cfg.eval.index_options},
         device=str(prepared.device),
-        dataset={"name": cfg.dataset.name, "root": cfg.dataset.root, "options": dict(cfg.dataset.options),
-                 "cache_dir": str(cache_dir_for(cfg)), "fingerprint": ds.fingerprint()},
+        dataset=DatasetSpec(cfg.dataset.name, cfg.dataset.root, dict(cfg.dataset.options), str(cache_dir_for(cfg)),
+                            ds.fingerprint()),
     )
 
 
@@ -95,9 +114,11 @@ class ItemImages:
             from cir_bench.data import get_dataset
 
             spec = self.spec
-            ds = get_dataset(spec["name"], spec.get("root"), spec.get("options", {}), spec.get("cache_dir"))
-            if spec.get("fingerprint") and ds.fingerprint() != spec["fingerprint"]:
-                raise RuntimeError(f"the dataset '{spec['name']}' on disk differs from the one served (fingerprint)")
+            if spec is None:
+                raise RuntimeError("this bundle names no dataset: it serves no item images")
+            ds = get_dataset(spec.name, spec.root, spec.options, spec.cache_dir)
+            if spec.fingerprint and ds.fingerprint() != spec.fingerprint:
+                raise RuntimeError(f"the dataset '{spec.name}' on disk differs from the one served (fingerprint)")
             self._dataset = ds
         return self._dataset
 
@@ -129,8 +150,9 @@ class EncoderStage:
 
         self.device = torch.device(device or bundle.device)
         self.model, _ = load_checkpoint(bundle.checkpoint, self.device)
-        self.transform = build_transform(**bundle.transform)
-        size = bundle.transform["input_size"]
+        spec = bundle.transform
+        self.transform = build_transform(spec.input_size, spec.mean, spec.std, square=spec.square)
+        size = spec.input_size
         # a large JPEG decoded at 1/2..1/8 scale, still twice the model's input on each side
         self.draft = 2 * int(max(size) if isinstance(size, (list, tuple)) else size)
 
