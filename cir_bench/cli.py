@@ -6,7 +6,7 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from cir_bench.config import ConfigError, ConfigLayer, RunConfig
 from cir_bench.paths import DamagedCacheError, DiskFullError, FolderInUseError, UntrustedFolderError
