@@ -23,7 +23,6 @@ so a run cut short by a time limit (a lent GPU machine) keeps what it measured.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
@@ -45,7 +44,7 @@ def side_by_side(cfg, variants: dict[str, dict], heads, z0, props, cond, index, 
     (batch 1: median of 20 single queries; larger: the query set tiled, median of 3), the
     trials of the variants interleaved so that the machine's drift hits them alike; the
     speed-up of each over the first, the fraction of identical top-10 lists, capture time."""
-    what = dataclasses.replace(cfg.search, engine=None, check_every=None, gradient=None, compile=None)
+    what = cfg.search.model_copy(update=dict(engine=None, check_every=None, gradient=None, compile=None))
     searches = {label: BackwardSearch.from_config(what, **kw) for label, kw in variants.items()}
     capture = dict.fromkeys(searches, 0.0)
     failed: dict[str, str] = {}

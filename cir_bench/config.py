@@ -1,8 +1,9 @@
-"""Run configuration: typed dataclasses loadable from YAML, with ``key.sub=value`` overrides.
+"""Run configuration: pydantic sections (``Section``) loadable from YAML, with
+``key.sub=value`` overrides.
 
-Every value is checked when it is set (type, allowed choices) and the whole config is
-validated (ranges, finiteness) when it is loaded, before any work: a mistyped or
-out-of-range value fails at once with its key named.
+The layers (defaults, presets, files, flags) are merged and the whole config is checked once
+(types, choices, ``Field`` bounds, finiteness, unknown keys) before any work: a mistyped or
+out-of-range value fails at once with its key named, and the layer that set it.
 
 Precedence, whatever the order of the flags on the command line (``cli.build_config``):
 defaults < ``--task`` < ``--paper-recipe`` < ``--config FILE`` < named flags (``--dataset``,
@@ -15,17 +16,218 @@ sets its own), so a config file plus the package versions reproduce a run.
 """
 from __future__ import annotations
 
-import dataclasses
-import math
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Mapping, Sequence, Union
+from typing import Annotated, Any, Callable, Literal, Sequence, TypeVar, Union
 
 import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 
+# -- sections on pydantic (the run config here, tune experiments, the serve settings) ------------
+# A section is checked as a whole once its layers are merged (``parse``), so an error names the
+# first offending key in field order, found from the error's location; ``blame`` then names the
+# layer that set it.
+class ConfigError(ValueError):
+    """A configuration file or override names an unknown key or holds a bad value; ``key``:
+    the dotted key at fault (list items as ``key[i]``) when one is, ``source``: the file or
+    flag that set it, once known."""
+
+    def __init__(self, message: str, key: str | None = None, source: str | None = None) -> None:
+        super().__init__(message)
+        self.key, self.source = key, source
+
+
+class Section(BaseModel):
+    """A config section: unknown keys are errors, values are checked on assignment too, no NaN
+    or infinity, and numbers are read as text where text is expected (``--set dataset.root=2024``)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False,
+                              coerce_numbers_to_str=True)
+
+
+S = TypeVar("S", bound=Section)
+
+
+def join(where: str, key: str) -> str:
+    return f"{where}.{key}" if where else key
+
+
+def _unwrap(hint: Any) -> Any:
+    """``X`` of ``X | None`` and of ``Annotated[X, ...]``."""
+    while True:
+        origin = typing.get_origin(hint)
+        if origin is Annotated:
+            hint = typing.get_args(hint)[0]
+        elif origin in (Union, types.UnionType):
+            args = [a for a in typing.get_args(hint) if a is not type(None)]
+            if len(args) != 1:
+                return hint
+            hint = args[0]
+        else:
+            return hint
+
+
+def _section_type(hint: Any) -> type[BaseModel] | None:
+    hint = _unwrap(hint)
+    return hint if isinstance(hint, type) and issubclass(hint, BaseModel) else None
+
+
+def _hint_at(cls: type[BaseModel], loc: tuple[Any, ...]) -> Any:
+    """The declared type at an error location (a field, a list item, a mapping value), or None."""
+    hint: Any = cls
+    for part in loc:
+        hint = _unwrap(hint)
+        section = _section_type(hint)
+        if section is not None and isinstance(part, str):
+            field = section.model_fields.get(part)
+            if field is None:
+                return None
+            hint = field.annotation
+        elif typing.get_origin(hint) is list and isinstance(part, int):
+            hint = typing.get_args(hint)[0]
+        elif typing.get_origin(hint) is dict:
+            hint = typing.get_args(hint)[1]
+        else:
+            return None
+    return _unwrap(hint)
+
+
+def dotted_key(loc: tuple[Any, ...]) -> str:
+    """``("eval", "lambdas", 0)`` -> ``eval.lambdas[0]``."""
+    out = ""
+    for part in loc:
+        out = f"{out}[{part}]" if isinstance(part, int) else join(out, str(part))
+    return out
+
+
+def merge(cls: type[BaseModel], data: Mapping[str, Any], update: Any, where: str = "") -> dict[str, Any]:
+    """``update`` over ``data`` (mappings of a section): nested sections merge, every other value
+    (a list, a free mapping such as ``dataset.options``) is replaced."""
+    if not isinstance(update, Mapping):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(update).__name__}", key=where or None)
+    out = dict(data)
+    for key, value in update.items():
+        key = str(key)
+        field = cls.model_fields.get(key)
+        section = _section_type(field.annotation) if field is not None else None
+        if section is not None and isinstance(value, Mapping) and isinstance(out.get(key), Mapping):
+            out[key] = merge(section, out[key], value, join(where, key))
+        else:
+            out[key] = value
+    return out
+
+
+def set_dotted(cls: type[BaseModel], data: Mapping[str, Any], dotted: str, value: Any) -> dict[str, Any]:
+    """``data`` with ``a.b.c`` set to ``value``; a key below a mapping field (``dataset.options.split``)
+    sets that entry of the mapping."""
+    keys = dotted.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"override key '{dotted}' is not of the form section.key")
+    out = dict(data)
+    node, section, path = out, cls, ""
+    for key in keys[:-1]:
+        path = join(path, key)
+        field = section.model_fields.get(key) if section is not None else None
+        child = node.get(key)
+        if isinstance(child, Mapping):
+            node[key] = dict(child)
+        elif child is None and (field is None or _section_type(field.annotation) is not None
+                                or typing.get_origin(_unwrap(field.annotation)) is dict):
+            node[key] = {}  # an unknown key is named by the check; an unset section starts empty
+        else:
+            raise ConfigError(f"override '{dotted}': '{path}' is not a section", key=path)
+        node = node[key]
+        section = _section_type(field.annotation) if field is not None else None
+    node[keys[-1]] = value
+    return out
+
+
+def _number(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) and not isinstance(value, bool) else repr(value)
+
+
+_BOUNDS = {"greater_than_equal": (">=", "ge"), "greater_than": (">", "gt"),
+           "less_than_equal": ("<=", "le"), "less_than": ("<", "lt")}
+_EXPECTS = {"float": "a number", "int": "an integer", "bool": "true or false", "string": "a string",
+            "list": "a list", "dict": "a mapping"}
+
+
+def config_error(cls: type[BaseModel], err: ValidationError) -> ConfigError:
+    """The first error of a section's check, worded for the user, its key from the error's location."""
+    first = err.errors(include_url=False)[0]
+    loc, kind, value = tuple(first["loc"]), first["type"], first.get("input")
+    ctx = first.get("ctx") or {}
+    key = dotted_key(loc)
+    if kind == "extra_forbidden":
+        parent = _section_type(_hint_at(cls, loc[:-1]))
+        known = ", ".join(parent.model_fields) if parent is not None else ""
+        hint = ""
+        if loc[-1] == "overrides" and loc[:-1] in (("search",), ("student",)):
+            hint = f" (its settings are keys of '{loc[0]}' itself now, e.g. {loc[0]}.lr=0.1)"
+        return ConfigError(f"unknown config key '{key}'{hint}; known: {known}", key=key)
+    if kind == "literal_error":
+        hint = _hint_at(cls, loc)
+        choices = typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
+        return ConfigError(f"config key '{key}' must be one of {', '.join(map(str, choices))}, got {value!r}", key=key)
+    if kind in _BOUNDS:
+        sign, name = _BOUNDS[kind]
+        return ConfigError(f"config key '{key}' must be {sign} {_number(ctx[name])}, got {_number(value)}", key=key)
+    if kind == "finite_number":
+        return ConfigError(f"config key '{key}' must be a finite number, got {value}", key=key)
+    if kind in ("model_type", "model_attributes_type"):
+        return ConfigError(f"{key or 'config'}: expected a mapping, got {type(value).__name__}", key=key or None)
+    if kind == "value_error":
+        return ConfigError(f"config key '{key}' {ctx.get('error')}, got {value!r}", key=key)
+    expected = _EXPECTS.get(kind.split("_")[0])
+    if expected is not None:
+        return ConfigError(f"config key '{key}' expects {expected}, got {value!r}", key=key)
+    return ConfigError(f"config key '{key}': {first['msg']}, got {value!r}", key=key)
+
+
+def parse(cls: type[S], data: Any) -> S:
+    """A checked ``cls`` from a mapping (missing keys take their defaults), or the ConfigError of
+    its first bad key."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config: expected a mapping, got {type(data).__name__}")
+    try:
+        return cls.model_validate(dict(data))
+    except ValidationError as err:
+        raise config_error(cls, err) from None
+
+
+def read_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{what} {path} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {path}: expected a mapping at the top, got {type(data).__name__}")
+    return data
+
+
+def flat_keys(data: Mapping[str, Any], prefix: str = "") -> set[str]:
+    """The dotted keys a mapping sets (``{"a": {"b": 1}}`` -> ``{"a", "a.b"}``)."""
+    out: set[str] = set()
+    for key, value in data.items():
+        dotted = join(prefix, str(key))
+        out.add(dotted)
+        if isinstance(value, Mapping):
+            out |= flat_keys(value, dotted)
+    return out
+
+
+# -- the run config ------------------------------------------------------------------------------
 # Backward Search's choices (search/backward_step.py and search/backward.py read them from here)
 BackwardPreset = Literal["paper", "authors-code", "converged"]
 Regularizer = Literal["l1", "l2"]
@@ -42,77 +244,56 @@ Engine = Literal["auto", "eager", "fixed", "graph"]
 Gradient = Literal["auto", "autograd"]
 
 
-class ConfigError(ValueError):
-    """A configuration file or override names an unknown key or holds a bad value; ``key``:
-    the dotted key at fault (list items as ``key[i]``) when one is, ``source``: the file or
-    flag that set it, once known."""
-
-    def __init__(self, message: str, key: str | None = None, source: str | None = None) -> None:
-        super().__init__(message)
-        self.key, self.source = key, source
+# bounds of list items and mapping values
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
 
 
-def bounded(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING, ge: float | None = None,
-             gt: float | None = None, le: float | None = None, lt: float | None = None,
-             items: bool = False) -> Any:
-    """A field with bounds checked by ``validate`` (``items``: the bounds apply to each
-    element of a list or each value of a mapping)."""
-    meta = {k: v for k, v in {"ge": ge, "gt": gt, "le": le, "lt": lt}.items() if v is not None}
-    meta["items"] = items
-    if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-@dataclass
-class DatasetConfig:
+class DatasetConfig(Section):
     name: str = "synthart"
     root: str | None = None  # folder of a dataset on disk (real datasets)
     # loader options (`cir-bench list datasets`; README "Datasets on disk"); SynthArt: preset
     # (tiny | small | default, default "default") and generator parameters
-    options: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = Field(default_factory=dict)
 
 
-@dataclass
-class ModelConfig:
+class ModelConfig(Section):
     backbone: str = "small_cnn"
     pretrained: bool = False
     weights: str | None = None  # explicit path to backbone weights (pretrained=True)
-    embed_dim: int = bounded(128, ge=1)
+    embed_dim: int = Field(128, ge=1)
     finetune: bool = True  # False: backbone frozen (eval mode, no gradients)
-    input_size: int | None = bounded(None, ge=8)  # None: the dataset's native size, else the backbone's
-    head_hidden: list[int] = bounded(factory=lambda: [256, 128], ge=1, items=True)
-    encoder_dropout: float = bounded(0.1, ge=0, lt=1)
-    head_dropout: float = bounded(0.2, ge=0, lt=1)  # the authors' heads use 0.4; 0.2 fits the small demo set
+    input_size: int | None = Field(None, ge=8)  # None: the dataset's native size, else the backbone's
+    head_hidden: list[PositiveInt] = Field(default_factory=lambda: [256, 128])
+    encoder_dropout: float = Field(0.1, ge=0, lt=1)
+    head_dropout: float = Field(0.2, ge=0, lt=1)  # the authors' heads use 0.4; 0.2 fits the small demo set
 
 
-@dataclass
-class TrainConfig:
+class TrainConfig(Section):
     # defaults sized for the SynthArt demo on 2 CPU cores; the paper trains 100 epochs
     # with StepLR(30, 0.1) and weight decay 1e-4 (--paper-recipe)
-    epochs: int = bounded(40, ge=1)
-    batch_size: int = bounded(64, ge=1)
-    lr: float = bounded(3e-3, gt=0)
-    weight_decay: float = bounded(1e-5, ge=0)
-    lr_step: int = bounded(30, ge=1)  # StepLR step size in epochs
-    lr_gamma: float = bounded(0.1, gt=0)
-    val_fraction: float = bounded(0.1, ge=0, lt=1)  # held out of the train split for the val accuracy
-    property_weights: dict[str, float] = bounded(factory=dict, ge=0, items=True)  # w_i of Eq 1; default 1
+    epochs: int = Field(40, ge=1)
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(1e-5, ge=0)
+    lr_step: int = Field(30, ge=1)  # StepLR step size in epochs
+    lr_gamma: float = Field(0.1, gt=0)
+    val_fraction: float = Field(0.1, ge=0, lt=1)  # held out of the train split for the val accuracy
+    property_weights: dict[str, NonNegativeFloat] = Field(default_factory=dict)  # w_i of Eq 1; default 1
     augment: bool = False
-    num_workers: int = bounded(0, ge=0)
+    num_workers: int = Field(0, ge=0)
 
 
-@dataclass
-class QueryConfig:
+class QueryConfig(Section):
     # one query set per entry; None: the dataset's default (its first property alone, and
     # its first two together: on SynthArt style, and style+shape like WikiArt-multi)
     sets: list[list[str]] | None = None
-    n_queries: int = bounded(200, ge=1)
-    min_relevant: int = bounded(10, ge=1)
-    min_jaccard: float | None = bounded(None, ge=0, le=1)  # the paper's tag filter (0.1), off as in the authors' code
+    n_queries: int = Field(200, ge=1)
+    min_relevant: int = Field(10, ge=1)
+    min_jaccard: float | None = Field(None, ge=0, le=1)  # the paper's tag filter (0.1), off as in the authors' code
     query_split: str = "test"
     database_split: str = "test"  # the paper retrieves from the test split
-    seed: int | None = bounded(None, ge=0)  # None: the run seed
+    seed: int | None = Field(None, ge=0)  # None: the run seed
     # False: a set with fewer qualifying queries than n_queries is built with those (warned,
     # the count recorded), a default set with none is skipped; True (--strict-queries): error
     strict: bool = False
@@ -139,52 +320,50 @@ def _default_methods() -> list[Any]:
             + [{"method": "soft_filtered_knn", "beta": beta} for beta in FRONTIER_BETAS])
 
 
-@dataclass
-class EvalConfig:
-    k: int = bounded(10, ge=1)
+class EvalConfig(Section):
+    k: int = Field(10, ge=1)
     self_match: Literal["exclude", "keep"] = "exclude"  # keep: the authors' code
     # a name, or {method: NAME, label: ..., **params}; "backward" takes its settings from
     # the `search` section, entries may override any of them
-    methods: list[Any] = field(default_factory=_default_methods)
-    lambdas: list[float] | None = bounded(None, ge=0, items=True)  # --lambda: one Backward Search entry each
+    methods: list[Any] = Field(default_factory=_default_methods)
+    lambdas: list[NonNegativeFloat] | None = None  # --lambda: one Backward Search entry each
     # the λ curve: the run's Backward Search and Eq 4 solved to its tolerance at each λ
     # (lambda_curve.parquet; [] for none)
-    lambda_curve: list[float] = bounded(factory=lambda: list(LAMBDA_CURVE), ge=0, items=True)
+    lambda_curve: list[NonNegativeFloat] = Field(default_factory=lambda: list(LAMBDA_CURVE))
     lambda_curve_solvers: list[Literal["preset", "converged"]] = field(
         default_factory=lambda: ["preset", "converged"])
-    search_batch: int = bounded(1024, ge=1)
+    search_batch: int = Field(1024, ge=1)
     # search backend (cir_bench/index/): "exact" (torch, tie-stable) or "faiss" with
     # index_options {factory: "Flat" | "HNSW32" | "IVF256,Flat", nprobe, ef_search}
     index: str = "exact"
-    index_options: dict[str, Any] = field(default_factory=dict)
+    index_options: dict[str, Any] = Field(default_factory=dict)
 
 
-@dataclass
-class SearchConfig:
+class SearchConfig(Section):
     """Backward Search (search/backward.py), also the student's teacher. ``preset`` sets every
     field left at None; a value given here overrides the preset's."""
 
     preset: BackwardPreset = "paper"
-    lam: float = bounded(0.005, ge=0)  # sum-L1 over 128 dims: 0.005 here is 0.64 in the authors' mean-L1 units
+    lam: float = Field(0.005, ge=0)  # sum-L1 over 128 dims: 0.005 here is 0.64 in the authors' mean-L1 units
     regularizer: Regularizer | None = None
     reduction: Reduction | None = None
     optimizer: Optimizer | None = None
-    lr: float | None = bounded(None, gt=0)
-    max_iter: int | None = bounded(None, ge=0)
-    condition_weights: dict[str, float] = bounded(factory=dict, ge=0, items=True)  # w_m, default 1
+    lr: float | None = Field(None, gt=0)
+    max_iter: int | None = Field(None, ge=0)
+    condition_weights: dict[str, NonNegativeFloat] = Field(default_factory=dict)  # w_m, default 1
     average_conditions: bool | None = None
     stopping: StoppingRule | None = None
-    confidence: float | None = bounded(None, ge=0, lt=1)
-    patience: int | None = bounded(None, ge=1)
-    min_delta: float | None = bounded(None, ge=0)
-    batch_size: int | None = bounded(None, ge=1)  # queries per chunk: bounds memory
-    tol: float | None = bounded(None, gt=0)  # converged: the gradient mapping of the accepted step to reach
-    budget_confidence: float | None = bounded(None, gt=0, lt=1)  # converged at λ = 0: stop at p(c|z) >= this
+    confidence: float | None = Field(None, ge=0, lt=1)
+    patience: int | None = Field(None, ge=1)
+    min_delta: float | None = Field(None, ge=0)
+    batch_size: int | None = Field(None, ge=1)  # queries per chunk: bounds memory
+    tol: float | None = Field(None, gt=0)  # converged: the gradient mapping of the accepted step to reach
+    budget_confidence: float | None = Field(None, gt=0, lt=1)  # converged at λ = 0: stop at p(c|z) >= this
     # how the loop runs (not what it computes; not part of the cache keys): auto = a captured
     # CUDA graph on CUDA, the eager shrinking loop on CPU; fixed = the masked fixed-shape loop
     # uncaptured; eager/fixed turn capture off
     engine: Engine | None = None
-    check_every: int | None = bounded(None, ge=0)  # fixed/graph: read the stop mask every N steps (0: never)
+    check_every: int | None = Field(None, ge=0)  # fixed/graph: read the stop mask every N steps (0: never)
     # how dL/dz is taken (likewise not in the cache keys): auto = by hand through heads that are
     # Linear/ReLU/BatchNorm chains (autograd's arithmetic, fewer kernels), autograd otherwise
     gradient: Gradient | None = None
@@ -194,64 +373,66 @@ class SearchConfig:
 
     def overrides(self) -> dict[str, Any]:
         """The fields that override the preset (what ``BackwardSearch(preset, **...)`` takes)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-               if f.name not in ("preset", "lam", "condition_weights") and getattr(self, f.name) is not None}
+        out = {name: getattr(self, name) for name in type(self).model_fields
+               if name not in ("preset", "lam", "condition_weights") and getattr(self, name) is not None}
         if self.condition_weights:
             out["condition_weights"] = dict(self.condition_weights)
         return out
 
 
-@dataclass
-class StudentConfig:
+class StudentConfig(Section):
     """The distilled student (models/student.py) and its distillation."""
 
     # "cir-bench": the MLP below; "authors": the authors' network (sigmoid, BN, tanh output,
     # 128 wide, no dropout; hidden/bottleneck/dropout unused), with residual=false as they do
     architecture: Literal["cir-bench", "authors"] = "cir-bench"
-    hidden: list[int] = bounded(factory=lambda: [256, 128], ge=1, items=True)  # encoder widths; decoder mirrors
-    bottleneck: int = bounded(64, ge=1)
-    dropout: float = bounded(0.1, ge=0, lt=1)
+    hidden: list[PositiveInt] = Field(default_factory=lambda: [256, 128])  # encoder widths; decoder mirrors
+    bottleneck: int = Field(64, ge=1)
+    dropout: float = Field(0.1, ge=0, lt=1)
     # predict z* - z0 and add z0 back (a named deviation: the paper predicts z* directly)
     residual: bool = True
-    epochs: int = bounded(40, ge=1)
-    batch_size: int = bounded(256, ge=2)  # BatchNorm needs two rows
-    lr: float = bounded(1e-3, gt=0)
-    weight_decay: float = bounded(0.0, ge=0)
+    epochs: int = Field(40, ge=1)
+    batch_size: int = Field(256, ge=2)  # BatchNorm needs two rows
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
 
 
-@dataclass
-class RayConfig:
+class RayConfig(Section):
     """Ray Data embedding extraction: used when ``embed`` is true or ``address`` is set."""
 
     address: str | None = None  # a Ray cluster (``ray://...`` or ``auto``); None: local Ray
     embed: bool = False
-    actors: int = bounded(2, ge=1)  # actor pool size: one model copy each
-    gpus_per_actor: float = bounded(0.0, ge=0)  # e.g. 0.25 puts four actors on one GPU
-    batch_size: int = bounded(64, ge=1)
+    actors: int = Field(2, ge=1)  # actor pool size: one model copy each
+    gpus_per_actor: float = Field(0.0, ge=0)  # e.g. 0.25 puts four actors on one GPU
+    batch_size: int = Field(64, ge=1)
 
 
-@dataclass
-class BaselinesConfig:
+class BaselinesConfig(Section):
     """CoIR baselines of ``cir-bench compare`` (baselines/)."""
 
     weights_dir: str | None = None  # root of the authors' files; --weights-dir overrides it
     # per-adapter options, e.g. {clip4cir: {variant: fiq}, clip-sum: {backbone: ViT-B-32}}
-    options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
-@dataclass
-class RunConfig:
-    dataset: DatasetConfig = field(default_factory=DatasetConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    queries: QueryConfig = field(default_factory=QueryConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    search: SearchConfig = field(default_factory=SearchConfig)
-    student: StudentConfig = field(default_factory=StudentConfig)
-    ray: RayConfig = field(default_factory=RayConfig)
-    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
-    seed: int = bounded(0, ge=0)
-    device: str = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
+def _check_device(device: str) -> str:
+    if device in ("auto", "cpu", "cuda", "mps") or (device.startswith("cuda:") and device[5:].isdigit()):
+        return device
+    raise ValueError("must be auto, cpu, cuda or cuda:N")
+
+
+class RunConfig(Section):
+    dataset: DatasetConfig = Field(default_factory=DatasetConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    queries: QueryConfig = Field(default_factory=QueryConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    search: SearchConfig = Field(default_factory=SearchConfig)
+    student: StudentConfig = Field(default_factory=StudentConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    baselines: BaselinesConfig = Field(default_factory=BaselinesConfig)
+    seed: int = Field(0, ge=0)
+    device: Annotated[str, AfterValidator(_check_device)] = "auto"  # auto (CUDA when present), cpu, cuda, cuda:N
     out: str | None = None
     cache_dir: str | None = None
     # a cached file that fails its checksum or does not load: rebuild it (named on stderr),
@@ -259,146 +440,10 @@ class RunConfig:
     on_damaged_cache: Literal["rebuild", "error"] = "rebuild"
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return self.model_dump()
 
 
-# -- typed setting ------------------------------------------------------------------------------
-def _is_union(hint: Any) -> bool:
-    return typing.get_origin(hint) in (Union, getattr(types, "UnionType", Union))
-
-
-def _coerce(value: Any, hint: Any, where: str) -> Any:
-    """``value`` as the declared type ``hint`` of key ``where``, or a ConfigError naming it.
-    Numeric strings such as ``3e-3`` (which YAML 1.1 reads as text) become numbers."""
-    if _is_union(hint):
-        args = typing.get_args(hint)
-        if value is None:
-            if type(None) in args:
-                return None
-            raise ConfigError(f"config key '{where}' must be set (got null)", key=where)
-        hint = next(a for a in args if a is not type(None))
-    origin = typing.get_origin(hint)
-    if origin is Literal:
-        choices = typing.get_args(hint)
-        if value not in choices:
-            raise ConfigError(f"config key '{where}' must be one of {', '.join(map(str, choices))}, got {value!r}",
-                              key=where)
-        return value
-    if hint is Any:
-        return value
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ConfigError(f"config key '{where}' expects a number, got {value!r}", key=where)
-        try:
-            return float(value)
-        except ValueError:
-            raise ConfigError(f"config key '{where}' expects a number, got {value!r}", key=where) from None
-    if hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            return int(value)
-        raise ConfigError(f"config key '{where}' expects an integer, got {value!r}", key=where)
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"config key '{where}' expects true or false, got {value!r}", key=where)
-        return value
-    if hint is str:
-        if isinstance(value, (dict, list)) or value is None:
-            raise ConfigError(f"config key '{where}' expects a string, got {value!r}", key=where)
-        return str(value)
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"config key '{where}' expects a list, got {value!r}", key=where)
-        (item,) = typing.get_args(hint) or (Any,)
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"config key '{where}' expects a mapping, got {value!r}", key=where)
-        _, item = typing.get_args(hint) or (str, Any)
-        if dataclasses.is_dataclass(item):
-            return {str(k): from_mapping(item, v, f"{where}.{k}") for k, v in value.items()}
-        return {str(k): _coerce(v, item, f"{where}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(hint):
-        return from_mapping(hint, value, where)
-    return value
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _join(where: str, key: str) -> str:
-    return f"{where}.{key}" if where else key
-
-
-def apply_mapping(obj: Any, data: Mapping[str, Any], where: str = "") -> Any:
-    """Set every key of ``data`` on the dataclass ``obj`` (nested sections merge, other values
-    replace), checking names and types; returns ``obj``."""
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(obj)}
-    hints = _hints(type(obj))
-    for key, value in data.items():
-        key = str(key)
-        if key not in fields:
-            hint = ""
-            if key == "overrides" and where in ("search", "student"):
-                hint = f" (its settings are keys of '{where}' itself now, e.g. {where}.lr=0.1)"
-            raise ConfigError(f"unknown config key '{_join(where, key)}'{hint}; known: {', '.join(fields)}",
-                              key=_join(where, key))
-        current = getattr(obj, key)
-        if dataclasses.is_dataclass(current) and isinstance(value, Mapping):
-            apply_mapping(current, value, _join(where, key))
-        else:
-            setattr(obj, key, _coerce(value, hints[key], _join(where, key)))
-    return obj
-
-
-def from_mapping(cls: type, data: Any, where: str = "") -> Any:
-    """A new ``cls`` (defaults) with ``data`` applied."""
-    if data is None:
-        data = {}
-    if not isinstance(data, Mapping):
-        raise ConfigError(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
-    return apply_mapping(cls(), data, where)
-
-
-def set_value(cfg: Any, dotted: str, value: Any) -> Any:
-    """Set ``a.b.c`` on a config; a key inside a mapping field (``dataset.options.split``) sets
-    that entry of the mapping. Returns ``cfg``."""
-    keys = dotted.strip().split(".")
-    if not all(keys):
-        raise ConfigError(f"override key '{dotted}' is not of the form section.key")
-    obj, path = cfg, ""
-    for i, key in enumerate(keys):
-        names = [f.name for f in dataclasses.fields(obj)]
-        last = i == len(keys) - 1
-        child = getattr(obj, key) if key in names else None
-        if last or key not in names:  # an unknown key raises in apply_mapping, named
-            apply_mapping(obj, {key: value}, path)
-            return cfg
-        if isinstance(child, dict):  # the rest of the key names an entry of the mapping
-            updated = dict(child)
-            _set_in_dict(updated, keys[i + 1:], value)
-            setattr(obj, key, _coerce(updated, _hints(type(obj))[key], _join(path, key)))
-            return cfg
-        if not dataclasses.is_dataclass(child):
-            raise ConfigError(f"override '{dotted}': '{_join(path, key)}' is not a section")
-        obj, path = child, _join(path, key)
-    return cfg
-
-
-def _set_in_dict(d: dict[str, Any], keys: list[str], value: Any) -> None:
-    for key in keys[:-1]:
-        nxt = d.get(key)
-        d[key] = dict(nxt) if isinstance(nxt, dict) else {}
-        d = d[key]
-    d[keys[-1]] = value
-
-
+# -- layering -----------------------------------------------------------------------------------
 def parse_override(item: str) -> tuple[str, Any]:
     """``key.sub=value`` with the value read as YAML (``3``, ``true``, ``[a, b]``, ``{x: 1}``)."""
     if "=" not in item:
@@ -408,87 +453,6 @@ def parse_override(item: str) -> tuple[str, Any]:
         return key.strip(), yaml.safe_load(raw)
     except yaml.YAMLError as err:
         raise ConfigError(f"override '{item}': the value is not valid YAML ({err})") from None
-
-
-def apply_overrides(cfg: RunConfig, overrides: list[str]) -> RunConfig:
-    """Apply ``a.b=value`` overrides in order (later ones win)."""
-    for item in overrides:
-        set_value(cfg, *parse_override(item))
-    return cfg
-
-
-# -- validation ---------------------------------------------------------------------------------
-_BOUNDS = {"ge": (">=", lambda v, b: v >= b), "gt": (">", lambda v, b: v > b),
-           "le": ("<=", lambda v, b: v <= b), "lt": ("<", lambda v, b: v < b)}
-
-
-def _check_number(value: Any, bounds: Mapping[str, float], where: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"config key '{where}' must be a finite number, got {value}", key=where)
-    for op, bound in bounds.items():
-        sign, holds = _BOUNDS[op]
-        if not holds(value, bound):
-            raise ConfigError(f"config key '{where}' must be {sign} {bound:g}, got {value:g}", key=where)
-
-
-def validate(obj: Any, where: str = "") -> Any:
-    """Check every bound and every float for finiteness, recursively; returns ``obj``."""
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        key = _join(where, f.name)
-        meta = {k: v for k, v in f.metadata.items() if k != "items"}
-        if dataclasses.is_dataclass(value):
-            validate(value, key)
-        elif isinstance(value, dict):
-            for k, v in value.items():
-                if dataclasses.is_dataclass(v):
-                    validate(v, f"{key}.{k}")
-                else:
-                    _check_number(v, meta if f.metadata.get("items") else {}, f"{key}.{k}")
-        elif isinstance(value, list):
-            for i, v in enumerate(value):
-                _check_number(v, meta if f.metadata.get("items") else {}, f"{key}[{i}]")
-        else:
-            _check_number(value, meta, key)
-    if isinstance(obj, RunConfig):
-        _check_device(obj.device)
-    return obj
-
-
-def _check_device(device: str) -> None:
-    d = str(device)
-    if d in ("auto", "cpu", "cuda", "mps") or (d.startswith("cuda:") and d[5:].isdigit()):
-        return
-    raise ConfigError(f"config key 'device' must be auto, cpu, cuda or cuda:N, got {device!r}", key="device")
-
-
-# -- files --------------------------------------------------------------------------------------
-def read_yaml(path: str | Path, what: str = "config file") -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{what} not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{what} {path} is not valid YAML: {err}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{what} {path}: expected a mapping at the top, got {type(data).__name__}")
-    return data
-
-
-def flat_keys(data: Mapping[str, Any], prefix: str = "") -> set[str]:
-    """The dotted keys a mapping sets (``{"a": {"b": 1}}`` -> ``{"a", "a.b"}``)."""
-    out: set[str] = set()
-    for key, value in data.items():
-        dotted = _join(prefix, str(key))
-        out.add(dotted)
-        if isinstance(value, Mapping):
-            out |= flat_keys(value, dotted)
-    return out
 
 
 def blame(err: ConfigError, sources: list[tuple[str, set[str]]]) -> ConfigError:
@@ -513,8 +477,11 @@ class ConfigLayer:
     values: Mapping[str, Any] = field(default_factory=dict)
     overrides: tuple[str, ...] = ()
 
+    def dotted(self) -> list[tuple[str, Any]]:
+        return [*self.values.items(), *(parse_override(o) for o in self.overrides)]
+
     def keys(self) -> set[str]:
-        return flat_keys(self.mapping) | set(self.values) | {parse_override(o)[0] for o in self.overrides}
+        return flat_keys(self.mapping) | {key for key, _ in self.dotted()}
 
     def dataset_name(self) -> str | None:
         """The dataset this layer selects, if it does (the last word within the layer)."""
@@ -522,44 +489,49 @@ class ConfigLayer:
         section = self.mapping.get("dataset")
         if isinstance(section, Mapping) and isinstance(section.get("name"), str):
             name = section["name"]
-        if isinstance(self.values.get("dataset.name"), str):
-            name = self.values["dataset.name"]
-        for item in self.overrides:
-            key, value = parse_override(item)
+        for key, value in self.dotted():
             if key == "dataset.name" and isinstance(value, str):
                 name = value
         return name
+
+    def apply(self, data: Mapping[str, Any]) -> dict[str, Any]:
+        """The run config's data with this layer over it (checked later, as a whole)."""
+        data = merge(RunConfig, data, self.mapping)
+        for key, value in self.dotted():
+            if key == "dataset.name" and isinstance(data.get("dataset"), Mapping) \
+                    and value != data["dataset"].get("name"):
+                data = set_dotted(RunConfig, data, "dataset.options", {})
+            data = set_dotted(RunConfig, data, key, value)
+        return data
 
 
 def layered_config(layers: Sequence[ConfigLayer], check: Callable[[RunConfig], RunConfig] | None = None
                    ) -> RunConfig:
     """The one layering of a run config, for the CLI, tune trials and ``load_config``: defaults
     < the final dataset's own defaults (``dataset_defaults``) < each layer in order; then
-    validated and passed to ``check``. An error names the layer that last set the offending key."""
-    cfg = RunConfig()
-    name = cfg.dataset.name
+    checked as a whole and passed to ``check``. An error names the layer that last set the
+    offending key (found from the key of the error's location)."""
+    name = RunConfig.model_fields["dataset"].default_factory().name
     for layer in layers:
         name = layer.dataset_name() or name
     layers = [ConfigLayer(f"the defaults of dataset '{name}'", dataset_defaults(name)), *layers]
+    data: dict[str, Any] = RunConfig().model_dump()
     sources: list[tuple[str, set[str]]] = []
     for layer in layers:
         try:
-            apply_mapping(cfg, layer.mapping)
-            for key, value in layer.values.items():
-                select_dataset(cfg, value) if key == "dataset.name" else set_value(cfg, key, value)
-            apply_overrides(cfg, list(layer.overrides))
+            data = layer.apply(data)
         except ConfigError as err:
             raise ConfigError(f"{layer.source}: {err}", err.key, layer.source) from None
         sources.append((layer.source, layer.keys()))
     try:
-        cfg = validate(cfg)
+        cfg = parse(RunConfig, data)
         return check(cfg) if check is not None else cfg
     except ConfigError as err:
         raise blame(err, sources) from None
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] | None = None) -> RunConfig:
-    """Defaults, then the YAML file, then the overrides; validated. An error names the file
+    """Defaults, then the YAML file, then the overrides; checked. An error names the file
     when the file set the offending key."""
     layers = [ConfigLayer(str(path), read_yaml(path))] if path is not None else []
     return layered_config([*layers, ConfigLayer("--set", overrides=tuple(overrides or ()))])
@@ -609,11 +581,3 @@ def task_preset(name: str) -> dict[str, Any]:
     if name not in TASKS:
         raise ConfigError(f"unknown task '{name}'; available: {', '.join(TASKS)}")
     return TASKS[name]
-
-
-def select_dataset(cfg: RunConfig, name: str) -> RunConfig:
-    """Switch to dataset ``name``; the options of another dataset do not carry over."""
-    if name != cfg.dataset.name:
-        cfg.dataset.options = {}
-    cfg.dataset.name = str(name)
-    return cfg

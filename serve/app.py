@@ -517,14 +517,12 @@ class IngressDeployment:
 def build_app(bundle, settings=None):
     """The application for a ``ServeBundle`` (cir_bench.serving.build_bundle); ``settings``:
     the checked serve config (serve/settings.py): deployments, batching, limits."""
-    import dataclasses
-
     from cir_bench_serve.settings import ServeSettings
 
     settings = settings or ServeSettings()
 
     def bind(cls, name: str, *more):
-        return cls.options(**settings.deployment(name)).bind(bundle, dataclasses.asdict(settings.batch(name)), *more)
+        return cls.options(**settings.deployment(name)).bind(bundle, settings.batch(name).model_dump(), *more)
 
     local = local_stages(bundle, settings)
     encoder = bind(EncoderDeployment, "encoder")
@@ -532,8 +530,8 @@ def build_app(bundle, settings=None):
     student = None if "student" in local else bind(StudentDeployment, "student")
     index = None if "index" in local else bind(IndexDeployment, "index")
     return IngressDeployment.options(**settings.deployment("ingress")).bind(
-        bundle, encoder, teacher, student, index, dataclasses.asdict(settings.limits), local,
-        dataclasses.asdict(settings.batch("teacher")), settings.teacher.compile, settings.http.host)
+        bundle, encoder, teacher, student, index, settings.limits.model_dump(), local,
+        settings.batch("teacher").model_dump(), settings.teacher.compile, settings.http.host)
 
 
 def _store_fits(bundle, limit_mb: float) -> bool:

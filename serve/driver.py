@@ -3,7 +3,6 @@ SIGTERM or ``cir-bench serve --stop`` (``run_server``), or stop one (``stop_serv
 CLI parses and checks the arguments, then calls these."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -95,7 +94,7 @@ def run_server(cfg: RunConfig, settings, host: str, port: int, address: str | No
         check_port_free(host, port)  # again: another server may have started meanwhile
     try:
         serve.start(http_options={"host": host, "port": int(port)})
-        served = dataclasses.replace(settings, http=dataclasses.replace(settings.http, host=host, port=int(port)))
+        served = settings.model_copy(update={"http": settings.http.model_copy(update={"host": host, "port": int(port)})})
         serve.run(build_app(bundle, served), route_prefix="/", name=APP_NAME)
     except RuntimeError as err:
         if "HAProxy" not in str(err):

@@ -3,59 +3,53 @@ starts: unknown sections, deployments or keys, wrong types and out-of-range valu
 the file and the key named."""
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from cir_bench.config import ConfigError, apply_mapping, bounded, from_mapping, read_yaml, validate
+from pydantic import Field
+
+from cir_bench.config import ConfigError, Section, merge, parse, read_yaml
 from cir_bench.serving.requests import ServiceLimits
 
 STAGES = ("encoder", "teacher", "student", "index")
 DEPLOYMENTS = ("ingress", *STAGES)
 
 
-@dataclass
-class ActorOptions:
-    num_cpus: float = bounded(0.25, ge=0)
-    num_gpus: float = bounded(0.0, ge=0)  # a replica uses CUDA exactly when it was given a GPU
+class ActorOptions(Section):
+    num_cpus: float = Field(0.25, ge=0)
+    num_gpus: float = Field(0.0, ge=0)  # a replica uses CUDA exactly when it was given a GPU
     # environment of the replica's process (Ray's runtime_env env_vars), e.g. Serve's own
     # RAY_SERVE_* switches for that deployment only
-    env: dict[str, str] = field(default_factory=dict)
+    env: dict[str, str] = Field(default_factory=dict)
 
 
-@dataclass
-class Deployment:
-    num_replicas: int = bounded(1, ge=1)
-    max_ongoing_requests: int = bounded(64, ge=1)  # also bounds a batch
-    ray_actor_options: ActorOptions = field(default_factory=ActorOptions)
+class Deployment(Section):
+    num_replicas: int = Field(1, ge=1)
+    max_ongoing_requests: int = Field(64, ge=1)  # also bounds a batch
+    ray_actor_options: ActorOptions = Field(default_factory=ActorOptions)
     # on stop, a replica finishes its requests in flight (for at most the timeout), checking
     # every wait_loop seconds: Serve's 2 s loop made every stop take ~5 s with nothing in flight
-    graceful_shutdown_wait_loop_s: float = bounded(0.1, gt=0)
-    graceful_shutdown_timeout_s: float = bounded(20.0, ge=0)
+    graceful_shutdown_wait_loop_s: float = Field(0.1, gt=0)
+    graceful_shutdown_timeout_s: float = Field(20.0, ge=0)
 
 
-@dataclass
-class Batching:
-    max_batch_size: int = bounded(16, ge=1)
-    batch_wait_timeout_s: float = bounded(0.005, ge=0)
+class Batching(Section):
+    max_batch_size: int = Field(16, ge=1)
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
 
 
-@dataclass
 class Limits(ServiceLimits):
     """The service's limits (one definition, cir_bench.serving.ServiceLimits) and where the store is held."""
 
-    ingress_store_mb: float = bounded(256.0, ge=0)  # stores up to this size are also held by the ingress
+    ingress_store_mb: float = Field(256.0, ge=0)  # stores up to this size are also held by the ingress
 
 
-@dataclass
-class IndexSection:
+class IndexSection(Section):
     backend: str | None = None  # None: the run config's eval.index
-    options: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = Field(default_factory=dict)
 
 
-@dataclass
-class IngressSection:
+class IngressSection(Section):
     # stages the ingress answers itself instead of calling their deployment: each hop through
     # a handle costs milliseconds of Serve's queueing and CPU, while the student (one MLP pass)
     # and the exact index over a small in-memory store take well under a millisecond. The
@@ -64,12 +58,11 @@ class IngressSection:
     # serving); on a GPU machine it gets a GPU replica of its own instead (not listed here).
     # The encoder always keeps its deployment. "index" stays remote when the store is larger
     # than limits.ingress_store_mb.
-    local: list[Literal["student", "index", "teacher"]] = field(
+    local: list[Literal["student", "index", "teacher"]] = Field(
         default_factory=lambda: ["student", "index", "teacher"])
 
 
-@dataclass
-class TeacherSection:
+class TeacherSection(Section):
     # torch.compile of the served Backward Search step (cir_bench.serving.components:
     # compile_decision): "auto" compiles on the CPU when a C++ compiler is there (the buckets a
     # batch can reach, when the replica starts: seconds, cached on disk by torch) and serves
@@ -78,14 +71,12 @@ class TeacherSection:
     compile: Literal["auto", True, False] = "auto"
 
 
-@dataclass
-class Http:
+class Http(Section):
     host: str = "127.0.0.1"
-    port: int = bounded(8000, ge=1, le=65535)
+    port: int = Field(8000, ge=1, le=65535)
 
 
-@dataclass
-class RayServeSection:
+class RayServeSection(Section):
     """Ray Serve's two switches for fast serving (serve/runtime.py), applied as the environment
     of the Ray that ``cir-bench serve`` starts; on a cluster, ``ray start``'s environment decides."""
 
@@ -119,20 +110,19 @@ BATCHING_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
-@dataclass
-class ServeSettings:
-    deployments: dict[str, Deployment] = field(default_factory=dict)
-    batching: dict[str, Batching] = field(default_factory=dict)
-    limits: Limits = field(default_factory=Limits)
-    index: IndexSection = field(default_factory=IndexSection)
-    ingress: IngressSection = field(default_factory=IngressSection)
-    teacher: TeacherSection = field(default_factory=TeacherSection)
-    http: Http = field(default_factory=Http)
-    ray_serve: RayServeSection = field(default_factory=RayServeSection)
+class ServeSettings(Section):
+    deployments: dict[str, Deployment] = Field(default_factory=dict)
+    batching: dict[str, Batching] = Field(default_factory=dict)
+    limits: Limits = Field(default_factory=Limits)
+    index: IndexSection = Field(default_factory=IndexSection)
+    ingress: IngressSection = Field(default_factory=IngressSection)
+    teacher: TeacherSection = Field(default_factory=TeacherSection)
+    http: Http = Field(default_factory=Http)
+    ray_serve: RayServeSection = Field(default_factory=RayServeSection)
 
     def deployment(self, name: str) -> dict[str, Any]:
         """Ray Serve ``.options(...)`` of one deployment."""
-        options = dataclasses.asdict(self.deployments[name])
+        options = self.deployments[name].model_dump()
         env = options["ray_actor_options"].pop("env")
         if env:
             options["ray_actor_options"]["runtime_env"] = {"env_vars": {k: str(v) for k, v in env.items()}}
@@ -150,16 +140,15 @@ def settings_from_dict(data: dict[str, Any]) -> ServeSettings:
             if unknown:
                 raise ConfigError(f"{section}: unknown deployment(s) {unknown}; known: {list(known)}")
     data = {k: v for k, v in data.items() if v is not None}
-    settings = from_mapping(ServeSettings, data)
-    for name in DEPLOYMENTS:  # the file's keys over each deployment's defaults
-        given = (data.get("deployments") or {}).get(name) or {}
-        settings.deployments[name] = from_mapping(Deployment, DEPLOYMENT_DEFAULTS[name], f"deployments.{name}")
-        apply_mapping(settings.deployments[name], given, f"deployments.{name}")
-    for name in STAGES:
-        given = (data.get("batching") or {}).get(name) or {}
-        settings.batching[name] = from_mapping(Batching, BATCHING_DEFAULTS[name], f"batching.{name}")
-        apply_mapping(settings.batching[name], given, f"batching.{name}")
-    settings = validate(settings)
+    given = {section: data.get(section) or {} for section in ("deployments", "batching")}
+    for section, value in given.items():
+        if not isinstance(value, dict):
+            raise ConfigError(f"{section}: expected a mapping, got {type(value).__name__}", key=section)
+    data["deployments"] = {name: merge(Deployment, DEPLOYMENT_DEFAULTS[name], given["deployments"].get(name) or {},
+                                       f"deployments.{name}") for name in DEPLOYMENTS}
+    data["batching"] = {name: merge(Batching, BATCHING_DEFAULTS[name], given["batching"].get(name) or {},
+                                    f"batching.{name}") for name in STAGES}
+    settings = parse(ServeSettings, data)
     for name in settings.ingress.local:
         gpus = settings.deployments[name].ray_actor_options.num_gpus if name in settings.deployments else 0
         if gpus > 0:  # a stage answered in the ingress has no replica of its own to put on a GPU

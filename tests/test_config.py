@@ -149,7 +149,7 @@ def test_search_section_has_every_backward_search_setting():
 
     # engine, check_every and gradient choose how the loop runs (BackwardSearch's own arguments), not what
     # it computes
-    assert {f.name for f in dataclasses.fields(SearchConfig)} - {"preset", "engine", "check_every", "gradient",
+    assert set(SearchConfig.model_fields) - {"preset", "engine", "check_every", "gradient",
                                                                   "compile"} == \
         {f.name for f in dataclasses.fields(BackwardSearchConfig)}
 

@@ -141,13 +141,11 @@ def test_faiss_backend_gives_the_exact_answers(tiny_config, tiny, prepared):
 
 def test_run_config_selects_the_faiss_backend(tiny_config, tiny, prepared):
     """eval.index=faiss reaches prepare(): knn over a FAISS Flat index ranks as the exact one."""
-    import dataclasses
-
     from cir_bench.index import FaissIndex
 
     pytest.importorskip("faiss")
-    cfg = dataclasses.replace(tiny_config, eval=dataclasses.replace(tiny_config.eval, index="faiss",
-                                                                     index_options={"factory": "Flat"}))
+    cfg = tiny_config.model_copy(update={"eval": tiny_config.eval.model_copy(
+        update={"index": "faiss", "index_options": {"factory": "Flat"}})})
     with_faiss = prepare(cfg, progress=False, dataset=tiny)
     assert isinstance(with_faiss.ctx.index, FaissIndex)
     queries = queries_from_requests([service_parse(prepared, r) for r in _requests(tiny, "knn")])
@@ -336,7 +334,7 @@ def test_teacher_with_compile_warms_up_and_answers_every_lambda_like_the_plain_o
 
     bundle = service.bundle
     bundle = dataclasses.replace(bundle, students={("style",): bundle.students[("style",)]},
-                                 search=dataclasses.replace(bundle.search, compile=True))
+                                 search=bundle.search.model_copy(update={"compile": True}))
     teacher = TeacherStage(bundle, "cpu")
     assert teacher.warmup_s > 0
     cached = len(backward_engines.STEP_CACHE)

@@ -6,7 +6,6 @@ numbers, lists and dicts, so ``torch.load(weights_only=True)`` reads it without 
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -34,7 +33,7 @@ def save_checkpoint(path: str | Path, model: ConditionalRetrievalModel, cfg: Mod
     path = Path(path)
     payload = {
         "format": FORMAT,
-        "model_config": dataclasses.asdict(cfg),
+        "model_config": cfg.model_dump(),
         "properties": {k: list(v) for k, v in properties.items()},
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "extra": extra or {},

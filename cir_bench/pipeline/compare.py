@@ -3,7 +3,6 @@ composed-image-retrieval baseline whose weights are present, on the same query s
 self-match policy, tie-break and metric engine (the paper's Table 4)."""
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Sequence
@@ -61,8 +60,8 @@ def run_compare(cfg: RunConfig, baselines: Sequence[str], templates: Sequence[st
     for e in entries:
         load_composer(e["baseline"], e["weights_dir"], device, options=e.get("options"))
     # the λ curve compares Backward Search with itself: `run`'s business, not the baselines'
-    cfg = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, methods=list(OWN_METHODS) + entries,
-                                                            lambda_curve=[]))
+    cfg = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"methods": list(OWN_METHODS) + entries,
+                                                                      "lambda_curve": []})})
     try:
         out = run(cfg, progress=progress, log=log)
     finally:

@@ -8,7 +8,6 @@ preprocessing), the query set by (dataset fingerprint, query config, seed), a st
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import time
@@ -62,8 +61,8 @@ class TrainedModel:
 def checkpoint_key(cfg: RunConfig, dataset: Dataset) -> str:
     return _hash({
         "format": CHECKPOINT_FORMAT,
-        "model": dataclasses.asdict(cfg.model),
-        "train": dataclasses.asdict(cfg.train),
+        "model": cfg.model.model_dump(),
+        "train": cfg.train.model_dump(),
         "dataset": dataset.fingerprint(),
         "seed": cfg.seed,
         "input_size": resolve_input_size(cfg.model, dataset),
@@ -114,7 +113,7 @@ def make_queries(cfg: RunConfig, dataset: Dataset, properties: list[str]) -> tup
     """Build the query set once per (dataset, properties, query config, seed); reuse the file."""
     q = cfg.queries
     seed = cfg.seed if q.seed is None else q.seed
-    settings = {k: v for k, v in dataclasses.asdict(q).items() if k not in ("sets", "strict")}
+    settings = {k: v for k, v in q.model_dump().items() if k not in ("sets", "strict")}
     if settings["condition_draw"] == "other":  # the only draw before the option: same key, same file
         del settings["condition_draw"]
     key = _hash({"dataset": dataset.fingerprint(), "properties": properties, "queries": settings, "seed": seed})
@@ -203,7 +202,7 @@ def distil_or_load(cfg: RunConfig, dataset: Dataset, trained: TrainedModel, stor
     """The student for one property set, cached by (checkpoint, store, teacher, config, seed);
     its teacher is Backward Search at ``lam`` (default: the ``search`` section's λ)."""
     student_cfg = cfg.student
-    settings = dataclasses.asdict(student_cfg)
+    settings = student_cfg.model_dump()
     if settings["architecture"] == "cir-bench":  # the only one before the option: same key, same file
         del settings["architecture"]
     key = _hash({"checkpoint": file_sha256(trained.checkpoint), "store": store.fingerprint, "props": properties,

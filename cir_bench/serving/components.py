@@ -13,7 +13,6 @@ cluster the cache folder holding those files must be on a shared filesystem.
 """
 from __future__ import annotations
 
-import dataclasses
 import time
 
 from dataclasses import dataclass, field
@@ -90,7 +89,7 @@ def build_bundle(cfg, progress: bool = False, dataset=None) -> ServeBundle:
         store=str(store_path(cache_dir_for(cfg), prepared.store.fingerprint)),
         students=students,
         transform=TransformSpec(resolve_input_size(cfg.model, ds), tuple(spec.mean), tuple(spec.std), ds.square_resize),
-        search=dataclasses.replace(cfg.search),
+        search=cfg.search.model_copy(deep=True),
         index=cfg.eval.index, index_options={"chunk": cfg.eval.search_batch, **cfg.eval.index_options},
         device=str(prepared.device),
         dataset=DatasetSpec(cfg.dataset.name, cfg.dataset.root, dict(cfg.dataset.options), str(cache_dir_for(cfg)),
@@ -221,7 +220,7 @@ class TeacherStage:
         self.heads = model.heads
         self.warmup_s = 0.0
         wanted, why = compile_decision(compile, bool(bundle.search.compile), self.device)
-        self.search = dataclasses.replace(bundle.search, compile=wanted)
+        self.search = bundle.search.model_copy(update={"compile": wanted})
         self.compiled, self.compile_note = False, why
         if wanted:
             self.warmup_s, outcomes = self._warm_up(list(bundle.students), max_batch)
@@ -230,7 +229,7 @@ class TeacherStage:
             if self.compiled:
                 self.compile_note = f"on ({why}; compiled and verified in {self.warmup_s:.1f} s)"
             else:  # serve the plain step rather than a step that failed to build or to agree
-                self.search = dataclasses.replace(self.search, compile=False)
+                self.search = self.search.model_copy(update={"compile": False})
                 self.compile_note = f"off: {failed[0]}"
 
     def info(self) -> dict[str, Any]:

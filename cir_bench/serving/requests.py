@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
+from pydantic import Field
 
-from cir_bench.config import bounded
+from cir_bench.config import Section
 from cir_bench.data.base import BadImageError, ImageTooLargeError, decode_image
 
 # filtered_knn / soft_filtered_knn: the offline methods of the same names (cir_bench.search),
@@ -109,18 +110,17 @@ def json_body(raw: bytes | str, field: str = "body") -> Any:
         raise RequestError(field, "not valid JSON") from None
 
 
-@dataclass
-class ServiceLimits:
+class ServiceLimits(Section):
     """What a request may ask (the serve config's ``limits``, serve/settings.py)."""
 
-    max_k: int = bounded(100, ge=1)
-    max_image_bytes: int = bounded(5 * 1024 * 1024, ge=1)  # uploads above this get a 4xx
+    max_k: int = Field(100, ge=1)
+    max_image_bytes: int = Field(5 * 1024 * 1024, ge=1)  # uploads above this get a 4xx
     # pixels an upload's header may declare: read before decoding (decompression bombs); the
     # model sees a few hundred pixels a side, 40 Mpx leaves room for any camera photo
-    max_image_pixels: int = bounded(40_000_000, ge=1)
+    max_image_pixels: int = Field(40_000_000, ge=1)
     # and by shape: a long thin image within the pixel limit still decodes to gigabytes of rows
-    max_image_side: int = bounded(20_000, ge=1)
-    max_image_aspect: float = bounded(50.0, ge=1)  # longer side / shorter side
+    max_image_side: int = Field(20_000, ge=1)
+    max_image_aspect: float = Field(50.0, ge=1)  # longer side / shorter side
 
 
 # -- what the service knows of the dataset -----------------------------------------------------

@@ -20,48 +20,45 @@ the rest at the calibrated λ; both are in the result.
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from cir_bench.config import ConfigError, RunConfig, bounded, apply_mapping, dataset_defaults, from_mapping, \
-    read_yaml, set_value, task_preset, validate
+from pydantic import Field
+
+from cir_bench.config import (ConfigError, ConfigLayer, NonNegativeFloat, RunConfig, Section, layered_config, parse,
+                              read_yaml, task_preset)
 
 
-@dataclass
-class Calibration:
+class Calibration(Section):
     metric: str = "mts_at_10"
     target: float = 0.18
-    tolerance: float = bounded(0.005, gt=0)
-    lam_min: float = bounded(1e-4, gt=0)
-    lam_max: float = bounded(1.0, gt=0)
-    max_evals: int = bounded(8, ge=2)
-    fraction: float = bounded(0.5, gt=0, lt=1)  # of each query set used to calibrate; the rest is the test half
+    tolerance: float = Field(0.005, gt=0)
+    lam_min: float = Field(1e-4, gt=0)
+    lam_max: float = Field(1.0, gt=0)
+    max_evals: int = Field(8, ge=2)
+    fraction: float = Field(0.5, gt=0, lt=1)  # of each query set used to calibrate; the rest is the test half
 
 
-@dataclass
-class Resources:
-    cpu: float = bounded(1.0, ge=0)  # per trial
-    gpu: float = bounded(0.0, ge=0)
+class Resources(Section):
+    cpu: float = Field(1.0, ge=0)  # per trial
+    gpu: float = Field(0.0, ge=0)
 
 
-@dataclass
-class Experiment:
+class Experiment(Section):
     name: str = "experiment"
-    base: dict[str, Any] = field(default_factory=dict)  # run config (any key of cir_bench/config.py)
-    grid: dict[str, list[Any]] = field(default_factory=dict)  # dotted key (or `task`) -> values
-    seeds: list[int] = bounded(factory=lambda: [0], ge=0, items=True)
-    lambdas: list[float] = bounded(factory=lambda: [0.0, 0.001, 0.003, 0.01, 0.03], ge=0, items=True)
-    calibration: Calibration | None = field(default_factory=Calibration)
-    resources: Resources = field(default_factory=Resources)
-    max_failures: int = bounded(1, ge=0)
+    base: dict[str, Any] = Field(default_factory=dict)  # run config (any key of cir_bench/config.py)
+    grid: dict[str, list[Any]] = Field(default_factory=dict)  # dotted key (or `task`) -> values
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [0])
+    lambdas: list[NonNegativeFloat] = Field(default_factory=lambda: [0.0, 0.001, 0.003, 0.01, 0.03])
+    calibration: Calibration | None = Field(default_factory=Calibration)
+    resources: Resources = Field(default_factory=Resources)
+    max_failures: int = Field(1, ge=0)
     report_metric: str = "precision_at_10"
-    roots: dict[str, str] = field(default_factory=dict)  # dataset name -> --root, for a `task` grid
+    roots: dict[str, str] = Field(default_factory=dict)  # dataset name -> --root, for a `task` grid
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str = "") -> "Experiment":
-        exp = from_mapping(cls, data)
-        validate(exp)
+    def from_dict(cls, data: dict[str, Any]) -> "Experiment":
+        exp = parse(cls, data)
         if exp.calibration is not None and exp.calibration.lam_min >= exp.calibration.lam_max:
             raise ConfigError("calibration.lam_min must be < calibration.lam_max")
         if not exp.seeds:
@@ -117,32 +114,19 @@ class Experiment:
 
 
 def trial_config(exp: Experiment, trial: dict[str, Any], cache_dir: str | None) -> RunConfig:
-    """The run config of one trial: defaults (with the dataset's own, ``dataset_defaults``),
-    the experiment's ``base``, then the trial's values; a ``task`` value applies the paper's
-    query task and its dataset root."""
-    cfg = RunConfig()
-    dataset = exp.base.get("dataset", {}).get("name") if isinstance(exp.base.get("dataset"), dict) else None
-    dataset = trial.get("dataset.name", dataset or cfg.dataset.name)
-    if "task" in trial:
-        dataset = task_preset(trial["task"])["dataset"]["name"]
-    apply_mapping(cfg, dataset_defaults(str(dataset)))  # beneath the experiment's own values
-    try:
-        apply_mapping(cfg, exp.base, "")
-    except ConfigError as err:
-        raise ConfigError(f"base: {err}") from None
+    """The run config of one trial (``config.layered_config``): defaults (with the dataset's own),
+    the experiment's ``base``, then the trial's values in order; a ``task`` value applies the
+    paper's query task and its dataset root."""
+    layers = [ConfigLayer("base", exp.base)]
     for key, value in trial.items():
-        if key == "task":
-            preset = task_preset(value)
-            apply_mapping(cfg, preset)
-            dataset = preset["dataset"]["name"]
-            if dataset not in exp.roots:
-                raise ConfigError(f"task '{value}' needs roots.{dataset}: PATH in the experiment file")
-            cfg.dataset.root = exp.roots[dataset]
-        else:
-            try:
-                set_value(cfg, key, value)
-            except ConfigError as err:
-                raise ConfigError(f"grid.{key}: {err}") from None
+        if key != "task":
+            layers.append(ConfigLayer(f"grid.{key}", values={key: value}))
+            continue
+        preset = task_preset(value)
+        dataset = preset["dataset"]["name"]
+        if dataset not in exp.roots:
+            raise ConfigError(f"task '{value}' needs roots.{dataset}: PATH in the experiment file")
+        layers.append(ConfigLayer(f"grid.task={value}", preset, {"dataset.root": exp.roots[dataset]}))
     if cache_dir:
-        cfg.cache_dir = str(cache_dir)
-    return validate(cfg)
+        layers.append(ConfigLayer("the trial's cache", values={"cache_dir": str(cache_dir)}))
+    return layered_config(layers)

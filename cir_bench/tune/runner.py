@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -115,7 +114,7 @@ def run_experiment(exp: Experiment, storage_path: str | Path, resume: bool = Fal
     if resume:
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_errored=False, restart_errored=True)
     else:
-        exp_dict = asdict(exp)
+        exp_dict = exp.model_dump()
         param_space = {"trial": tune.grid_search(exp.trials()), "experiment": exp_dict, "cache_dir": cache_dir}
         tuner = tune.Tuner(
             trainable, param_space=param_space,
