@@ -3,7 +3,9 @@ one run; prints JSON (and writes it with --out).
 
 Each variant is the shipped serve/config.yaml with some keys changed (``VARIANTS`` below, or
 ``--variant NAME:key=value;key=value``; a key ``run.<key>`` sets the run config of that server,
-e.g. ``run.search.compile=true``). For every round, every variant in turn (the order
+e.g. ``run.search.compile=true``; ``checkout=PATH`` serves the code of another source tree, e.g.
+a worktree of an earlier commit, with that tree's serve/config.yaml as its base: an A/B of
+two commits on one machine, interleaved). For every round, every variant in turn (the order
 rotates per round, so drift on a noisy machine spreads over all of them): start `cir-bench
 serve` on a free loopback port, wait until it answers, then
 
@@ -75,10 +77,11 @@ def _set_key(config: dict, dotted: str, value: Any) -> None:
 
 
 def variant_config(base: dict, changes: dict[str, Any]) -> dict:
-    """The serve config of a variant (its ``run.*`` keys go to the run config instead)."""
+    """The serve config of a variant (its ``run.*`` keys go to the run config instead, and
+    ``checkout`` chooses the code)."""
     config = json.loads(json.dumps(base))
     for key, value in changes.items():
-        if not key.startswith("run."):
+        if not key.startswith("run.") and key != "checkout":
             _set_key(config, key, value)
     return config
 
@@ -102,13 +105,18 @@ def _free_port() -> int:
 class Server:
     """`cir-bench serve` in a subprocess (its own local Ray), stopped with SIGINT."""
 
-    def __init__(self, config_path: Path, port: int, run_args: list[str], log: Path) -> None:
+    def __init__(self, config_path: Path, port: int, run_args: list[str], log: Path,
+                 checkout: Path = ROOT) -> None:
         self.port, self.log_path = port, log
         self.log = open(log, "w")
         cmd = [sys.executable, "-m", "cir_bench.cli", "serve", "--serve-config", str(config_path),
                "--port", str(port), "--no-progress", *run_args]
+        # the checkout's packages first (its Ray workers inherit the variable)
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(checkout),
+                                                                         os.environ.get("PYTHONPATH")]))}
         # its own process group: Ctrl+C on the benchmark does not reach it twice
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, cwd=checkout, env=env, stdout=self.log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
 
     def wait_ready(self, timeout: float) -> float:
         t0 = time.monotonic()
@@ -314,11 +322,13 @@ def main(argv: list[str] | None = None) -> int:
         for rnd in range(args.rounds):
             order = names[rnd % len(names):] + names[:rnd % len(names)]
             for name in order:
+                checkout = Path(variants[name].get("checkout") or ROOT).resolve()
+                own_base = base if checkout == ROOT else yaml.safe_load((checkout / "serve" / "config.yaml").read_text())
                 cfg_path = Path(tmp) / f"{name}.yaml"
-                cfg_path.write_text(yaml.safe_dump(variant_config(base, variants[name])))
+                cfg_path.write_text(yaml.safe_dump(variant_config(own_base, variants[name])))
                 port = _free_port()
                 server = Server(cfg_path, port, run_args + variant_run_args(variants[name]),
-                                Path(tmp) / f"{name}-{rnd}.log")
+                                Path(tmp) / f"{name}-{rnd}.log", checkout)
                 try:
                     start_s = server.wait_ready(args.start_timeout)
                     print(f"round {rnd + 1}/{args.rounds}: {name} on :{port} (ready in {start_s:.0f} s)",
@@ -336,8 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     summary, ratios = summarise(rows, list(variants), args.methods, args.concurrency)
     from cir_bench.results.run_files import git_revision, host_info
 
+    checkouts = {name: git_revision(Path(v["checkout"]).resolve()) for name, v in variants.items() if "checkout" in v}
     result = {"benchmark": "serve_latency", "machine": host_info(), "git": git_revision(ROOT),
-              "variants": variants, "methods": args.methods, "concurrency": args.concurrency,
+              "checkouts": checkouts, "variants": variants, "methods": args.methods, "concurrency": args.concurrency,
               "rounds": args.rounds, "duration_s": args.duration, "summary": summary, "ratios": ratios, "runs": rows}
     text = json.dumps(result, indent=2)
     print(text)

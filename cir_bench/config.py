@@ -511,7 +511,7 @@ def layered_config(layers: Sequence[ConfigLayer], check: Callable[[RunConfig], R
     < the final dataset's own defaults (``dataset_defaults``) < each layer in order; then
     checked as a whole and passed to ``check``. An error names the layer that last set the
     offending key (found from the key of the error's location)."""
-    name = RunConfig.model_fields["dataset"].default_factory().name
+    name = DatasetConfig().name
     for layer in layers:
         name = layer.dataset_name() or name
     layers = [ConfigLayer(f"the defaults of dataset '{name}'", dataset_defaults(name)), *layers]

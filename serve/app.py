@@ -23,16 +23,16 @@ import asyncio
 import html
 import json
 import time
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from pydantic import BaseModel, Field
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from cir_bench.serving.jobs import Ranked, RankJob, Searched, SearchJob
+from cir_bench.serving.requests import SearchRequest
 from cir_bench_serve.runtime import loopback_replica_grpc
 from cir_bench_serve.settings import STAGES
 
@@ -76,23 +76,6 @@ class HostCheck:
 
 
 api.add_middleware(HostCheck)
-
-
-class SearchRequest(BaseModel):
-    """The body of POST /search (JSON; the same fields as multipart/form-data, ``image`` as a
-    file part and ``conditions`` as a JSON form field). Validation is RequestParser's: every
-    bad field gets a 4xx naming it."""
-
-    item_id: str | None = Field(None, description="a database item as the query (give this or image)")
-    image: str | None = Field(None, description="the query image, base64 (give this or item_id)")
-    conditions: dict[str, str] = Field(description="{property: label}, e.g. {\"style\": \"hatched\"}; "
-                                                   "GET /properties lists them")
-    method: Literal["teacher", "student", "knn", "filtered_knn", "soft_filtered_knn"] = Field(
-        "teacher", description="Backward Search, its distilled student, plain kNN, kNN among the items the heads "
-        "label as the condition, or kNN re-scored by beta * log p(condition | item)")
-    k: int = Field(10, ge=1, description="results to return (at most limits.max_k)")
-    lambda_: float | None = Field(None, alias="lambda", ge=0, description="teacher only: the L1 weight λ")
-    beta: float | None = Field(None, ge=0, description="soft_filtered_knn only: the weight β (default 0.1)")
 
 
 _SEARCH_SCHEMA = SearchRequest.model_json_schema(by_alias=True)

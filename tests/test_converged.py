@@ -161,7 +161,14 @@ def test_a_run_writes_the_lambda_curve_and_the_report_draws_it(cache_dir, tmp_pa
     mean = curve.groupby(["solver", "lam"])["objective"].mean()
     for lam in lams[1:]:
         assert mean[("converged", lam)] < mean[("preset", lam)]
-    assert set(ours["stop"]) == {"preset rule"}
+    assert set(ours["stop"]) == {"preset rule"} and ours["stationarity"].isna().all()
+    # the converged solver's own measure is kept: a query stopped as stationary is within tolerance
+    from cir_bench.search.backward_step import BackwardSearchConfig
+
+    converged = curve[curve["solver"] == "converged"]
+    assert converged["stationarity"].notna().all()
+    stationary = converged[converged["stop"] == "stationary"]
+    assert len(stationary) and (stationary["stationarity"] <= BackwardSearchConfig().tol).all()
     paths = write_html_report(classify([out]), tmp_path / "report")
     text = paths[1].read_text()
     assert "Eq 4 solved to its tolerance" in text and "converged / preset objective" in text

@@ -153,6 +153,23 @@ def build_eval_inputs(dataset: Dataset, queries: QuerySet, ranked: np.ndarray, d
     return inputs
 
 
+def ranking_depth(dataset: Dataset, database: np.ndarray, k: int) -> int:
+    """How far a method must rank for the metrics: the whole database where the dataset defines
+    a class (the domain-conversion metrics judge the whole ranking), else the top ``k``."""
+    return len(database) if dataset.class_key is not None else k
+
+
+def score_ranking(dataset: Dataset, queries: QuerySet, positions: np.ndarray, k: int, database: np.ndarray,
+                  self_match: str = "exclude", twins: np.ndarray | None = None) -> pd.DataFrame:
+    """The per-query metrics at ``k`` of a ranking ``positions`` (Q, ``ranking_depth``): its top
+    ``k`` lists, and the whole ranking where it is longer. What every scored ranking goes through
+    (a run's methods, the λ curve)."""
+    positions = np.asarray(positions)
+    inputs = build_eval_inputs(dataset, queries, positions[:, :k], database, self_match, twins,
+                               full_ranking=positions if positions.shape[1] > k else None)
+    return evaluate(inputs, ks=(k,))
+
+
 def evaluate(inputs: EvalInputs, ks: tuple[int, ...] = (10,), metrics: list[str] | None = None) -> pd.DataFrame:
     """Per-query metric values, one column per (metric, k); alias columns included."""
     cols: dict[str, np.ndarray] = {}

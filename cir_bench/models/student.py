@@ -8,7 +8,6 @@ holds, which a residual learns far more easily from a few thousand embeddings.
 """
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -66,7 +65,7 @@ class Student(nn.Module):
     def save(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
         path = Path(path)
         payload = {"format": 1, "kind": "student", "embed_dim": self.embed_dim, "num_classes": self.num_classes,
-                   "properties": self.properties, "config": asdict(self.cfg),
+                   "properties": self.properties, "config": self.cfg.model_dump(),
                    "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()}, "extra": extra or {}}
         save_torch(payload, path)
         return path

@@ -16,7 +16,7 @@ import torch
 from cir_bench.config import RunConfig
 from cir_bench.data.base import Dataset
 from cir_bench.data.queries import QuerySet
-from cir_bench.metrics import build_eval_inputs, evaluate
+from cir_bench.metrics import ranking_depth, score_ranking
 from cir_bench.pipeline.steps import teacher
 from cir_bench.search import SearchContext
 from cir_bench.search.backward import BackwardSearch
@@ -54,11 +54,12 @@ def curve_solvers(cfg: RunConfig) -> list[CurveSolver]:
 def lambda_curve(cfg: RunConfig, dataset: Dataset, ctx: SearchContext, queries: QuerySet, set_name: str,
                  twins: np.ndarray | None, log: Callable[[str], Any] = print) -> tuple[pd.DataFrame, dict[str, float]]:
     """Per query, solver and λ of ``cfg.eval.lambda_curve``: the per-query metrics at k, the
-    objective at the returned z, the steps taken and (converged) why it stopped. Also the
+    objective at the returned z, the steps taken and (converged) why it stopped and its last
+    gradient-mapping norm (``stationarity``, NaN for the preset). Also the
     seconds each solver took over the whole grid."""
     lams = [float(v) for v in cfg.eval.lambda_curve]
     k = cfg.eval.k
-    depth = len(ctx.database) if dataset.class_key is not None else k
+    depth = ranking_depth(dataset, ctx.database, k)
     z0 = ctx.query_embeddings(queries).to(ctx.device)
     cond = torch.as_tensor(queries.conditions, device=ctx.device)
     heads = ctx.model.heads
@@ -70,17 +71,16 @@ def lambda_curve(cfg: RunConfig, dataset: Dataset, ctx: SearchContext, queries: 
         seconds[solver.name] = time.perf_counter() - t0
         for lam, r in zip(lams, results):
             pos, _ = ctx.index.search(r.z, depth, exclude=ctx.exclude(queries))
-            pos = pos.numpy()
-            inputs = build_eval_inputs(dataset, queries, pos[:, :k], ctx.database, cfg.eval.self_match, twins,
-                                       full_ranking=pos if depth != k else None)
-            per_query = evaluate(inputs, ks=(k,))
+            per_query = score_ranking(dataset, queries, pos.numpy(), k, ctx.database, cfg.eval.self_match, twins)
             # query_index: the query's row in its set (an item can be queried under several conditions)
             frame = pd.DataFrame({"query_set": set_name, "solver": solver.name, "lam": lam,
                                   "query_index": np.arange(len(qids)), "query_id": qids,
                                   "objective": r.objective.cpu().numpy().astype(float),
                                   "iterations": r.iterations.cpu().numpy(),
                                   "satisfied": r.satisfied.cpu().numpy(),
-                                  "stop": r.stop if r.stop is not None else "preset rule"})
+                                  "stop": r.stop if r.stop is not None else "preset rule",
+                                  "stationarity": (r.stationarity.cpu().numpy().astype(float)
+                                                   if r.stationarity is not None else np.nan)})
             for col in per_query.columns:
                 frame[f"metric_{col}"] = per_query[col].to_numpy()
             frames.append(frame)

@@ -15,7 +15,7 @@ import pandas as pd
 import torch
 
 from cir_bench.config import ConfigError, RunConfig
-from cir_bench.metrics import build_eval_inputs, evaluate, find_twins, retrieved_similarity_at_k, summarize
+from cir_bench.metrics import find_twins, ranking_depth, retrieved_similarity_at_k, score_ranking, summarize
 from cir_bench.models import pick_device
 from cir_bench.paths import exclusive_folder, file_sha256
 from cir_bench.pipeline.lambda_curve import curve_solvers, lambda_curve
@@ -162,7 +162,7 @@ def _run(cfg: RunConfig, out: Path, progress: bool, log) -> Path:
                 student_info.setdefault(f"{set_name} sweep", {})[spec.label] = {**info, "teacher": teacher_of}
                 timings[f"distil_{set_name}_{spec.label}_s"] = time.perf_counter() - t0
         # the domain-conversion metrics judge the whole ranking; the run keeps its top k
-        depth = len(database) if dataset.class_key is not None else cfg.eval.k
+        depth = ranking_depth(dataset, database, cfg.eval.k)
         qframe = queries.to_frame(dataset)
         conditions = [queries.conditions_json(dataset, q) for q in range(len(queries))]
         rankings = {}
@@ -177,9 +177,8 @@ def _run(cfg: RunConfig, out: Path, progress: bool, log) -> Path:
             elapsed = time.perf_counter() - t0
             ranking = full if depth == cfg.eval.k else head_of(full, cfg.eval.k)
             rankings[spec.label] = ranking
-            inputs = build_eval_inputs(dataset, queries, ranking.positions, database, cfg.eval.self_match, twins,
-                                       full_ranking=full.positions if depth != cfg.eval.k else None)
-            per_query = evaluate(inputs, ks=(cfg.eval.k,))
+            per_query = score_ranking(dataset, queries, full.positions, cfg.eval.k, database, cfg.eval.self_match,
+                                      twins)
             summary: dict[str, Any] = {"query_set": set_name, "method": spec.label, "name": spec.name,
                                        "n_queries": len(queries), **summarize(per_query)}
             if "iterations" in ranking.extras:

@@ -31,15 +31,15 @@ def cell(mean: float, low: float, high: float, digits: int = 3) -> str:
     return f"{mean:.{digits}f} [{low:.{digits}f}, {high:.{digits}f}]"
 
 
-def estimates(run: RunFiles, resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
-    """Long table: query_set, method, metric, mean, low, high, n (queries with a value), from
-    results.parquet; plus the bootstrap draws for averaging over query sets (``draws``)."""
+def _bootstrap_cells(table: pd.DataFrame, by: list[str], metrics: Sequence[str], resamples: int,
+                     seed: int) -> list[dict]:
+    """One row per query set x group (``by``) x metric: the mean over the queries with a value,
+    its bootstrap interval and draws, seeded per query set (every table of a run resamples a
+    query set's queries alike)."""
     rows = []
-    results = run.results
-    order = list(dict.fromkeys(run.metrics["method"]))
-    for s_i, (query_set, frame) in enumerate(results.groupby("query_set", sort=False)):
-        for method, g in frame.groupby("method", sort=False):
-            for metric, _ in metric_titles(run.k):
+    for s_i, (query_set, frame) in enumerate(table.groupby("query_set", sort=False)):
+        for keys, g in frame.groupby(by, sort=False):
+            for metric in metrics:
                 col = f"metric_{metric}"
                 if col not in g:
                     continue
@@ -47,10 +47,18 @@ def estimates(run: RunFiles, resamples: int = 2000, seed: int = 0) -> pd.DataFra
                 draws = bootstrap_means(values, resamples, seed=[seed, s_i])
                 low, high = interval(draws)
                 ok = ~np.isnan(values)
-                rows.append({"query_set": query_set, "method": method, "metric": metric,
+                rows.append({"query_set": query_set, **dict(zip(by, keys)), "metric": metric,
                              "mean": float(values[ok].mean()) if ok.any() else float("nan"),
                              "low": low, "high": high, "n": int(ok.sum()), "draws": draws})
-    out = pd.DataFrame(rows)
+    return rows
+
+
+def estimates(run: RunFiles, resamples: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Long table: query_set, method, metric, mean, low, high, n (queries with a value), from
+    results.parquet; plus the bootstrap draws for averaging over query sets (``draws``)."""
+    order = list(dict.fromkeys(run.metrics["method"]))
+    out = pd.DataFrame(_bootstrap_cells(run.results, ["method"], [m for m, _ in metric_titles(run.k)],
+                                        resamples, seed))
     out["order"] = out["method"].map({m: i for i, m in enumerate(order)}).fillna(len(order))
     return out.sort_values(["order"], kind="stable").drop(columns="order").reset_index(drop=True)
 
@@ -172,20 +180,12 @@ def solver_curve_estimates(curve: pd.DataFrame, metrics: Sequence[str], resample
                            seed: int = 0) -> pd.DataFrame:
     """lambda_curve.parquet as query_set, solver, param (λ), metric, mean, low, high, n: each
     a mean over queries with its bootstrap interval (the query sets' seeds as in ``estimates``)."""
-    rows = []
-    for s_i, (query_set, frame) in enumerate(curve.groupby("query_set", sort=False)):
-        for (solver, lam), g in frame.groupby(["solver", "lam"], sort=False):
-            for metric in metrics:
-                col = f"metric_{metric}"
-                if col not in g:
-                    continue
-                values = g[col].to_numpy(dtype=float)
-                low, high = interval(bootstrap_means(values, resamples, seed=[seed, s_i]))
-                ok = ~np.isnan(values)
-                rows.append({"query_set": query_set, "family": solver, "param": float(lam), "metric": metric,
-                             "mean": float(values[ok].mean()) if ok.any() else float("nan"), "low": low,
-                             "high": high, "n": int(ok.sum())})
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(_bootstrap_cells(curve, ["solver", "lam"], metrics, resamples, seed))
+    if out.empty:
+        return out
+    out = out.rename(columns={"solver": "family", "lam": "param"}).drop(columns="draws")
+    out["param"] = out["param"].astype(float)
+    return out
 
 
 def solver_comparison(curve: pd.DataFrame, query_set: str, k: int) -> pd.DataFrame:

@@ -152,7 +152,7 @@ class BackwardSearch(SearchMethod):
         r = solve_to_tolerance(heads, z0, properties, conditions, self.config, lams=lams,
                                analytic=self.gradient == "auto")
         sat = satisfied_by_heads(heads, r.z, properties, conditions, self.config.confidence)
-        return InversionResult(r.z, r.iterations, sat, r.objective, r.stop)
+        return InversionResult(r.z, r.iterations, sat, r.objective, r.stop, r.stationarity)
 
     # -- the search method --------------------------------------------------------------
     def search(self, ctx: SearchContext, queries: QuerySet, k: int) -> Ranking:

@@ -103,18 +103,21 @@ class InversionResult:
     satisfied: torch.Tensor  # (B,) bool: every conditioned head's argmax equals its condition
     objective: torch.Tensor  # (B,) Eq 4 (the config's objective) at z
     stop: list[str] | None = None  # the converged solver: why each query stopped (proximal.STOP_REASONS)
+    stationarity: torch.Tensor | None = None  # the converged solver: (B,) its last gradient-mapping norm
 
     def rows(self, sl: slice) -> "InversionResult":
         return InversionResult(self.z[sl], self.iterations[sl], self.satisfied[sl], self.objective[sl],
-                               None if self.stop is None else self.stop[sl])
+                               None if self.stop is None else self.stop[sl],
+                               None if self.stationarity is None else self.stationarity[sl])
 
 
 def joined(parts: Sequence[InversionResult]) -> InversionResult:
     """The results of consecutive chunks as one."""
-    stops = [p.stop for p in parts]
+    stops, measures = [p.stop for p in parts], [p.stationarity for p in parts]
     return InversionResult(torch.cat([p.z for p in parts]), torch.cat([p.iterations for p in parts]),
                            torch.cat([p.satisfied for p in parts]), torch.cat([p.objective for p in parts]),
-                           None if any(s is None for s in stops) else [r for s in stops for r in s])
+                           None if any(s is None for s in stops) else [r for s in stops for r in s],
+                           None if any(m is None for m in measures) else torch.cat(measures))
 
 
 def initial_state(z0: torch.Tensor, conditions: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -14,22 +14,56 @@ import base64
 import binascii
 import json
 from dataclasses import dataclass
-from typing import Any, Sequence
+import typing
+from typing import Annotated, Any, Literal, Sequence
 
 import numpy as np
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, WithJsonSchema
 
 from cir_bench.config import Section
 from cir_bench.data.base import BadImageError, ImageTooLargeError, decode_image
 
 # filtered_knn / soft_filtered_knn: the offline methods of the same names (cir_bench.search),
 # the heads' predicted labels / log-probabilities of the database computed once by the index
-METHODS = ("teacher", "student", "knn", "filtered_knn", "soft_filtered_knn")
-FIELDS = {"item_id", "image", "conditions", "method", "k", "lambda", "beta"}
+Method = Literal["teacher", "student", "knn", "filtered_knn", "soft_filtered_knn"]
+METHODS: tuple[str, ...] = typing.get_args(Method)
 DEFAULT_BETA = 0.1  # SoftFilteredKNN's default
 # the largest lambda / beta taken: the search runs in float32 (3.4e38 overflowed to inf, and a
 # beta of 1e308 made scores that JSON cannot carry)
 MAX_WEIGHT = 1e6
+
+
+class SearchRequest(BaseModel):
+    """A search request: the body of POST /search (JSON, or multipart/form-data with ``image``
+    as a file part and ``conditions`` as a JSON field) and, for an item, the query string of
+    GET /search. The one schema of the HTTP API (its OpenAPI document) and the first check of
+    ``RequestParser``; what needs the catalog or the limits is checked there."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    method: Method = Field("teacher", description=(
+        "Backward Search, its distilled student, plain kNN, kNN among the items the heads label as the "
+        "condition, or kNN re-scored by beta * log p(condition | item)"))
+    k: int = Field(10, ge=1, description="results to return (at most limits.max_k)")
+    lambda_: float | None = Field(None, alias="lambda", ge=0, le=MAX_WEIGHT,
+                                  description="teacher only: the L1 weight λ")
+    beta: float | None = Field(None, ge=0, le=MAX_WEIGHT, description="soft_filtered_knn only: the weight β "
+                               f"(default {DEFAULT_BETA})")
+    conditions: dict[str, Any] = Field(min_length=1, description="{property: label}, e.g. {\"style\": \"hatched\"}; "
+                                                                 "GET /properties lists them")
+    item_id: str | None = Field(None, description="a database item as the query (give this or image)")
+    # bytes: a form's file part (the multipart schema of POST /search says so)
+    image: Annotated[str | bytes | None, WithJsonSchema({"type": "string", "contentEncoding": "base64"})] = Field(
+        None, description="the query image, base64 (give this or item_id)")
+
+
+FIELDS = frozenset(f.alias or name for name, f in SearchRequest.model_fields.items())
+_TEXT_READERS = {f.alias or name: TypeAdapter(f.annotation) for name, f in SearchRequest.model_fields.items()}
+# what a field's type or range error says (the limits' part is RequestParser's)
+_FIELD_RULES = {"method": f"must be one of {', '.join(METHODS)}", "k": "must be an integer in 1..{max_k}",
+                "lambda": f"must be a number in 0..{MAX_WEIGHT:g}", "beta": f"must be a number in 0..{MAX_WEIGHT:g}",
+                "conditions": "must be a non-empty object {{property: label}}", "item_id": "must be a string",
+                "image": "must be a base64 string"}
 
 
 @dataclass(frozen=True)
@@ -60,8 +94,8 @@ class RequestError(ValueError):
 def request_from_query(items: Sequence[tuple[str, str]]) -> dict[str, Any]:
     """A search request from a query string (``GET /search?item_id=…&style=Rococo&method=student``):
     ``item_id``, ``method``, ``k``, ``lambda``, ``beta`` as in the JSON body; every other key is a
-    condition ``property=label``. Numbers that do not parse are passed on as text, so the parser
-    names the field; a key given twice and ``image`` (uploads need POST) are refused here."""
+    condition ``property=label``. Values are read by ``text_field``; a key given twice and ``image``
+    (uploads need POST) are refused here."""
     body: dict[str, Any] = {}
     conditions: dict[str, str] = {}
     seen: set[str] = set()
@@ -83,20 +117,13 @@ def request_from_query(items: Sequence[tuple[str, str]]) -> dict[str, Any]:
 
 
 def text_field(key: str, value: str) -> Any:
-    """A field given as text (a query string, a form field): ``k`` as an integer and ``lambda``,
-    ``beta`` as numbers where the text is one; anything else passes on as text, so that the
-    parser names the field ("²" is a digit to ``str.isdigit`` but no integer)."""
-    if key == "k":
-        try:
-            return int(value) if value.strip().isascii() else value
-        except ValueError:
-            return value
-    if key in ("lambda", "beta"):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
+    """A field given as text (a query string, a form field) read as the schema's type for it
+    (``k`` an integer, ``lambda`` and ``beta`` numbers); text that does not read passes on as
+    text, so that the parser names the field."""
+    try:
+        return _TEXT_READERS[key].validate_python(value)
+    except (KeyError, ValidationError):
+        return value
 
 
 def json_body(raw: bytes | str, field: str = "body") -> Any:
@@ -171,36 +198,28 @@ class RequestParser:
         self.limits = limits
 
     def parse(self, request: Any) -> ParsedRequest:
+        """``request``: a JSON body, or the fields of a form or a query string read with ``text_field``."""
         if not isinstance(request, dict):
             raise RequestError("body", f"expected a JSON object, got {type(request).__name__}")
         unknown = set(request) - FIELDS
         if unknown:
             raise RequestError(sorted(unknown)[0], f"unknown field; allowed: {', '.join(sorted(FIELDS))}")
-        has_id, has_img = request.get("item_id") is not None, request.get("image") is not None
-        if has_id == has_img:
+        if (request.get("item_id") is not None) == (request.get("image") is not None):
             raise RequestError("item_id", "give exactly one of item_id or image")
-        method = request.get("method", "teacher")
-        if method not in METHODS:
-            raise RequestError("method", f"must be one of {', '.join(METHODS)}, got {method!r}")
-        k = request.get("k", 10)
-        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= self.limits.max_k:
-            raise RequestError("k", f"must be an integer in 1..{self.limits.max_k}, got {k!r}")
-        lam = request.get("lambda")
-        if lam is not None and (not isinstance(lam, (int, float)) or isinstance(lam, bool)
-                                or not 0 <= lam <= MAX_WEIGHT):
-            raise RequestError("lambda", f"must be a number in 0..{MAX_WEIGHT:g}, got {lam!r}")
+        try:
+            checked = SearchRequest.model_validate(request, strict=True)
+        except ValidationError as err:
+            field = str(err.errors()[0]["loc"][0])
+            given = request.get(field)
+            raise RequestError(field, f"{_FIELD_RULES[field].format(max_k=self.limits.max_k)}, got {given!r}") from None
+        method, k, lam, beta, conditions = checked.method, checked.k, checked.lambda_, checked.beta, checked.conditions
+        if k > self.limits.max_k:
+            raise RequestError("k", f"{_FIELD_RULES['k'].format(max_k=self.limits.max_k)}, got {k!r}")
         if lam is not None and method != "teacher":
             raise RequestError("lambda", f"only the teacher (Backward Search) takes lambda; method {method!r} "
                                "would ignore it")
-        beta = request.get("beta")
-        if beta is not None and (not isinstance(beta, (int, float)) or isinstance(beta, bool)
-                                 or not 0 <= beta <= MAX_WEIGHT):
-            raise RequestError("beta", f"must be a number in 0..{MAX_WEIGHT:g}, got {beta!r}")
         if beta is not None and method != "soft_filtered_knn":
             raise RequestError("beta", f"only soft_filtered_knn takes beta; method {method!r} would ignore it")
-        conditions = request.get("conditions")
-        if not isinstance(conditions, dict) or not conditions:
-            raise RequestError("conditions", "must be a non-empty object {property: label}")
         valid = self.catalog.properties()
         props, classes = [], []
         for prop, label in conditions.items():
@@ -218,15 +237,13 @@ class RequestParser:
             raise RequestError("method", f"no student for conditions on {props}; students exist for "
                                f"{[list(s) for s in self.student_sets] or 'none'}")
         position, image = None, None
-        if has_id:
-            if not isinstance(request["item_id"], str):
-                raise RequestError("item_id", "must be a string")
+        if checked.item_id is not None:
             try:
-                position = self.catalog.position(request["item_id"])
+                position = self.catalog.position(checked.item_id)
             except KeyError:
-                raise RequestError("item_id", f"unknown item id {request['item_id']!r}") from None
+                raise RequestError("item_id", f"unknown item id {checked.item_id!r}") from None
         else:
-            image = self.image_bytes(request["image"])
+            image = self.image_bytes(checked.image)
         return ParsedRequest(method, k, tuple(props), tuple(classes), None if lam is None else float(lam),
                              float(DEFAULT_BETA if beta is None else beta) if method == "soft_filtered_knn" else None,
                              position, image)
