@@ -326,3 +326,34 @@ def test_a_dataset_brings_its_own_defaults_beneath_everything_the_user_sets(tmp_
     trials = [trial_config(exp, t, None) for t in exp.trials()]
     assert [(t.model.backbone, t.model.finetune) for t in trials] == [("efficientnet_lite0", False),
                                                                        ("efficientnet_lite0", True)]
+
+
+def test_every_config_section_is_a_pydantic_section_that_refuses_unknown_keys():
+    """The run config, tune experiments and the serve settings share one checker (pydantic via
+    ``config.Section``): every nested section forbids unknown keys and checks assignments."""
+    from pydantic import BaseModel
+
+    from cir_bench.config import Section, _section_type, dotted_key
+    from cir_bench.tune.experiment import Experiment
+    from cir_bench_serve.settings import ServeSettings
+
+    seen: set[type] = set()
+
+    def walk(cls: type[BaseModel]) -> None:
+        seen.add(cls)
+        assert issubclass(cls, Section), cls
+        assert cls.model_config["extra"] == "forbid" and cls.model_config["validate_assignment"], cls
+        for field in cls.model_fields.values():
+            inner = _section_type(field.annotation)
+            args = [_section_type(a) for a in getattr(field.annotation, "__args__", ())]
+            for sub in [inner, *args]:
+                if sub is not None and sub not in seen:
+                    walk(sub)
+
+    for root in (RunConfig, Experiment, ServeSettings):
+        walk(root)
+    assert len(seen) >= 20
+    cfg = RunConfig()
+    with pytest.raises(Exception, match="greater than or equal"):
+        cfg.train.epochs = 0  # an assignment in code is checked too
+    assert dotted_key(("eval", "lambdas", 0)) == "eval.lambdas[0]"
