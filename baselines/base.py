@@ -310,7 +310,8 @@ class QueryComposer(ABC):
         forward code as ``from_weights``, no files read."""
         return cls(*modules, **kwargs)
 
-    #: where the condition text comes from: "template" (T1/T2/T3) or "labels" (a photo of {labels})
+    #: where the condition text comes from: "template" (T1/T2/T3), "labels" (a photo of {labels})
+    #: or "words" (the bare label phrases, FreeDom's domain word)
     text_source: str = "template"
 
     def describe(self) -> dict[str, Any]:
@@ -322,10 +323,12 @@ class QueryComposer(ABC):
                        template: str = "T1") -> list[str]:
         """The exact strings the text encoder receives, one per query: each query's list of
         (property, label) conditions -> T (baselines/condition_text.py) -> this method's prompt."""
-        from cir_bench_baselines.condition_text import condition_text, label_text
+        from cir_bench_baselines.condition_text import condition_text, label_text, word_text
 
         if self.text_source == "labels":
             return self.prompts([label_text(dataset, c) for c in conditions])
+        if self.text_source == "words":
+            return self.prompts([word_text(dataset, c) for c in conditions])
         return self.prompts([condition_text(dataset, c, template) for c in conditions])
 
     def prompts(self, texts: Sequence[str]) -> list[str]:
@@ -356,6 +359,16 @@ class QueryComposer(ABC):
 
     def score(self, queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
         return queries @ gallery.T
+
+    def query_scores(self, images: Sequence[Image.Image], prompts: Sequence[str], gallery: torch.Tensor
+                     ) -> torch.Tensor:
+        """(Q, N) similarities of each query (reference image + full prompt) to the gallery: what
+        the harness ranks. One query vector scored against the gallery, unless the method fuses
+        two similarities (``clip-product``) or composes its query from the gallery (FreeDom)."""
+        return self.score(self.encode_query(images, prompts, wrapped=True), gallery)
+
+    def use_cache(self, folder: Path) -> None:
+        """Where the adapter may keep what it computes once per weights (FreeDom's corpus features)."""
 
     def cache_key(self) -> str:
         """Adapter + weights (sha256) + preprocessing: gallery vectors depend on all three."""

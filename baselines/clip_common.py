@@ -184,6 +184,13 @@ class CLIPComposer(QueryComposer):
     def _encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.clip.encode_image(pixels)
 
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        """normalize(encode_text(text)) for each text as given (no prompt added), on the CPU."""
+        out = [self.clip.encode_text(self.tokenizer(list(texts[sl])).to(self.device)).float()
+               for sl in self._batches(len(texts))]
+        return F.normalize(torch.cat(out), dim=-1).cpu() if out else torch.zeros(0, self.embed_dim)
+
     def finish(self, paths: dict, cfg: dict[str, Any], expected: str) -> "CLIPComposer":
         """Record the weights' provenance and note an architecture that is not the authors'."""
         self._record(paths)

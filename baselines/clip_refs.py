@@ -1,8 +1,10 @@
 """The trivial references on one CLIP backbone that reviewers ask for (docs/baselines.md):
 
-    clip-image  query = normalize(encode_image(ref))                         (condition ignored)
-    clip-text   query = normalize(encode_text("a photo of {labels}"))        (image ignored)
-    clip-sum    query = normalize(normalize(image) + normalize(text))        (Pic2Word's "mixture")
+    clip-image    query = normalize(encode_image(ref))                       (condition ignored)
+    clip-text     query = normalize(encode_text("a photo of {labels}"))      (image ignored)
+    clip-sum      query = normalize(normalize(image) + normalize(text))      (Pic2Word's "mixture")
+    clip-product  score = (image . g) * (text . g)                           (Text x Image: FreeDom's and
+                                                                              BASIC's "product" baseline)
 
 gallery = normalize(encode_image(img)), CLIP 224 px. Backbone ViT-L/14 by default (Pic2Word's and
 SEARLE-XL's), ``backbone=ViT-B-32`` for SEARLE's; weights as for SEARLE (``clip/<backbone>.pt``).
@@ -15,6 +17,7 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 from cir_bench_baselines.base import BASELINES, WeightsFile, load_state, require, resolve_weights_root
 from cir_bench_baselines.clip_common import CLIPComposer, build_clip
@@ -59,6 +62,25 @@ class CLIPReference(CLIPComposer):
         return F.normalize(self.clip.encode_image(pixels), dim=-1) + text
 
 
+class CLIPProduct(CLIPReference):
+    """Text x Image: the product of the image's and the text's cosine similarity to each gallery
+    item (the authors of FreeDom and BASIC rank ``sim_img * sim_text``); no single query vector."""
+
+    name = "clip-product"
+    mode = "product"
+
+    def _encode_queries(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        raise TypeError("clip-product multiplies two similarities and has no query vector: use query_scores")
+
+    @torch.no_grad()  # not inference mode: the harness masks the scores in place
+    def query_scores(self, images: Sequence[Image.Image], prompts: Sequence[str], gallery: torch.Tensor
+                     ) -> torch.Tensor:
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} reference images but {len(prompts)} condition texts")
+        image, text = self.encode_gallery(images), self.encode_texts(prompts)  # both normalised
+        return (image @ gallery.T) * (text @ gallery.T)
+
+
 class CLIPImageOnly(CLIPReference):
     name = "clip-image"
     mode = "image"
@@ -72,3 +94,4 @@ class CLIPTextOnly(CLIPReference):
 BASELINES.register("clip-image")(CLIPImageOnly)
 BASELINES.register("clip-text")(CLIPTextOnly)
 BASELINES.register("clip-sum")(CLIPReference)
+BASELINES.register("clip-product")(CLIPProduct)

@@ -148,3 +148,9 @@ def condition_text(dataset: str, conditions: Sequence[tuple[str, str]], template
 def label_text(dataset: str, conditions: Sequence[tuple[str, str]]) -> str:
     """The text-only reference prompt: ``a photo of {labels}`` (template-independent)."""
     return "a photo of " + " and ".join(phrase(dataset, p, label) for p, label in conditions)
+
+
+def word_text(dataset: str, conditions: Sequence[tuple[str, str]]) -> str:
+    """The bare label phrases, space-joined (template-independent): FreeDom's text, the target
+    domain's word ("cartoon") that it appends to the words found around the image."""
+    return " ".join(phrase(dataset, p, label) for p, label in conditions)

@@ -76,7 +76,23 @@ def write_tiny_weights(root: str | Path, seed: int = 0) -> dict[str, list[Path]]
     written["searle"] = [_save({"Phi": phi_b.state_dict()}, root / "searle" / "SEARLE_ViT-B32.pt"),
                          _save({"Phi": phi_l.state_dict()}, root / "searle" / "SEARLE_ViT-L14.pt")]
     written["covr"] = write_tiny_covr(root, seed + 6)
+    written["freedom"] = [write_tiny_corpus(root / "freedom" / "open_image_v7_class_names.csv")]
     return written
+
+
+# FreeDom's corpus: the authors' file is one class name per row (the first column)
+CORPUS_WORDS = ["'Nduja", "10 cane", "Accordion", "Airplane", "Apple", "Bicycle", "Bird", "Boat", "Book", "Bottle",
+                "Bridge", "Butterfly", "Cake", "Car", "Castle", "Cat", "Chair", "Clock", "Dog", "Drum", "Flower",
+                "Guitar", "Hat", "Horse", "House", "Lamp", "Mountain", "Mushroom", "Piano", "Tree"]
+
+
+def write_tiny_corpus(path: Path, words: list[str] = CORPUS_WORDS) -> Path:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([w] for w in words)
+    return path
 
 
 VOCAB = ["[PAD]"] + [f"[unused{i}]" for i in range(3)] + ["[UNK]", "[CLS]", "[SEP]", "[MASK]"] + \

@@ -16,8 +16,8 @@ from cir_bench.search.baseline import load_composer, release_composers
 
 OWN_METHODS: list[Any] = ["random", "knn", "filtered_knn", {"method": "backward", "lam": 0.0}, "backward",
                           "student"]
-COMPOSED = ["clip4cir", "pic2word", "searle", "searle-xl", "covr"]  # CoIR baselines (template-dependent)
-REFERENCES = ["clip-image", "clip-text", "clip-sum"]  # trivial references (template-independent)
+COMPOSED = ["clip4cir", "pic2word", "searle", "searle-xl", "covr", "freedom"]  # CoIR baselines
+REFERENCES = ["clip-image", "clip-text", "clip-sum", "clip-product"]  # trivial references (template-independent)
 
 
 def plan(baselines: Sequence[str], templates: Sequence[str], weights_dir: str | None, cache_dir: str | None,

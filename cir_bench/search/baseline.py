@@ -72,6 +72,7 @@ class BaselineSearch(SearchMethod):
         self.composer = load_composer(self.baseline, self.weights_dir, str(ctx.device), self.batch_size, self.options)
         key = f"{self.composer.cache_key()}-{ctx.dataset.fingerprint()}"
         path = cache_root(self.cache_dir) / "baselines" / f"{key}.pt"
+        self.composer.use_cache(path.parent)
         ids = [ctx.dataset.items[p].id for p in ctx.database]
         gallery = None
         data = load_cached(path, lambda p: torch.load(p, map_location="cpu", weights_only=True))
@@ -95,8 +96,7 @@ class BaselineSearch(SearchMethod):
         self.setup(ctx)
         prompts = self.composer.condition_text(ctx.dataset.name, self.conditions(ctx, queries), self.template)
         images = [ctx.dataset.load_image(int(p)) for p in queries.positions]
-        q = self.composer.encode_query(images, prompts, wrapped=True)
-        sim = self.composer.score(q, self.gallery)
+        sim = self.composer.query_scores(images, prompts, self.gallery)
         exclude = ctx.exclude(queries)
         idx, scores = rank_scores(sim, result_size(k, sim.shape[1], exclude),
                                   None if exclude is None else ctx.index.local(exclude))
