@@ -98,16 +98,21 @@ def placeholder_id(tok, placeholder: str) -> int:
 
 
 def encode_text_with_pseudo_tokens(clip: torch.nn.Module, tokens: torch.Tensor, pseudo: torch.Tensor,
-                                   placeholder: int) -> torch.Tensor:
+                                   placeholder: int, first_only: bool = False) -> torch.Tensor:
     """``clip.encode_text(tokens)`` with the embedding of the placeholder token in row i
-    replaced by ``pseudo[i]``; each row must hold the placeholder exactly once."""
+    replaced by ``pseudo[i]``; each row must hold the placeholder exactly once (``first_only``:
+    at least once, and only the first is replaced, as SEARLE's OTI does in GPT phrases)."""
     text_global_pool = import_extra("open_clip.transformer", "baselines", "the CLIP baselines").text_global_pool
 
     where = tokens == placeholder
     counts = where.sum(dim=1)
+    if first_only:
+        where = where & (where.cumsum(dim=1) == 1)
+        counts = where.sum(dim=1)
     if not bool((counts == 1).all()):
         bad = int(torch.nonzero(counts != 1)[0])
-        raise ValueError(f"prompt {bad} holds the placeholder token {int(counts[bad])} times (needs exactly once)")
+        raise ValueError(f"prompt {bad} holds the placeholder token {int(counts[bad])} times (needs exactly once"
+                         f"{'; lost to truncation at the context length?' if first_only else ''})")
     cast = clip.transformer.get_cast_dtype()
     x = clip.token_embedding(tokens).to(cast)
     x = torch.where(where[..., None], pseudo.to(cast)[:, None, :], x)

@@ -77,6 +77,7 @@ def write_tiny_weights(root: str | Path, seed: int = 0) -> dict[str, list[Path]]
                          _save({"Phi": phi_l.state_dict()}, root / "searle" / "SEARLE_ViT-L14.pt")]
     written["covr"] = write_tiny_covr(root, seed + 6)
     written["freedom"] = [write_tiny_corpus(root / "freedom" / "open_image_v7_class_names.csv")]
+    written["searle-oti"] = write_tiny_oti_files(root / "searle")
     return written
 
 
@@ -154,6 +155,32 @@ def write_tiny_covr(root: Path, seed: int = 0) -> list[Path]:
             else:
                 sys.modules[n] = m
     return [path, vocab]
+
+
+def tiny_phrases(words: list[str] = CORPUS_WORDS) -> dict[str, list[str]]:
+    """GPT-Neo's phrases stand-in: three phrases a concept, each holding it; "Hat" also has one
+    without it, so the authors' filter drops that concept."""
+    out = {w: [f"a {w} on the table", f"my {w} and its colour", f"the old {w} in the sun"] for w in words}
+    out["Hat"].append("something else entirely")
+    return out
+
+
+def write_tiny_oti_files(folder: Path, words: list[str] = CORPUS_WORDS) -> list[Path]:
+    """SEARLE-OTI's files in the authors' formats: concept_to_phrases.pkl (a pickled dict) and
+    oidv7-class-descriptions.csv (LabelName, DisplayName)."""
+    import csv
+    import pickle
+
+    phrases = folder / "GPTNeo27B" / "concept_to_phrases.pkl"
+    phrases.parent.mkdir(parents=True, exist_ok=True)
+    with open(phrases, "wb") as f:
+        pickle.dump(tiny_phrases(words), f)
+    concepts = folder / "oidv7-class-descriptions.csv"
+    with open(concepts, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["LabelName", "DisplayName"])
+        writer.writerows([f"/m/{i:05d}", w] for i, w in enumerate(words))
+    return [phrases, concepts]
 
 
 if __name__ == "__main__":
