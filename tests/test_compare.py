@@ -175,3 +175,18 @@ def test_report_carries_confidence_intervals_and_paired_tests(tiny_compare, tmp_
     assert set(sig["reference"].dropna()) == {"backward[lam=0]", "backward[lam=0.005]"}
     text = (out / "comparison.md").read_text()
     assert "Uncertainty and significance" in text and "[95 % CI]" in text
+    # the cost-quality plot: OTI beside φ, the teacher beside its student, the others as points
+    assert (out / "report_figures" / "run0_cost_quality.png").is_file()
+    page = (out / "report.html").read_text()
+    assert "Cost against quality" in page and "SEARLE: OTI" not in page  # the legend is in the image
+    from cir_bench.report.inputs import read_run
+    from cir_bench.report.tables import cost_points, estimates
+
+    run = read_run(tiny_compare)
+    points = cost_points(run.metrics, estimates(run, resamples=100), ["precision_at_10"])
+    style = points[points["query_set"] == "style"].set_index("method")
+    assert {"searle-oti[T1]", "searle[T1]", "student", "backward[lam=0.005]", "freedom"} <= set(style.index)
+    assert not any(m.endswith(("[T2]", "[T3]")) for m in style.index)  # template baselines by their T1 row
+    metrics = run.metrics.set_index(["query_set", "method"])
+    assert style.loc["searle-oti[T1]", "ms"] == metrics.loc[("style", "searle-oti[T1]"), "ms_per_query"]
+    assert (style["y_low"] <= style["y"]).all() and (style["y"] <= style["y_high"]).all()

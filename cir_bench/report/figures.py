@@ -5,7 +5,8 @@ inlines them). matplotlib with the Agg backend; seaborn's palette.
 - ``frontier``: precision@k against a context metric, curves over λ / β, Pareto points ringed;
 - ``embedding_map``: the paper's Fig 5, t-SNE of the database sample with arrows z0 -> z*;
 - ``retrieval_grid``: the paper's Figs 7-9, query and top-k thumbnails per method;
-- ``per_class_precision``, ``iterations``: where the search fails, how long it runs.
+- ``per_class_precision``, ``iterations``: where the search fails, how long it runs;
+- ``cost_quality``: ms per query against quality, optimisations joined to their distilled twins.
 """
 from __future__ import annotations
 
@@ -341,3 +342,52 @@ def loadtest_latency(frame: pd.DataFrame) -> bytes:
 def conditions_of(row: pd.Series) -> dict[str, str]:
     raw = row.get("conditions")
     return json.loads(raw) if isinstance(raw, str) else dict(raw or {})
+
+
+MIN_MS = 1e-3  # the cost plot's floor: ms per query below it are drawn at it
+
+
+def cost_quality(points: pd.DataFrame, pairs: Sequence[tuple[str, str, str]],
+                 panels: Sequence[tuple[str, str]]) -> bytes:
+    """ms per query (log axis) against each panel's metric, a row of panels per query set: every
+    method a point with its 95 % CI; each pair (a per-query optimisation, its one-pass twin)
+    joined by an arrow from the slow to the fast one. ``points``: query_set, method, metric,
+    ms, y, y_low, y_high."""
+    plt = _plt()
+    sets = list(dict.fromkeys(points["query_set"]))
+    fig, axes = plt.subplots(len(sets), len(panels), figsize=(5.6 * len(panels), 4.4 * len(sets)), squeeze=False)
+    paired = {m for slow, fast, _ in pairs for m in (slow, fast)}
+    for row, qs in zip(axes, sets):
+        for ax, (metric, title) in zip(row, panels):
+            g = points[(points["query_set"] == qs) & (points["metric"] == metric) & points["y"].notna()]
+            g = g.set_index("method")
+            g = g.assign(ms=g["ms"].clip(lower=MIN_MS))  # a log axis: what takes no measurable time sits at the floor
+            if g.empty:
+                ax.set_visible(False)
+                continue
+            ax.errorbar(g["ms"], g["y"], yerr=[g["y"] - g["y_low"], g["y_high"] - g["y"]], fmt="none",
+                        ecolor="grey", alpha=0.5, lw=0.8)
+            rest = g[~g.index.isin(paired)]
+            ax.scatter(rest["ms"], rest["y"], s=18, color="grey", zorder=3)
+            for method, r in rest.iterrows():
+                ax.annotate(method, (r["ms"], r["y"]), fontsize=6, xytext=(3, 2), textcoords="offset points",
+                            color="dimgrey")
+            colors = _colors([label for *_, label in pairs])
+            for slow, fast, label in pairs:
+                if slow not in g.index or fast not in g.index:
+                    continue
+                c = colors[label]
+                ax.scatter(g.loc[[slow, fast], "ms"], g.loc[[slow, fast], "y"], s=40, color=c, zorder=4, label=label)
+                ax.annotate("", xy=(g.loc[fast, "ms"], g.loc[fast, "y"]), xytext=(g.loc[slow, "ms"], g.loc[slow, "y"]),
+                            arrowprops={"arrowstyle": "->", "color": c, "lw": 1.4})
+                for method in (slow, fast):
+                    ax.annotate(method, (g.loc[method, "ms"], g.loc[method, "y"]), fontsize=7, xytext=(3, -9),
+                                textcoords="offset points", color=c)
+            ax.set_xscale("log")
+            ax.set_xlabel("ms per query (log)")
+            ax.set_ylabel(title)
+            ax.set_title(f"{qs}: cost against {title}")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    return png(fig)

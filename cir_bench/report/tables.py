@@ -176,6 +176,17 @@ def domain_pairs(run: RunFiles, query_set: str, metric: str = "dc_map") -> dict[
     return out
 
 
+def cost_points(metrics: pd.DataFrame, est: pd.DataFrame, metric_names: Sequence[str]) -> pd.DataFrame:
+    """Per query set, method and metric: ms per query (metrics.csv, one measurement) beside the
+    metric's mean and 95 % interval (``estimates``); a template-dependent baseline by its T1 row,
+    methods without a time left out."""
+    timed = metrics[["query_set", "method", "ms_per_query"]].dropna()
+    timed = timed[~timed["method"].str.contains(r"\[T[23]\]$", regex=True)]
+    cells = est[est["metric"].isin(metric_names)][["query_set", "method", "metric", "mean", "low", "high"]]
+    out = timed.merge(cells, on=["query_set", "method"])
+    return out.rename(columns={"ms_per_query": "ms", "mean": "y", "low": "y_low", "high": "y_high"})
+
+
 def solver_curve_estimates(curve: pd.DataFrame, metrics: Sequence[str], resamples: int = 2000,
                            seed: int = 0) -> pd.DataFrame:
     """lambda_curve.parquet as query_set, solver, param (λ), metric, mean, low, high, n: each
