@@ -36,7 +36,7 @@ def tiny_compare(cache_dir, tiny_trained, weights, tmp_path_factory, no_network)
 def test_compare_runs_every_baseline_with_tiny_weights_labelled(tiny_compare):
     metrics = pd.read_csv(tiny_compare / "metrics.csv")
     labels = set(metrics["method"])
-    for name in ("clip4cir", "pic2word", "searle", "searle-xl", "searle-oti", "covr"):
+    for name in ("clip4cir", "pic2word", "searle", "searle-xl", "searle-oti", "lincir", "covr"):
         assert {f"{name}[T1]", f"{name}[T2]", f"{name}[T3]"} <= labels
     assert {"clip-image", "clip-text", "clip-sum", "clip-product", "freedom", "student", "knn", "random",
             "filtered_knn"} <= labels
@@ -101,7 +101,7 @@ def test_report_merges_runs_and_check_weights_lists_files(tiny_compare, weights,
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert main(["check-weights", "--weights-dir", str(weights)]) == 0
     text = capsys.readouterr().out
-    assert "searle: ready" in text and "sha256 " in text and "11 of 11 baselines ready" in text
+    assert "searle: ready" in text and "sha256 " in text and "12 of 12 baselines ready" in text
 
 
 @pytest.mark.slow

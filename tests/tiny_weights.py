@@ -78,6 +78,7 @@ def write_tiny_weights(root: str | Path, seed: int = 0) -> dict[str, list[Path]]
     written["covr"] = write_tiny_covr(root, seed + 6)
     written["freedom"] = [write_tiny_corpus(root / "freedom" / "open_image_v7_class_names.csv")]
     written["searle-oti"] = write_tiny_oti_files(root / "searle")
+    written["lincir"] = write_tiny_lincir(root / "lincir", seed + 7)
     return written
 
 
@@ -181,6 +182,30 @@ def write_tiny_oti_files(folder: Path, words: list[str] = CORPUS_WORDS) -> list[
         writer.writerow(["LabelName", "DisplayName"])
         writer.writerows([f"/m/{i:05d}", w] for i, w in enumerate(words))
     return [phrases, concepts]
+
+
+def tiny_hf_clip(seed: int = 0):
+    """A 1-layer Hugging Face CLIPModel (224 px, patch 32, QuickGELU), the layout of
+    openai/clip-vit-large-patch14 at toy widths."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    layer = {"intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2, "hidden_act": "quick_gelu"}
+    cfg = CLIPConfig(text_config={"vocab_size": 49408, "hidden_size": 64, "max_position_embeddings": 77,
+                                  "eos_token_id": 2, "projection_dim": 32, **layer},
+                     vision_config={"hidden_size": 48, "image_size": 224, "patch_size": 32, "projection_dim": 32,
+                                    **layer}, projection_dim=32)
+    return CLIPModel(cfg).eval()
+
+
+def write_tiny_lincir(folder: Path, seed: int = 0) -> list[Path]:
+    """LinCIR's files: {'Phi': state dict} and the HF CLIP folder (config.json, model.safetensors)."""
+    clip = tiny_hf_clip(seed)
+    clip.save_pretrained(folder / "clip-vit-large-patch14")
+    torch.manual_seed(seed + 1)
+    phi = Phi(32, 128, 64)
+    return [_save({"Phi": phi.state_dict()}, folder / "lincir_large.pt"),
+            folder / "clip-vit-large-patch14" / "config.json", folder / "clip-vit-large-patch14" / "model.safetensors"]
 
 
 if __name__ == "__main__":
