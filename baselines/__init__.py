@@ -7,7 +7,7 @@ import below. (tests/tiny_weights.py writes tiny random weights in each author's
 """
 from cir_bench_baselines.base import BASELINES, BadWeightsError, MissingWeightsError, QueryComposer, WeightsFile, \
     get_composer, resolve_weights_root
-from cir_bench_baselines import clip4cir, clip_refs, covr, freedom, lincir, pic2word, searle, searle_oti  # noqa: F401
+from cir_bench_baselines import basic, clip4cir, clip_refs, covr, freedom, lincir, pic2word, searle, searle_oti  # noqa
 
 __all__ = ["BASELINES", "BadWeightsError", "MissingWeightsError", "QueryComposer", "WeightsFile", "get_composer",
            "resolve_weights_root"]

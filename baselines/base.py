@@ -42,7 +42,7 @@ class WeightsFile:
     licence: str
     min_bytes: int = 1024  # below this the file is certainly truncated
     alternatives: tuple[str, ...] = ()  # other accepted paths (e.g. open_clip's safetensors copy)
-    kind: str = "checkpoint"  # or "text" (a vocabulary)
+    kind: str = "checkpoint"  # or "text" (a vocabulary, a corpus), "npy" (numpy's .npy)
     # classes of the authors' code the checkpoint pickles ("module.Class"): loaded as inert
     # stubs; any other non-tensor global is refused (load_restricted)
     pickled_classes: tuple[str, ...] = ()
@@ -54,6 +54,8 @@ class WeightsFile:
         with _with_source(self):
             if self.kind == "text":
                 check_text_file(path, self.min_bytes)
+            elif self.kind == "npy":
+                check_npy_file(path, self.min_bytes)
             else:
                 check_file(path, self.min_bytes)
 
@@ -126,6 +128,17 @@ def check_file(path: Path, min_bytes: int = 1024) -> None:
             raise BadWeightsError(f"{path}: damaged zip archive ({err}); truncated download?") from None
         if bad is not None:
             raise BadWeightsError(f"{path}: damaged member {bad} (truncated download?)")
+
+
+def check_npy_file(path: Path, min_bytes: int = 128) -> None:
+    """A numpy .npy file: not an HTML page, not truncated, numpy's magic first."""
+    data = path.read_bytes()[:16]
+    if data.lstrip()[:1] == b"<":
+        raise BadWeightsError(f"{path}: an HTML/XML page, not the expected .npy file; download it again")
+    if path.stat().st_size < min_bytes:
+        raise BadWeightsError(f"{path}: {path.stat().st_size} bytes, too small (truncated download?)")
+    if not data.startswith(b"\x93NUMPY"):
+        raise BadWeightsError(f"{path}: not a numpy .npy file (starts with {data[:8]!r})")
 
 
 def check_text_file(path: Path, min_bytes: int = 16) -> None:

@@ -345,7 +345,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run directory (default runs/<timestamp>-<dataset>)")
     p.add_argument("--overwrite", action="store_true", help="replace the files of an existing run in --out")
     p.add_argument("--baselines", help="comma-separated (default all: clip4cir, pic2word, searle, searle-xl, "
-                   "searle-oti, lincir, covr, freedom, clip-image, clip-text, clip-sum, clip-product)")
+                   "searle-oti, lincir, covr, freedom, basic, clip-image, clip-text, clip-sum, clip-product)")
     p.add_argument("--templates", help="condition-text templates (default T1,T2,T3; T1 is the headline)")
     p.add_argument("--weights-dir", help="root of the baseline weights (default $CIR_BENCH_WEIGHTS or "
                    "~/.cache/cir-bench/weights)")

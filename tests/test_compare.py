@@ -38,12 +38,12 @@ def test_compare_runs_every_baseline_with_tiny_weights_labelled(tiny_compare):
     labels = set(metrics["method"])
     for name in ("clip4cir", "pic2word", "searle", "searle-xl", "searle-oti", "lincir", "covr"):
         assert {f"{name}[T1]", f"{name}[T2]", f"{name}[T3]"} <= labels
-    assert {"clip-image", "clip-text", "clip-sum", "clip-product", "freedom", "student", "knn", "random",
+    assert {"clip-image", "clip-text", "clip-sum", "clip-product", "freedom", "basic", "student", "knn", "random",
             "filtered_knn"} <= labels
     assert metrics["precision_at_10"].between(0, 1).all()
     table = (tiny_compare / "comparison.md").read_text()
     assert "| searle † |" in table and "not the authors' ViT-B-32" in table  # tiny weights are labelled
-    assert "| freedom † |" in table and "| clip-product † |" in table
+    assert "| freedom † |" in table and "| clip-product † |" in table and "| basic † |" in table
     assert "## Template spread" in table and "mean ± std" in table
     wide = pd.read_csv(tiny_compare / "comparison.csv", index_col=0)
     assert wide.loc["searle", "status"].startswith("computed with non-author weights")
@@ -101,7 +101,7 @@ def test_report_merges_runs_and_check_weights_lists_files(tiny_compare, weights,
     assert main(["report", str(tmp_path / "nothing")]) == 2
     assert main(["check-weights", "--weights-dir", str(weights)]) == 0
     text = capsys.readouterr().out
-    assert "searle: ready" in text and "sha256 " in text and "12 of 12 baselines ready" in text
+    assert "searle: ready" in text and "sha256 " in text and "13 of 13 baselines ready" in text
 
 
 @pytest.mark.slow

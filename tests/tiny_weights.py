@@ -79,6 +79,7 @@ def write_tiny_weights(root: str | Path, seed: int = 0) -> dict[str, list[Path]]
     written["freedom"] = [write_tiny_corpus(root / "freedom" / "open_image_v7_class_names.csv")]
     written["searle-oti"] = write_tiny_oti_files(root / "searle")
     written["lincir"] = write_tiny_lincir(root / "lincir", seed + 7)
+    written["basic"] = write_tiny_basic(root / "basic", 32, seed + 8)
     return written
 
 
@@ -206,6 +207,43 @@ def write_tiny_lincir(folder: Path, seed: int = 0) -> list[Path]:
     phi = Phi(32, 128, 64)
     return [_save({"Phi": phi.state_dict()}, folder / "lincir_large.pt"),
             folder / "clip-vit-large-patch14" / "config.json", folder / "clip-vit-large-patch14" / "model.safetensors"]
+
+
+# more rows than the tiny CLIP's 32 dimensions: the contrastive PCA then has no null space, whose
+# eigenvalues' signs (BASIC keeps the positive ones) would be rounding noise
+SUBJECTS = ["object_name"] + """Abacus Apple Bicycle Boat Cat Chair Dog Guitar Horse House Lamp Mountain Piano Tree Car Clock
+    Bird Bridge Butterfly Cake Castle Drum Flower Hat Mushroom Book Bottle Airplane Accordion Kettle Ladder Lemon Owl
+    Pear Rabbit Robot Shoe Spoon Tiger Train Umbrella Violin Whale Zebra""".split()
+STYLES = ["watercolor painting", "oil painting", "charcoal sketch", "pencil drawing", "cartoon", "pixel art",
+          "mosaic", "origami", "toy", "sculpture", "tattoo", "embroidery", "graffiti", "stained glass", "woodcut",
+          "ink wash", "pastel drawing", "comic book", "low poly render", "claymation", "papercut", "neon sign",
+          "blueprint", "chalk drawing", "vector art", "pop art", "cubist painting", "impressionist painting",
+          "ukiyo-e print", "line art", "isometric illustration", "vintage photo", "infrared photo", "x-ray image",
+          "thermal image", "lego model", "knitted toy", "marble statue", "bronze statue", "sand sculpture"]
+
+
+def write_tiny_basic(folder: Path, dim: int, seed: int = 0) -> list[Path]:
+    """BASIC's files in the authors' formats: the two corpora (csv, subjects with its header row),
+    the LAION mean (a pickled dict holding a torch tensor) and the synthetic set (np.save of a dict)."""
+    import csv
+    import pickle
+
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, rows in (("generic_subjects.csv", SUBJECTS), ("generic_styles.csv", STYLES)):
+        with open(folder / name, "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([r] for r in rows)
+        paths.append(folder / name)
+    torch.manual_seed(seed)
+    with open(folder / "laion_1m_mean_clip.pkl", "wb") as f:
+        pickle.dump({"laion_1m_mean": torch.randn(1, dim) * 0.05}, f)
+    rng = np.random.default_rng(seed)
+    np.save(folder / "dataset_1_sd_clip.pkl.npy", {"image_features": rng.standard_normal((20, dim)).astype("float32"),
+                                                   "text_features": rng.standard_normal((20, dim)).astype("float32")},
+            allow_pickle=True)
+    return [*paths, folder / "laion_1m_mean_clip.pkl", folder / "dataset_1_sd_clip.pkl.npy"]
 
 
 if __name__ == "__main__":

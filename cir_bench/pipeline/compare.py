@@ -16,7 +16,7 @@ from cir_bench.search.baseline import load_composer, release_composers
 
 OWN_METHODS: list[Any] = ["random", "knn", "filtered_knn", {"method": "backward", "lam": 0.0}, "backward",
                           "student"]
-COMPOSED = ["clip4cir", "pic2word", "searle", "searle-xl", "searle-oti", "lincir", "covr", "freedom"]  # CoIR
+COMPOSED = ["clip4cir", "pic2word", "searle", "searle-xl", "searle-oti", "lincir", "covr", "freedom", "basic"]
 REFERENCES = ["clip-image", "clip-text", "clip-sum", "clip-product"]  # trivial references (template-independent)
 
 
