@@ -31,6 +31,7 @@ KINDS: dict[tuple[str, str], str] = {
     ("synthart", "style"): "style", ("synthart", "shape"): "category", ("synthart", "color"): "color",
     ("wikiart", "style"): "style", ("wikiart", "genre"): "genre",
     ("cub", "bird"): "category", ("apy", "category"): "category",
+    ("domains", "domain"): "style",  # "is in sketch style": the domain-conversion protocol's target domain
 }
 
 FORMS: dict[str, dict[str, str]] = {

@@ -43,7 +43,8 @@ def test_compare_runs_every_baseline_with_tiny_weights_labelled(tiny_compare):
     assert metrics["precision_at_10"].between(0, 1).all()
     table = (tiny_compare / "comparison.md").read_text()
     assert "| searle † |" in table and "not the authors' ViT-B-32" in table  # tiny weights are labelled
-    assert "| freedom † |" in table and "| clip-product † |" in table and "| basic † |" in table
+    for name in ("freedom", "clip-product", "basic", "searle-oti", "lincir"):  # every new adapter is labelled too
+        assert f"| {name} † |" in table, name
     assert "## Template spread" in table and "mean ± std" in table
     wide = pd.read_csv(tiny_compare / "comparison.csv", index_col=0)
     assert wide.loc["searle", "status"].startswith("computed with non-author weights")
@@ -89,6 +90,10 @@ def test_compare_with_empty_weights_dir_lists_missing_rows(cache_dir, tiny_train
     table = (out / "comparison.md").read_text()
     assert f"| searle | weights missing: {empty.resolve() / 'searle' / 'SEARLE_ViT-B32.pt'}" in table
     assert "| student |" in table and "backward[lam=0.005]" in table  # the other methods still ran
+    for name, first in (("freedom", "clip/ViT-L-14.pt"), ("basic", "clip/ViT-L-14.pt"),
+                        ("searle-oti", "clip/ViT-B-32.pt"), ("lincir", "lincir/lincir_large.pt")):
+        assert f"| {name} | weights missing: {empty.resolve() / first}" in table, name
+    assert "freedom/open_image_v7_class_names.csv" in table and "basic/dataset_1_sd_clip.pkl.npy" in table
     wide = pd.read_csv(out / "comparison.csv", index_col=0)
     assert wide.loc["pic2word", "status"].startswith("weights missing:")
     assert pd.isna(wide.loc["pic2word", "average"])  # never numbers for a missing baseline

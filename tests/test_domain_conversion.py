@@ -223,3 +223,27 @@ def _tie_orders(ranked, sims, is_correct, tol):
     best = [c for b in blocks for c in sorted((is_correct[p] for p in b), reverse=True)]
     worst = [c for b in blocks for c in sorted(is_correct[p] for p in b)]
     return best, worst
+
+
+def test_compare_runs_the_training_free_and_inversion_baselines_on_the_protocol(tmp_path, cache_dir, tiny_weights,
+                                                                                no_network):
+    """``cir-bench compare --dataset domains``: FreeDom and BASIC (the protocol's own methods),
+    Text x Image, SEARLE's OTI and LinCIR rank the database with every query; FreeDom's text is the
+    bare target domain, as its authors run the protocol."""
+    root = replicas.domains(tmp_path / "dn", per_pair=8)
+    out = tmp_path / "cmp"
+    names = ["freedom", "basic", "clip-product", "searle-oti", "lincir"]
+    args = ["--dataset", "domains", "--root", str(root), "--cache-dir", str(cache_dir), "--device", "cpu",
+            "--set", "train.epochs=2", "--set", "model.input_size=32", "--set", "queries.n_queries=9",
+            "--set", "queries.min_relevant=2", "--set", "eval.k=5", "--weights-dir", str(tiny_weights),
+            "--baselines", ",".join(names), "--templates", "T1", "--set", "baselines.options.searle-oti={steps: 3}"]
+    assert main(["compare", "--no-progress", "--out", str(out), *args]) == 0
+    results = pd.read_parquet(out / "results.parquet")
+    for label in ["freedom", "basic", "clip-product", "searle-oti[T1]", "lincir[T1]"]:
+        rows = results[results["method"] == label]
+        assert len(rows) == 9 and rows["metric_dc_map"].notna().all(), label
+    freedom = results[results["method"] == "freedom"]
+    assert (freedom["prompt"] == freedom["cond_domain"]).all()  # "sketch", not a sentence
+    assert all(p.endswith(" style") for p in results[results["method"] == "lincir[T1]"]["prompt"])
+    table = (out / "comparison.md").read_text()
+    assert all(f"| {name} † |" in table for name in names)
