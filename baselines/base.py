@@ -399,6 +399,29 @@ class QueryComposer(ABC):
                 p.requires_grad_(False)
 
 
+class FusedScores:
+    """For adapters that rank without one query vector, by a fusion of similarities
+    (``clip-product``, BASIC) or a query built from the gallery (FreeDom): ``query_scores`` checks
+    the batch and calls the adapter's ``fused_scores``; ``encode_query`` has nothing to return."""
+
+    name: str
+
+    def _encode_queries(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
+        raise TypeError(f"{self.name} has no single query vector (it fuses similarities or reads the gallery): "
+                        "use query_scores")
+
+    @torch.no_grad()  # not inference mode: the harness masks the scores in place
+    def query_scores(self, images: Sequence[Image.Image], prompts: Sequence[str], gallery: torch.Tensor
+                     ) -> torch.Tensor:
+        if len(images) != len(prompts):
+            raise ValueError(f"{len(images)} reference images but {len(prompts)} condition texts")
+        return self.fused_scores(images, list(prompts), gallery.float())
+
+    def fused_scores(self, images: Sequence[Image.Image], prompts: list[str], gallery: torch.Tensor
+                     ) -> torch.Tensor:
+        raise NotImplementedError
+
+
 def get_composer(name: str, weights_dir: str | Path | None = None, **options: Any) -> QueryComposer:
     """Build a registered adapter from its weights (``from_weights``)."""
     return BASELINES.get(name).from_weights(weights_dir=weights_dir, **options)

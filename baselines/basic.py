@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from cir_bench_baselines.base import BASELINES, BadWeightsError, WeightsFile, load_state, require, \
+from cir_bench_baselines.base import BASELINES, BadWeightsError, FusedScores, WeightsFile, load_state, require, \
     resolve_weights_root
 from cir_bench_baselines.clip_common import CLIPComposer, build_clip
 from cir_bench_baselines.searle import clip_file
@@ -142,7 +142,7 @@ def contrastive_projection(subjects: torch.Tensor, styles: torch.Tensor, aa: flo
     return kept @ kept.T
 
 
-class BASIC(CLIPComposer):
+class BASIC(FusedScores, CLIPComposer):
     name = "basic"
     text_source = "words"
 
@@ -205,17 +205,10 @@ class BASIC(CLIPComposer):
             self._texts[text] = torch.nn.functional.normalize(both.mean(dim=0), dim=-1)
         return self._texts[text]
 
-    def _encode_queries(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        raise TypeError("basic fuses two similarities and has no query vector: use query_scores")
-
-    @torch.no_grad()  # not inference mode: the harness masks the scores in place
-    def query_scores(self, images: Sequence[Image.Image], prompts: Sequence[str], gallery: torch.Tensor
-                     ) -> torch.Tensor:
-        if len(images) != len(prompts):
-            raise ValueError(f"{len(images)} reference images but {len(prompts)} condition texts")
+    def fused_scores(self, images: Sequence[Image.Image], prompts: list[str], gallery: torch.Tensor) -> torch.Tensor:
         fixed = self.fixed()
         projection = fixed["projection"]
-        centred = gallery.float() - self.laion_mean
+        centred = gallery - self.laion_mean
         query = self.encode_gallery(images) - self.laion_mean
         text = torch.stack([self.contextual_text(p) for p in prompts]) - fixed["mean_text"]
         near, which = torch.topk((query @ projection) @ centred.T, min(EXPANSION, centred.shape[0]), dim=1)

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from cir_bench_baselines.base import BASELINES, WeightsFile, load_state, require, resolve_weights_root
+from cir_bench_baselines.base import BASELINES, FusedScores, WeightsFile, load_state, require, resolve_weights_root
 from cir_bench_baselines.clip_common import CLIPComposer, build_clip
 from cir_bench_baselines.searle import clip_file
 
@@ -62,21 +62,14 @@ class CLIPReference(CLIPComposer):
         return F.normalize(self.clip.encode_image(pixels), dim=-1) + text
 
 
-class CLIPProduct(CLIPReference):
+class CLIPProduct(FusedScores, CLIPReference):
     """Text x Image: the product of the image's and the text's cosine similarity to each gallery
     item (the authors of FreeDom and BASIC rank ``sim_img * sim_text``); no single query vector."""
 
     name = "clip-product"
     mode = "product"
 
-    def _encode_queries(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        raise TypeError("clip-product multiplies two similarities and has no query vector: use query_scores")
-
-    @torch.no_grad()  # not inference mode: the harness masks the scores in place
-    def query_scores(self, images: Sequence[Image.Image], prompts: Sequence[str], gallery: torch.Tensor
-                     ) -> torch.Tensor:
-        if len(images) != len(prompts):
-            raise ValueError(f"{len(images)} reference images but {len(prompts)} condition texts")
+    def fused_scores(self, images: Sequence[Image.Image], prompts: list[str], gallery: torch.Tensor) -> torch.Tensor:
         image, text = self.encode_gallery(images), self.encode_texts(prompts)  # both normalised
         return (image @ gallery.T) * (text @ gallery.T)
 

@@ -35,7 +35,7 @@ import torch.nn as nn
 from PIL import Image
 
 from cir_bench.paths import load_cached, save_torch
-from cir_bench_baselines.base import BASELINES, BadWeightsError, WeightsFile, load_state, require, \
+from cir_bench_baselines.base import BASELINES, BadWeightsError, FusedScores, WeightsFile, load_state, require, \
     resolve_weights_root
 from cir_bench_baselines.clip_common import CLIPComposer, build_clip
 from cir_bench_baselines.searle import clip_file
@@ -68,7 +68,7 @@ def most_frequent_words(words: Sequence[Sequence[str]], miu: int) -> tuple[list[
     return kept, [counts[w] / top for w in kept]
 
 
-class FreeDom(CLIPComposer):
+class FreeDom(FusedScores, CLIPComposer):
     name = "freedom"
     text_source = "words"  # the target domain's word: "cartoon", not a sentence
     prompt_template = "{T}"
@@ -126,15 +126,7 @@ class FreeDom(CLIPComposer):
                     save_torch({"words": self.corpus, "z": self._corpus_features}, path)
         return self._corpus_features
 
-    def _encode_queries(self, pixels: torch.Tensor, prompts: Sequence[str]) -> torch.Tensor:
-        raise TypeError("freedom composes each query from the gallery's neighbours: use query_scores")
-
-    @torch.no_grad()  # not inference mode: the harness masks the scores in place
-    def query_scores(self, images: Sequence[Image.Image], prompts: Sequence[str], gallery: torch.Tensor
-                     ) -> torch.Tensor:
-        if len(images) != len(prompts):
-            raise ValueError(f"{len(images)} reference images but {len(prompts)} condition texts")
-        gallery = gallery.float()
+    def fused_scores(self, images: Sequence[Image.Image], prompts: list[str], gallery: torch.Tensor) -> torch.Tensor:
         queries = self.encode_gallery(images)  # normalize(encode_image(ref))
         corpus = self.corpus_features()
         kappa = min(self.kappa, gallery.shape[0])
