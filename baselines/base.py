@@ -11,6 +11,7 @@ under the authors' names.
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import os
 import pickle
@@ -99,6 +100,16 @@ def require(name: str, files: Sequence[WeightsFile], root: Path, how: str) -> di
                      "`cir-bench check-weights` lists what is found.")
         raise MissingWeightsError("\n".join(lines))
     return {f.path: f.find(root) for f in files}  # type: ignore[misc]
+
+
+def read_first_column(path: Path, spec: WeightsFile) -> list[str]:
+    """The first column of every row of a CSV word list (``csv.reader``, a header row included),
+    as the authors of FreeDom and BASIC read theirs; an empty file is named with where to get it."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [row[0] for row in csv.reader(f) if row]
+    if not rows:
+        raise BadWeightsError(f"{path}: no rows; get {spec.source} again")
+    return rows
 
 
 def sha256(path: Path) -> str:

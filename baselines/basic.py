@@ -26,7 +26,6 @@ authors read them.
 from __future__ import annotations
 
 import collections
-import csv
 import io
 import pickle
 from pathlib import Path
@@ -37,8 +36,8 @@ import torch
 import torch.nn as nn
 from PIL import Image
 
-from cir_bench_baselines.base import BASELINES, BadWeightsError, FusedScores, WeightsFile, load_state, require, \
-    resolve_weights_root
+from cir_bench_baselines.base import BASELINES, BadWeightsError, FusedScores, WeightsFile, load_state, \
+    read_first_column, require, resolve_weights_root
 from cir_bench_baselines.clip_common import CLIPComposer, build_clip
 from cir_bench_baselines.searle import clip_file
 
@@ -122,15 +121,6 @@ def read_synthetic(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
             torch.as_tensor(np.asarray(data["text_features"]), dtype=torch.float32))
 
 
-def read_rows(path: Path) -> list[str]:
-    """The first column of every row (csv.reader), the header row included, as the authors read it."""
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = [row[0] for row in csv.reader(f) if row]
-    if not rows:
-        raise BadWeightsError(f"{path}: an empty corpus")
-    return rows
-
-
 def contrastive_projection(subjects: torch.Tensor, styles: torch.Tensor, aa: float, components: int) -> torch.Tensor:
     """P = V V^T, V the leading eigenvectors (at most ``components``, positive eigenvalues only) of
     (1 - aa) S_a - aa S_b + 1e-5, S the scatter / (n - 1) of the centred corpora."""
@@ -175,8 +165,9 @@ class BASIC(FusedScores, CLIPComposer):
         for spec, path in ((SUBJECTS, subjects), (STYLES, styles)):
             spec.check(path)
         clip, cfg = build_clip(load_state(clip_path, files[0]), str(clip_path))
-        out = cls(clip, read_rows(subjects), read_rows(styles), read_laion_mean(mean), read_synthetic(synthetic),
-                  cfg["vision_cfg"]["image_size"], backbone, device=device, batch_size=batch_size, **settings)
+        out = cls(clip, read_first_column(subjects, SUBJECTS), read_first_column(styles, STYLES), read_laion_mean(mean),
+                  read_synthetic(synthetic), cfg["vision_cfg"]["image_size"], backbone, device=device,
+                  batch_size=batch_size, **settings)
         return out.finish(paths, cfg, backbone)
 
     def describe(self) -> dict[str, Any]:

@@ -26,7 +26,6 @@ own first neighbour), or none is and none has a near-duplicate (similarity >= 0.
 """
 from __future__ import annotations
 
-import csv
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,7 +34,7 @@ import torch.nn as nn
 from PIL import Image
 
 from cir_bench.paths import load_cached, save_torch
-from cir_bench_baselines.base import BASELINES, BadWeightsError, FusedScores, WeightsFile, load_state, require, \
+from cir_bench_baselines.base import BASELINES, FusedScores, WeightsFile, load_state, read_first_column, require, \
     resolve_weights_root
 from cir_bench_baselines.clip_common import CLIPComposer, build_clip
 from cir_bench_baselines.searle import clip_file
@@ -45,15 +44,6 @@ CORPUS = WeightsFile("freedom/open_image_v7_class_names.csv",
                      "names)", "MIT (the repository); the names are Open Images V7's class descriptions (CC BY 4.0)",
                      min_bytes=16, kind="text")
 SELF_SIMILARITY = 0.98  # the authors' threshold for "the gallery holds the query image"
-
-
-def read_corpus(path: Path) -> list[str]:
-    """The corpus words, the first column of each row, as the authors read them (csv.reader)."""
-    with open(path, newline="", encoding="utf-8") as f:
-        names = [row[0] for row in csv.reader(f) if row]
-    if not names:
-        raise BadWeightsError(f"{path}: no words in the corpus; get {CORPUS.source} again")
-    return names
 
 
 def most_frequent_words(words: Sequence[Sequence[str]], miu: int) -> tuple[list[str], list[float]]:
@@ -100,8 +90,8 @@ class FreeDom(FusedScores, CLIPComposer):
         clip_path, corpus_path = paths[files[0].path], paths[files[1].path]
         CORPUS.check(corpus_path)
         clip, cfg = build_clip(load_state(clip_path, files[0]), str(clip_path))
-        out = cls(clip, read_corpus(corpus_path), cfg["vision_cfg"]["image_size"], backbone, kappa, miu, ni,
-                  device, batch_size)
+        out = cls(clip, read_first_column(corpus_path, CORPUS), cfg["vision_cfg"]["image_size"], backbone, kappa,
+                  miu, ni, device, batch_size)
         return out.finish(paths, cfg, backbone)
 
     def describe(self) -> dict[str, Any]:
