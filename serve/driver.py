@@ -58,6 +58,21 @@ def stop_server(address: str | None) -> None:
     serve.shutdown()
 
 
+def check_gpus(settings) -> None:
+    """On a local Ray, a serve config that gives a deployment a GPU needs a CUDA device here:
+    without one its replicas would wait for a GPU forever."""
+    wanted = [f"deployments.{name}.ray_actor_options.num_gpus" for name, d in settings.deployments.items()
+              if d.ray_actor_options.num_gpus > 0]
+    if not wanted:
+        return
+    import torch
+
+    if torch.cuda.device_count() == 0:
+        raise ConfigError(f"the serve config gives {', '.join(w.split('.')[1] for w in wanted)} a GPU ({wanted[0]}), "
+                          "but this machine has no CUDA device: serve with the CPU layout (serve/config.yaml) or "
+                          "set num_gpus to 0", key=wanted[0])
+
+
 def run_server(cfg: RunConfig, settings, host: str, port: int, address: str | None, progress: bool = True) -> None:
     """Build (or load from the cache) what the run config names, deploy the app with the serve
     config ``settings`` on ``host:port`` and, on a local Ray, block until stopped; on a cluster
@@ -66,6 +81,7 @@ def run_server(cfg: RunConfig, settings, host: str, port: int, address: str | No
     if not 1 <= port <= 65535:
         raise ConfigError(f"--port must be in 1..65535, got {port}", key="port")
     if not address:
+        check_gpus(settings)
         check_port_free(host, port)
         # Serve's switches (serve/runtime.py) are read from the environment when a process
         # imports Serve: set before ray is imported here and before the local Ray starts, and

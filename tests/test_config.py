@@ -357,3 +357,24 @@ def test_every_config_section_is_a_pydantic_section_that_refuses_unknown_keys():
     with pytest.raises(Exception, match="greater than or equal"):
         cfg.train.epochs = 0  # an assignment in code is checked too
     assert dotted_key(("eval", "lambdas", 0)) == "eval.lambdas[0]"
+
+
+def test_the_shipped_gpu_serve_config_puts_encoder_and_teacher_on_the_gpu(capsys):
+    """serve/config.gpu.yaml: the encoder and the teacher batched on GPU replicas of their own, the
+    student and index in the ingress; on a machine without CUDA `serve` refuses it before any work."""
+    import torch
+
+    from cir_bench_serve.settings import default_path, load_serve_config
+
+    path = default_path().with_name("config.gpu.yaml")
+    settings = load_serve_config(path)
+    assert settings.deployments["teacher"].ray_actor_options.num_gpus > 0
+    assert settings.deployments["encoder"].ray_actor_options.num_gpus > 0
+    assert "teacher" not in settings.ingress.local and settings.batch("teacher").max_batch_size >= 64
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal is for machines without it")
+    t0 = time.perf_counter()
+    assert main(["serve", "--serve-config", str(path), "--port", "8797", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "gives encoder, teacher a GPU" in err and "no CUDA device" in err
+    assert time.perf_counter() - t0 < 10
