@@ -61,16 +61,15 @@ def stop_server(address: str | None) -> None:
 def check_gpus(settings) -> None:
     """On a local Ray, a serve config that gives a deployment a GPU needs a CUDA device here:
     without one its replicas would wait for a GPU forever."""
-    wanted = [f"deployments.{name}.ray_actor_options.num_gpus" for name, d in settings.deployments.items()
-              if d.ray_actor_options.num_gpus > 0]
-    if not wanted:
+    names = [name for name, d in settings.deployments.items() if d.ray_actor_options.num_gpus > 0]
+    if not names:
         return
     import torch
 
     if torch.cuda.device_count() == 0:
-        raise ConfigError(f"the serve config gives {', '.join(w.split('.')[1] for w in wanted)} a GPU ({wanted[0]}), "
-                          "but this machine has no CUDA device: serve with the CPU layout (serve/config.yaml) or "
-                          "set num_gpus to 0", key=wanted[0])
+        key = f"deployments.{names[0]}.ray_actor_options.num_gpus"
+        raise ConfigError(f"the serve config gives {', '.join(names)} a GPU ({key}), but this machine has no CUDA "
+                          "device: serve with the CPU layout (serve/config.yaml) or set num_gpus to 0", key=key)
 
 
 def run_server(cfg: RunConfig, settings, host: str, port: int, address: str | None, progress: bool = True) -> None:
