@@ -65,7 +65,13 @@ def _imports(module: str, path: Path) -> list[str]:
 
 def test_package_root_holds_only_what_every_stage_shares():
     modules = sorted(p.name for p in (ROOT / "cir_bench").glob("*.py"))
-    assert modules == ["__init__.py", "cli.py", "config.py", "paths.py", "registry.py"]
+    assert modules == ["__init__.py", "cli.py", "config.py", "paths.py", "registry.py", "wheelhouse.py"]
+
+
+def test_the_wheelhouse_tool_imports_nothing_of_cir_bench():
+    """It runs before the project is installed where it is used: pip and packaging only."""
+    path = ROOT / "cir_bench" / "wheelhouse.py"
+    assert _imports("cir_bench.wheelhouse", path) == []
 
 
 @pytest.mark.parametrize("module, path", _modules(), ids=lambda v: v if isinstance(v, str) else "")
