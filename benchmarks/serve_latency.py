@@ -96,7 +96,7 @@ def variant_run_args(changes: dict[str, Any]) -> list[str]:
     return out
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -326,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                 own_base = base if checkout == ROOT else yaml.safe_load((checkout / "serve" / "config.yaml").read_text())
                 cfg_path = Path(tmp) / f"{name}.yaml"
                 cfg_path.write_text(yaml.safe_dump(variant_config(own_base, variants[name])))
-                port = _free_port()
+                port = free_port()
                 server = Server(cfg_path, port, run_args + variant_run_args(variants[name]),
                                 Path(tmp) / f"{name}-{rnd}.log", checkout)
                 try:

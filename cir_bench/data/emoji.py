@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -187,7 +188,8 @@ def load(root: str | None, options: dict[str, Any], cache_dir: str | Path | None
     closed = [v for v in vendors if v not in OPEN_VENDORS]
     if closed:
         print("emoji: " + "; ".join(f"{v}: {LICENCES.get(v, 'see the package README')}" for v in closed)
-              + " (research use only; openly licensed images only: --set 'dataset.options.vendors=[google,twitter]')")
+              + " (research use only; openly licensed images only: --set 'dataset.options.vendors=[google,twitter]')",
+              file=sys.stderr)
     for vendor in vendors:
         pkg = package(vendor, integrity.get(vendor))
         folders[vendor] = obtain(pkg, cache_root(cache_dir), Path(root) if root else None)

@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
@@ -491,7 +492,8 @@ class SynthArt(Dataset):
             with atomic_write(folder / "meta.json") as tmp:
                 tmp.write_text(json.dumps(meta, indent=2))
             if verbose:
-                print(f"SynthArt '{preset}': generated {len(frame)} images in {meta['seconds']} s -> {folder}")
+                print(f"SynthArt '{preset}': generated {len(frame)} images in {meta['seconds']} s -> {folder}",
+                      file=sys.stderr)  # stdout holds a command's data (train's JSON)
             frame = pq.read_table(path).to_pandas()  # as a later run reads it (column types)
         h = hashlib.sha256()
         for data in frame.sort_values("id")["image"]:
