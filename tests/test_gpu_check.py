@@ -135,3 +135,32 @@ def test_targets_compare_the_measured_values(tmp_path):
     assert rows["teacher_p50_ms_c1"]["met"] is True
     assert rows["teacher_rps_c64"] == {"target": 1000.0, "measured": None, "met": None, "errors": 3}  # errors: no pass
     assert rows["student_p50_ms_c1"]["met"] is False
+
+
+def test_the_readme_tables_are_built_from_the_files(tmp_path, capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import gpu_table
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    gpu, cpu = tmp_path / "gpu", tmp_path / "cpu"
+    write(gpu / "environment.json", {"gpu": "NVIDIA H100 80GB HBM3", "device": "cuda", "cpus": 16})
+    write(cpu / "environment.json", {"device": "cpu", "cpus": 2})
+    write(gpu / "backward_search.json", {"query_sets": {"style": {"engines": {
+        "fast_engine": "graph", "sizes": [1, 1000], "eager": {"batch_1_ms": 40.0, "batch_1000_ms": 200.0,
+                                                               "capture_s": 0.0},
+        "graph": {"batch_1_ms": 2.5, "batch_1000_ms": 16.0, "capture_s": 1.25},
+        "graph+compile": {"error": "BackendCompilerFailed: no compiler"},
+        "speedup_graph": {"batch_1": 16.0, "batch_1000": 12.5}, "identical_top10_graph": 0.995}}}})
+    for folder, p50 in ((gpu, 3.25), (cpu, 12.5)):
+        write(folder / "summary.json", {})
+        write(folder / "loadtest" / "loadtest.json", {"stages": [
+            {"mode": "closed", "method": "teacher", "concurrency": 1, "requests": 10, "errors": 0, "p50_ms": p50,
+             "p99_ms": 2 * p50, "qps": 1000 / p50}]})
+    assert gpu_table.main([str(gpu), str(cpu)]) == 0
+    out = capsys.readouterr().out
+    assert "| NVIDIA H100 80GB HBM3 (cuda) | style | graph | 2.50 | 16.00 | 12.5× | 99.5 % | 1.2 |" in out
+    assert "| NVIDIA H100 80GB HBM3 (cuda) | style | graph+compile | failed: BackendCompilerFailed" in out
+    assert "| teacher | 1 | 3.25 / 6.50 | 308 | 0 | 12.50 / 25.00 | 80 | 0 |" in out
+    assert "2 CPU cores: p50 / p99 ms" in out
+    assert gpu_table.main([str(tmp_path)]) == 2
