@@ -253,9 +253,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     help="default: serve/config.gpu.yaml on CUDA, serve/config.yaml on the CPU")
     ap.add_argument("--stages", default="", help="comma-separated subset of the stages (default: all)")
     ap.add_argument("--set", action="append", default=[], help="config override for every stage (repeatable)")
+    ap.add_argument("--engine-sizes", default=None, help="batch sizes of the engine comparison (default 1,1000,10000)")
+    ap.add_argument("--stage-limit", action="append", default=[], metavar="STAGE=SECONDS",
+                    help="one stage's time limit (repeatable), e.g. backward_search=900 for a CPU reference run")
     args = ap.parse_args(argv)
 
     sizes = Sizes.quick() if args.quick else Sizes.full()
+    if args.engine_sizes is not None:
+        sizes.engine_sizes = args.engine_sizes
+    for item in args.stage_limit:
+        name, _, seconds = item.partition("=")
+        if name not in sizes.stage_limits_s or not seconds.replace(".", "", 1).isdigit():
+            ap.error(f"--stage-limit {item!r}: expected STAGE=SECONDS with STAGE one of {', '.join(sizes.stage_limits_s)}")
+        sizes.stage_limits_s[name] = float(seconds)
     wanted = {s.strip() for s in args.stages.split(",") if s.strip()} or set(sizes.stage_limits_s)
     unknown = wanted - set(sizes.stage_limits_s)
     if unknown:

@@ -164,3 +164,12 @@ def test_the_readme_tables_are_built_from_the_files(tmp_path, capsys):
     assert "| teacher | 1 | 3.25 / 6.50 | 308 | 0 | 12.50 / 25.00 | 80 | 0 |" in out
     assert "2 CPU cores: p50 / p99 ms" in out
     assert gpu_table.main([str(tmp_path)]) == 2
+
+
+@pytest.mark.parametrize("args, named", [(["--stage-limit", "foo=3"], "'foo=3'"), (["--stage-limit", "model=x"], "'model=x'"),
+                                         (["--stages", "model,serv"], "unknown serv")])
+def test_bad_options_are_named_before_any_work(tmp_path, capsys, args, named):
+    gc = load_gpu_check()
+    with pytest.raises(SystemExit) as stop:
+        gc.main(["--out", str(tmp_path / "out"), *args])
+    assert stop.value.code == 2 and named in capsys.readouterr().err and not (tmp_path / "out").exists()
