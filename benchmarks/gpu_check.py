@@ -325,7 +325,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             ready_s = server.wait_ready(limit)
         except TimeoutError as err:
             raise StageFailed(str(err), "timeout") from None
-        stats = {"serve_config": str(serve_config), "ready_s": round(ready_s, 2), "stats": http_json(port, "/stats")}
+        shown = serve_config.relative_to(ROOT) if serve_config.is_relative_to(ROOT) else serve_config
+        stats = {"serve_config": str(shown), "ready_s": round(ready_s, 2), "stats": http_json(port, "/stats")}
         (out / "serve_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
         return ["serve_stats.json"]
 
@@ -334,10 +335,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    ",".join(METHODS), "--concurrency", ",".join(map(str, CONCURRENCY)), "--rates", "",
                                    "--via", "get", "--duration", sizes.load_duration_s, "--warmup",
                                    sizes.load_warmup_s, "--max-requests", 100_000, "--out", out / "loadtest"], limit)
+        stats_file = out / "serve_stats.json"
+        stats = json.loads(stats_file.read_text())
+        stats["stats_after_load"] = http_json(port, "/stats")  # the batch sizes the load made
+        stats_file.write_text(json.dumps(stats, indent=2) + "\n")
         ran = json.loads((out / "loadtest" / "loadtest.json").read_text())["stages"]
         if len(ran) != len(METHODS) * len(CONCURRENCY):
             raise StageFailed(f"{len(ran)} load stages ran of {len(METHODS) * len(CONCURRENCY)}")
-        return ["loadtest/loadtest.json"]
+        return ["loadtest/loadtest.json", "serve_stats.json"]
 
     def report_stage(limit: float) -> list[str]:
         inputs = [p for p in (out / "loadtest", out / "backward_search.json") if p.exists()]

@@ -28,6 +28,12 @@ def _ms(value: float | None) -> str:
     return f"{value:.3f}" if value < 1 else f"{value:.2f}" if value < 100 else f"{value:.0f}"
 
 
+def _times(speed: float | None) -> str:
+    if speed is None:
+        return "–"
+    return f"{speed:.1f}×" if speed >= 1 else f"{speed:.2f}×"
+
+
 def backward_table(folders: list[Path]) -> str:
     lines = ["| machine | query set | engine | 1 query ms | 1,000 queries ms | speed-up at 1,000 | identical top-10 "
              "| capture s |", "|---|---|---|---|---|---|---|---|"]
@@ -43,7 +49,7 @@ def backward_table(folders: list[Path]) -> str:
                 speed = (eng.get(f"speedup_{engine}") or {}).get("batch_1000")
                 same = eng.get(f"identical_top10_{engine}")
                 lines.append(f"| {_label(folder)} | {name} | {engine} | {_ms(row.get('batch_1_ms'))} | "
-                             f"{_ms(row.get('batch_1000_ms'))} | {'–' if speed is None else f'{speed:.1f}×'} | "
+                             f"{_ms(row.get('batch_1000_ms'))} | {_times(speed)} | "
                              f"{'–' if same is None else f'{100 * same:.1f} %'} | {row['capture_s']:.1f} |")
             for engine, why in ((k, v["error"]) for k, v in eng.items() if isinstance(v, dict) and "error" in v):
                 lines.append(f"| {_label(folder)} | {name} | {engine} | failed: {why[:80]} | | | | |")

@@ -62,7 +62,8 @@ def test_dry_run_on_the_cpu_runs_every_stage(tmp_path):
         assert 0 <= eng["identical_top10_fixed"] <= 1 and eng["eager"]["batch_1_ms"] > 0
 
     stats = json.loads((out / "serve_stats.json").read_text())
-    assert stats["serve_config"].endswith("config.yaml") and stats["stats"]
+    assert stats["serve_config"] == "serve/config.yaml" and stats["stats"]
+    assert any(v.get("batch_sizes") for v in stats["stats_after_load"].values())  # what the load made
     stages = json.loads((out / "loadtest" / "loadtest.json").read_text())["stages"]
     assert sorted((s["method"], s["concurrency"]) for s in stages) == sorted(
         (m, c) for m in ("student", "teacher", "knn") for c in (1, 16, 64))
