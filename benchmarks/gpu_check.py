@@ -277,7 +277,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     py = sys.executable
     out = args.out.resolve()
     check = Check(out, args.budget_s, sizes)
-    run = lambda name, body, needs=(): check.stage(name, body, needs) if name in wanted else None  # noqa: E731
+
+    def run(name: str, body: Callable[[float], list[str]], needs: Sequence[str] = ()) -> None:
+        if name in wanted:
+            check.stage(name, body, needs)
 
     def env_stage(limit: float) -> list[str]:
         info = environment(args.device)
@@ -351,11 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         run("environment", env_stage)
-        if check.stages and check.stages[0].status != "ok" and args.device.startswith("cuda"):
-            print(f"[gpu-check] {check.stages[0].detail}", file=sys.stderr)
-        needs_env = ("environment",)
-        run("cuda_tests", tests_stage, needs_env)
-        run("model", model_stage, needs_env)
+        run("cuda_tests", tests_stage, ("environment",))
+        run("model", model_stage, ("environment",))
         run("backward_search", backward_stage, ("environment", "model"))
         run("serve", serve_stage, ("environment", "model"))
         run("loadtest", load_stage, ("serve",))
